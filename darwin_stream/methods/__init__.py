@@ -1,0 +1,105 @@
+"""Merge methods: pure functions over row chunks of the parents' tensors, registered by name.
+
+The engine never sees a whole tensor unless it is small. It hands a method `Chunk`s: the same rows
+of the base and of every other model, already upcast to float32 (or float64 in reference tests).
+
+A method whose result depends on a statistic of the whole tensor (slerp's angle, the ties magnitude
+threshold, model_stock's cosines) declares a `Statistic`. The engine then runs `passes` streaming
+passes over all chunks before blending: in pass p it calls `partial(chunk, state)` on every chunk,
+folds the results with `combine`, and calls `finish(combined, state)` to get the next state. The
+final state is handed to `blend`. Partials must be exact (sums in float64, histograms of bit
+patterns), never samples, so the result does not depend on how the tensor was chunked.
+
+Randomness (dare_*) must depend only on `Chunk.seed` and each element's flat index in the whole
+tensor (`Chunk.offset + i`), never on chunk boundaries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+Params = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """The same rows of every input tensor, upcast for the arithmetic."""
+
+    models: Sequence[torch.Tensor]  # one per non-base model, in manifest order
+    model_params: Sequence[Params]  # resolved per-model parameters: weight, density, gamma, epsilon, ...
+    params: Params  # resolved method-level parameters: t, normalize, lambda, int8_mask, filter_wise, ...
+    base: torch.Tensor | None = None
+    offset: int = 0  # flat index of this chunk's first element within the whole tensor
+    numel: int = 0  # elements in the whole tensor
+    shape: tuple[int, ...] = ()  # shape of the whole tensor
+    seed: int = 0  # per-tensor seed, derived by the plan from the manifest seed and tensor name
+
+
+@dataclass(frozen=True)
+class Statistic:
+    passes: int
+    partial: Callable[[Chunk, Any], Any]
+    combine: Callable[[Sequence[Any]], Any]
+    finish: Callable[[Any, Any], Any]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    blend: Callable[[Chunk, Any], torch.Tensor]  # (chunk, final statistic state or None) -> merged rows
+    statistic: Statistic | None = None
+    needs_base: bool = False
+    random: bool = False
+    # Parameter names this method reads, with defaults; anything else in a manifest is an error.
+    model_param_defaults: Mapping[str, Any] = field(default_factory=dict)
+    param_defaults: Mapping[str, Any] = field(default_factory=dict)
+
+
+REGISTRY: dict[str, MergeMethod] = {}
+
+
+def register(method: MergeMethod) -> MergeMethod:
+    REGISTRY[method.name] = method
+    return method
+
+
+def get(name: str) -> MergeMethod:
+    _load_all()
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise KeyError(name) from None
+
+
+def names() -> list[str]:
+    _load_all()
+    return sorted(REGISTRY)
+
+
+def _load_all() -> None:
+    # Importing a method module registers it; kept lazy so `import darwin_stream` stays cheap.
+    from darwin_stream.methods import (  # noqa: F401
+        breadcrumbs,
+        dare,
+        linear,
+        model_stock,
+        passthrough,
+        slerp,
+        task_arithmetic,
+        ties,
+    )
+
+
+def run_statistic(method: MergeMethod, chunks: Callable[[], Sequence[Chunk]]) -> Any:
+    """Reference driver: all passes of `method.statistic` over `chunks()` (called once per pass)."""
+    if method.statistic is None:
+        return None
+    state = None
+    for _ in range(method.statistic.passes):
+        parts = [method.statistic.partial(c, state) for c in chunks()]
+        state = method.statistic.finish(method.statistic.combine(parts), state)
+    return state
