@@ -46,6 +46,79 @@ TINY_CONFIGS: dict[str, dict] = {
         max_position_embeddings=512,
         tie_word_embeddings=False,
     ),
+    # Breeding pairs (issue 4): a Gemma-4 text father and a hybrid Qwen3.5 text mother with the same
+    # hidden size (128) and different FFN widths, so a transplant must pad; gemma3 for a third layout.
+    "gemma4": dict(
+        model_type="gemma4_text",
+        hidden_size=128,
+        intermediate_size=192,
+        num_hidden_layers=6,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        global_head_dim=64,
+        hidden_size_per_layer_input=16,
+        vocab_size_per_layer_input=VOCAB_SIZE,
+        sliding_window=64,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    ),
+    "qwen3_5": dict(
+        model_type="qwen3_5_text",
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+        linear_num_key_heads=2,
+        linear_num_value_heads=2,
+        linear_key_head_dim=32,
+        linear_value_head_dim=32,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    ),
+    "gemma3": dict(
+        model_type="gemma3_text",
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        sliding_window=64,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    ),
+}
+
+# Multimodal parents (`...ForConditionalGeneration`): the text model under `model.language_model.`
+# and a vision tower beside it, as the real Gemma-4 checkpoints are published.
+TINY_MULTIMODAL_CONFIGS: dict[str, dict] = {
+    "gemma4": dict(
+        model_type="gemma4",
+        text_config={k: v for k, v in TINY_CONFIGS["gemma4"].items() if k != "model_type"},
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=32,
+            patch_size=4,
+            position_embedding_size=64,
+        ),
+        audio_config=None,
+        # Special tokens inside the tiny vocabulary.
+        image_token_id=VOCAB_SIZE - 1,
+        boi_token_id=VOCAB_SIZE - 2,
+        eoi_token_id=VOCAB_SIZE - 3,
+        video_token_id=VOCAB_SIZE - 4,
+        boa_token_id=VOCAB_SIZE - 5,
+        eoa_token_index=VOCAB_SIZE - 6,
+        audio_token_id=VOCAB_SIZE - 7,
+    ),
 }
 
 
@@ -90,6 +163,41 @@ def build_model(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     # Random init leaves norms at 1.0 in both parents; perturb them so every tensor differs.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(out, max_shard_size=max_shard_size)
+    build_tokenizer(out)
+    gen = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1, "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    return out
+
+
+def build_multimodal_model(
+    out_dir: str | Path,
+    arch: str = "gemma4",
+    seed: int = 0,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_size: str | int = "200KB",
+    overrides: dict | None = None,
+) -> Path:
+    """Save a tiny multimodal (`...ForConditionalGeneration`) model with its tokenizer.
+
+    `overrides` update the text config (the part breeding changes). Why a separate builder: these
+    models are not AutoModelForCausalLM classes, and their config nests the text model.
+    """
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = json.loads(json.dumps(TINY_MULTIMODAL_CONFIGS[arch]))
+    model_type = spec.pop("model_type")
+    spec["text_config"].update(vocab_size=VOCAB_SIZE, bos_token_id=0, eos_token_id=0, pad_token_id=1, **(overrides or {}))
+    config = AutoConfig.for_model(model_type, **spec)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:

@@ -7,9 +7,19 @@ needs the manifest again.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from darwin_stream.errors import PlanError
+
+if TYPE_CHECKING:
+    from darwin_stream.manifest import Manifest, Parameters
+    from darwin_stream.sources import Parent
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,14 @@
 """Parents: where a checkpoint's tensors live and how to read rows of them without loading shards.
 
 A parent is a local directory, a Hugging Face repo id (resolved through huggingface_hub, offline from
-its cache when HF_HUB_OFFLINE=1), an fsspec URL, or a darwin-stream zarr store. Whatever its form, it
-is opened as a `Parent`: a read-only index of `TensorInfo` plus the files a child inherits
-(config.json, tokenizer, generation_config).
+its cache when HF_HUB_OFFLINE=1), an fsspec URL (file://, s3://, memory://...), or a darwin-stream
+zarr store (reference JSON or materialised copy). Whatever its form, it is opened as a `Parent`: a
+read-only index of `TensorInfo`, rows read on demand, plus the files a child inherits (config.json,
+tokenizer, generation_config).
 
-Nothing is ever unpickled: a directory that holds only .bin/.pt/.pth checkpoints is refused.
+Shards are never read whole: local shards are memory-mapped, remote shards are read by ranged reads,
+stores are read chunk by chunk. Nothing is ever unpickled: a checkpoint that holds only
+.bin/.pt/.pth files is refused, naming the file. Every failure is a one-line `SourceError`.
 """
 
 from __future__ import annotations
@@ -13,17 +16,25 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
+import threading
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from darwin_stream import dtypes
-from darwin_stream.errors import SourceError
+from darwin_stream.errors import DarwinError, SourceError
+
+if TYPE_CHECKING:
+    import fsspec
+    import zarr
 
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own reader refuses larger headers too
+INDEX_FILE = "model.safetensors.index.json"
 AUX_FILES = (
     "config.json",
     "generation_config.json",
@@ -38,11 +49,16 @@ AUX_FILES = (
     "preprocessor_config.json",
 )
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor's bytes are: a contiguous, row-major range of one file."""
+    """Where one tensor's bytes are: a contiguous, row-major range of one file.
+
+    For a parent that is a zarr store, `file` is the store and `offset` is 0: its bytes are read
+    through the store's arrays, not by offset.
+    """
 
     name: str
     dtype: str  # safetensors code: BF16, F16, F32, ...
@@ -64,8 +80,11 @@ def read_safetensors_header(path: str, data: bytes | memoryview, file_size: int)
     """Parse and check a shard header; `data` holds at least the first 8 + header bytes.
 
     Every offset is checked against the file size so that a truncated shard fails here, by name,
-    rather than later as a short read.
+    rather than later as a short read. Tensor names are checked too: a name that could escape a
+    zarr store (`../x`) is refused when the parent is opened, not halfway through an ingest.
     """
+    from darwin_stream.store.layout import name_problem
+
     if file_size < 8:
         raise SourceError(f"{path}: not a safetensors file (only {file_size} bytes)")
     (n,) = np.frombuffer(bytes(data[:8]), dtype="<u8")
@@ -87,8 +106,12 @@ def read_safetensors_header(path: str, data: bytes | memoryview, file_size: int)
             continue
         try:
             code, shape, (start, end) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
+            start, end = int(start), int(end)
         except (KeyError, TypeError, ValueError):
             raise SourceError(f"{path}: corrupt safetensors header entry for {name!r}") from None
+        problem = name_problem(name)
+        if problem:
+            raise SourceError(f"{path}: tensor name {name!r} {problem}")
         if not dtypes.known(code):
             raise SourceError(f"{path}: tensor {name!r} has unsupported dtype {code!r}")
         want = int(np.prod(shape, dtype=np.int64)) * dtypes.itemsize(code)
@@ -100,50 +123,16 @@ def read_safetensors_header(path: str, data: bytes | memoryview, file_size: int)
     return out
 
 
-class Parent:
-    """A read-only parent checkpoint on the local disk, read by memory-map."""
+def bytes_to_tensor(buf: Any, code: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Raw little-endian bytes (any buffer) -> tensor of `code`, without copying."""
+    arr = np.frombuffer(buf, dtype=_storage_view(code))
+    return torch.from_numpy(arr).view(dtypes.to_torch(code)).reshape(shape)
 
-    def __init__(self, spec: str, root: Path, tensors: dict[str, TensorInfo]):
-        self.spec = spec
-        self.root = root
-        self.tensors = tensors
-        self._maps: dict[str, mmap.mmap] = {}
 
-    @cached_property
-    def config(self) -> dict:
-        p = self.root / "config.json"
-        return json.loads(p.read_text()) if p.exists() else {}
-
-    def aux_files(self) -> dict[str, Path]:
-        """Files a child inherits from this parent, by name."""
-        return {n: self.root / n for n in AUX_FILES if (self.root / n).is_file()}
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise SourceError(f"parent {self.spec}: no tensor named {name!r}") from None
-
-    def _map(self, file: str) -> mmap.mmap:
-        m = self._maps.get(file)
-        if m is None:
-            with open(file, "rb") as f:  # read-only: a parent is never written
-                m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            self._maps[file] = m
-        return m
-
-    def read_rows(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Rows [start, stop) along dim 0, in the stored dtype; zero-copy from the page cache."""
-        t = self.info(name)
-        stop = t.rows if stop is None else stop
-        shape = (stop - start, *t.shape[1:]) if t.shape else ()
-        lo = t.offset + start * t.row_bytes
-        buf = memoryview(self._map(t.file))[lo : lo + (stop - start) * t.row_bytes]
-        arr = np.frombuffer(buf, dtype=dtypes.to_numpy(t.dtype))
-        return torch.from_numpy(arr.view(_storage_view(t.dtype))).view(dtypes.to_torch(t.dtype)).reshape(shape)
-
-    def read(self, name: str) -> torch.Tensor:
-        return self.read_rows(name)
+def numpy_to_tensor(arr: np.ndarray, code: str) -> torch.Tensor:
+    """A numpy array of `code`'s dtype (ml_dtypes.bfloat16 included) -> tensor, without copying."""
+    arr = np.ascontiguousarray(arr)
+    return torch.from_numpy(arr.view(_storage_view(code))).view(dtypes.to_torch(code))
 
 
 def _storage_view(code: str) -> np.dtype:
@@ -151,23 +140,376 @@ def _storage_view(code: str) -> np.dtype:
     return np.dtype(np.int16) if code == "BF16" else dtypes.to_numpy(code)
 
 
-def open_parent(spec: str | os.PathLike) -> Parent:
-    """Open a parent from a local directory (hub ids, URLs and stores: see the module docstring)."""
-    root = Path(spec)
-    if not root.is_dir():
-        raise SourceError(f"parent {spec}: no such directory")
-    shards = sorted(root.glob("*.safetensors"))
+class Parent:
+    """A read-only parent checkpoint: an index of tensors, rows read on demand, inherited files.
+
+    Subclasses say where the bytes come from; the engine only sees this interface.
+    """
+
+    spec: str
+    tensors: dict[str, TensorInfo]
+
+    @cached_property
+    def config(self) -> dict:
+        raw = self.read_aux().get("config.json")
+        if raw is None:
+            return {}
+        try:
+            return json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise SourceError(f"parent {self.spec}: config.json is not valid JSON") from None
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise SourceError(f"parent {self.spec}: no tensor named {name!r}") from None
+
+    def _rows(self, name: str, start: int, stop: int | None) -> tuple[TensorInfo, int, int]:
+        t = self.info(name)
+        stop = t.rows if stop is None else stop
+        if not (0 <= start <= stop <= t.rows):
+            raise SourceError(f"parent {self.spec}: rows [{start}, {stop}) out of range for {name!r} with {t.rows} rows")
+        return t, start, stop
+
+    def read_rows(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows [start, stop) along dim 0, in the stored dtype."""
+        raise NotImplementedError
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.read_rows(name)
+
+    def read_aux(self) -> dict[str, bytes]:
+        """Files a child inherits (config.json, tokenizer files, generation_config), by name."""
+        raise NotImplementedError
+
+    def array(self, name: str) -> zarr.Array:
+        """The tensor as a read-only zarr array: the one read path every parent form shares."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release file handles and maps; the parent may not be read afterwards."""
+
+    def __enter__(self) -> Parent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec!r}, {len(self.tensors)} tensors)"
+
+
+class SafetensorsParent(Parent):
+    """Safetensors shards in a local directory (memory-mapped) or behind an fsspec URL (ranged reads).
+
+    `array()` serves the reference view (zarr arrays whose chunks are byte ranges of the shards),
+    built in memory on first use.
+    """
+
+    def __init__(
+        self,
+        spec: str,
+        root: str,
+        tensors: dict[str, TensorInfo],
+        fs: fsspec.AbstractFileSystem | None = None,
+        storage_options: dict | None = None,
+    ):
+        self.spec = spec
+        self.root = root  # local directory, or URL prefix when fs is set
+        self.tensors = tensors
+        self.fs = fs  # None: local files, read by mmap
+        self.storage_options = storage_options or {}
+        self._maps: dict[str, mmap.mmap] = {}
+        self._lock = threading.Lock()
+        self._view: zarr.Group | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return self.fs is None
+
+    def _map(self, file: str) -> mmap.mmap:
+        m = self._maps.get(file)
+        if m is None:
+            with self._lock:
+                m = self._maps.get(file)
+                if m is None:
+                    try:
+                        with open(file, "rb") as f:  # read-only: a parent is never written
+                            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                    except OSError as e:
+                        raise SourceError(f"parent {self.spec}: cannot read {file} ({e.strerror})") from None
+                    self._maps[file] = m
+        return m
+
+    def read_rows(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows [start, stop) along dim 0; zero-copy from the page cache for local shards.
+
+        Measured against the zarr reference view (docs/benchmarks.md, "Read path"), mmap stays the
+        row path; `array()` gives the same bytes as zarr.
+        """
+        t, start, stop = self._rows(name, start, stop)
+        shape = (stop - start, *t.shape[1:]) if t.shape else ()
+        lo = t.offset + start * t.row_bytes
+        n = (stop - start) * t.row_bytes
+        if self.fs is None:
+            buf: Any = memoryview(self._map(t.file))[lo : lo + n]
+        else:
+            try:
+                buf = bytearray(self.fs.cat_file(t.file, start=lo, end=lo + n)) if n else bytearray()
+            except OSError as e:
+                raise SourceError(f"parent {self.spec}: cannot read {t.file} ({e})") from None
+            if len(buf) != n:
+                raise SourceError(f"parent {self.spec}: truncated shard {t.file} (short read for {name!r})")
+        return bytes_to_tensor(buf, t.dtype, shape)
+
+    def _aux_path(self, name: str) -> str:
+        return f"{self.root.rstrip('/')}/{name}" if self.fs is not None else str(Path(self.root) / name)
+
+    def read_aux(self) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        for n in AUX_FILES:
+            p = self._aux_path(n)
+            if self.fs is None:
+                if os.path.isfile(p):
+                    out[n] = Path(p).read_bytes()
+            elif self.fs.isfile(p):
+                out[n] = self.fs.cat_file(p)
+        return out
+
+    def aux_files(self) -> dict[str, Path]:
+        """Deprecated (local parents only): use read_aux(), which works for every parent form."""
+        if self.fs is not None:
+            raise SourceError(f"parent {self.spec}: aux_files() needs a local parent; use read_aux()")
+        return {n: Path(self.root) / n for n in AUX_FILES if (Path(self.root) / n).is_file()}
+
+    def array(self, name: str) -> zarr.Array:
+        from darwin_stream.store import layout
+        from darwin_stream.store.reference import reference_view
+
+        self.info(name)
+        if self._view is None:
+            self._view = reference_view(self)
+        return self._view[layout.store_paths(list(self.tensors))[name]]  # type: ignore[return-value]
+
+    def close(self) -> None:
+        maps, self._maps = self._maps, {}
+        for m in maps.values():
+            try:
+                m.close()
+            except BufferError:
+                pass  # a tensor still views the map; it is unmapped when that tensor is freed
+        self._view = None
+
+
+class StoreParent(Parent):
+    """A darwin-stream zarr store (reference JSON or copy) opened as a parent, read through zarr."""
+
+    def __init__(self, spec: str, group: zarr.Group):
+        from darwin_stream.store.layout import ROOT_ATTR
+
+        self.spec = spec
+        self.group = group
+        meta = group.attrs[ROOT_ATTR]
+        self._paths: dict[str, str] = {}
+        self.tensors = {}
+        for name, entry in meta["tensors"].items():
+            code, shape = entry["dtype"], tuple(entry["shape"])
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtypes.itemsize(code)
+            self.tensors[name] = TensorInfo(name, code, shape, spec, 0, nbytes)
+            self._paths[name] = entry["path"]
+        self._aux_names: list[str] = list(meta.get("aux", []))
+        self._arrays: dict[str, zarr.Array] = {}
+
+    def array(self, name: str) -> zarr.Array:
+        self.info(name)
+        a = self._arrays.get(name)
+        if a is None:
+            try:
+                a = self._arrays[name] = self.group[self._paths[name]]  # type: ignore[assignment]
+            except KeyError:
+                raise SourceError(f"parent {self.spec}: store has no array for {name!r}") from None
+        return a
+
+    def read_rows(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        t, start, stop = self._rows(name, start, stop)
+        arr = self.array(name)
+        data = arr[start:stop] if t.shape else arr[()]
+        return numpy_to_tensor(np.asarray(data), t.dtype)
+
+    def read_aux(self) -> dict[str, bytes]:
+        from darwin_stream.store.api import read_raw
+
+        out = {}
+        for n in self._aux_names:
+            b = read_raw(self.group, f"aux/{n}")
+            if b is not None:
+                out[n] = b
+        return out
+
+
+def _is_url(spec: str) -> bool:
+    return "://" in spec
+
+
+def _check_pickles(spec: str, names: list[str]) -> None:
+    pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise SourceError(
+            f"parent {spec}: {pickles[0]} is a pickle checkpoint; convert it to safetensors (darwin-stream never unpickles)"
+        )
+
+
+def _shard_names(spec: str, listing: list[str], read_text: Any) -> tuple[list[str], dict[str, str] | None]:
+    """Shard file names from the index when there is one (validated), else every *.safetensors."""
+    if INDEX_FILE in listing:
+        try:
+            index = json.loads(read_text(INDEX_FILE))
+            weight_map = index["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+            raise SourceError(f"parent {spec}: {INDEX_FILE} is not a valid safetensors index") from None
+        shards = list(dict.fromkeys(weight_map.values()))
+        for s in shards:
+            if "/" in s or "\\" in s or s in ("", ".", ".."):
+                raise SourceError(f"parent {spec}: {INDEX_FILE} names shard {s!r} outside the checkpoint")
+            if s not in listing:
+                raise SourceError(f"parent {spec}: shard {s} listed in {INDEX_FILE} is missing")
+        return shards, weight_map
+    shards = sorted(n for n in listing if n.endswith(".safetensors"))
     if not shards:
-        pickles = [p.name for p in sorted(root.iterdir()) if p.suffix in PICKLE_SUFFIXES]
-        if pickles:
-            raise SourceError(f"parent {spec}: {pickles[0]} is a pickle checkpoint; convert it to safetensors (darwin-stream never unpickles)")
+        _check_pickles(spec, listing)
         raise SourceError(f"parent {spec}: no .safetensors files")
+    return shards, None
+
+
+def _check_index(spec: str, tensors: dict[str, TensorInfo], weight_map: dict[str, str] | None) -> None:
+    if weight_map is None:
+        return
+    for name, shard in weight_map.items():
+        t = tensors.get(name)
+        if t is None or os.path.basename(t.file.rstrip("/")) != shard:
+            raise SourceError(f"parent {spec}: tensor {name!r} listed in {INDEX_FILE} is missing from shard {shard}")
+
+
+def _add(spec: str, tensors: dict[str, TensorInfo], found: dict[str, TensorInfo]) -> None:
+    for name, t in found.items():
+        if name in tensors:
+            raise SourceError(f"parent {spec}: tensor {name!r} appears in both {tensors[name].file} and {t.file}")
+        tensors[name] = t
+
+
+def _open_local_dir(spec: str, root: Path) -> SafetensorsParent:
+    try:
+        listing = sorted(p.name for p in root.iterdir() if p.is_file())
+    except OSError as e:
+        raise SourceError(f"parent {spec}: cannot list directory ({e.strerror})") from None
+    shards, weight_map = _shard_names(spec, listing, lambda n: (root / n).read_bytes())
     tensors: dict[str, TensorInfo] = {}
-    for shard in shards:
+    for s in shards:
+        shard = root / s
         size = shard.stat().st_size
         with open(shard, "rb") as f:
             head = f.read(8)
             n = int(np.frombuffer(head, dtype="<u8")[0]) if len(head) == 8 else 0
             data = head + f.read(min(n, MAX_HEADER_BYTES))
-        tensors.update(read_safetensors_header(str(shard), data, size))
-    return Parent(str(spec), root, tensors)
+        _add(spec, tensors, read_safetensors_header(str(shard), data, size))
+    _check_index(spec, tensors, weight_map)
+    return SafetensorsParent(spec, str(root), tensors)
+
+
+def _open_url(spec: str, storage_options: dict | None) -> Parent:
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(spec, **(storage_options or {}))
+    except (ValueError, ImportError) as e:
+        raise SourceError(f"parent {spec}: cannot open URL ({e})") from None
+    url = fs.unstrip_protocol  # full URLs in TensorInfo.file, so reference views find their filesystem
+    from darwin_stream.store import api as store_api
+
+    if store_api.is_store(spec, storage_options=storage_options):
+        return StoreParent(spec, store_api.open_store(spec, storage_options=storage_options))
+    try:
+        if fs.isfile(path):
+            raise SourceError(f"parent {spec}: is a file, not a checkpoint directory or store")
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        raise SourceError(f"parent {spec}: no such URL") from None
+    except SourceError:
+        raise
+    except OSError as e:
+        raise SourceError(f"parent {spec}: cannot list ({e})") from None
+    files = {os.path.basename(e["name"].rstrip("/")): e for e in entries if e.get("type") == "file"}
+    if not files:
+        raise SourceError(f"parent {spec}: no such URL or empty directory")
+    shards, weight_map = _shard_names(spec, sorted(files), lambda n: fs.cat_file(files[n]["name"]))
+    tensors: dict[str, TensorInfo] = {}
+    for s in shards:
+        e = files[s]
+        size = int(e.get("size") or fs.size(e["name"]))
+        head = fs.cat_file(e["name"], start=0, end=min(8, size)) if size else b""
+        n = int(np.frombuffer(head, dtype="<u8")[0]) if len(head) == 8 else 0
+        data = head + (fs.cat_file(e["name"], start=8, end=8 + n) if 0 < n <= min(MAX_HEADER_BYTES, size - 8) else b"")
+        _add(spec, tensors, read_safetensors_header(url(e["name"]), data, size))
+    _check_index(spec, tensors, weight_map)
+    root = url(path)
+    return SafetensorsParent(spec, root, tensors, fs=fs, storage_options=storage_options)
+
+
+def resolve_hub(repo_id: str, revision: str | None = None) -> Path:
+    """A Hugging Face repo id -> its local snapshot directory (downloaded unless offline).
+
+    Offline (HF_HUB_OFFLINE=1) it is resolved from the cache alone. HF_HUB_CACHE is read at call
+    time, not at huggingface_hub's import time, so a test (or a user) can point it anywhere.
+    """
+    from huggingface_hub import snapshot_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    cache_dir = os.environ.get("HF_HUB_CACHE") or None
+    try:
+        path = snapshot_download(
+            repo_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=offline,
+            allow_patterns=["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"],
+        )
+    except Exception as e:  # hub errors are many classes; all mean "cannot resolve this parent"
+        why = "not in the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else f"{type(e).__name__}"
+        raise SourceError(f"parent {repo_id}: cannot resolve Hugging Face repo ({why})") from None
+    return Path(str(path))
+
+
+def open_parent(spec: str | os.PathLike, *, storage_options: dict | None = None) -> Parent:
+    """Open a parent: a local directory, a darwin-stream store, an fsspec URL or a hub repo id.
+
+    Resolution order: URL (has `://`), then an existing local path (store or directory), then a
+    `org/name[@revision]` hub repo id. Everything is opened read-only.
+    """
+    s = os.fspath(spec)
+    try:
+        if _is_url(s):
+            return _open_url(s, storage_options)
+        from darwin_stream.store import api as store_api
+
+        root = Path(s)
+        if root.exists():
+            if store_api.is_store(s):
+                return StoreParent(s, store_api.open_store(s))
+            if not root.is_dir():
+                if root.suffix in PICKLE_SUFFIXES:
+                    _check_pickles(s, [root.name])
+                raise SourceError(f"parent {s}: is a file, not a checkpoint directory or store")
+            return _open_local_dir(s, root)
+        repo, _, rev = s.partition("@")
+        if _REPO_ID.match(repo) and not s.startswith((".", "/", "~")):
+            snap = resolve_hub(repo, rev or None)
+            p = _open_local_dir(s, snap)
+            return p
+        raise SourceError(f"parent {s}: no such directory, store, URL or cached Hugging Face repo")
+    except DarwinError as e:
+        if isinstance(e, SourceError):
+            raise
+        raise SourceError(str(e)) from None

@@ -25,6 +25,16 @@ import torch
 Params = Mapping[str, Any]
 
 
+class _Required:
+    """Marks a parameter without a default: the manifest must give it (mergekit's `required=True`)."""
+
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+
+
 @dataclass(frozen=True)
 class Chunk:
     """The same rows of every input tensor, upcast for the arithmetic."""
@@ -55,6 +65,7 @@ class MergeMethod:
     needs_base: bool = False
     random: bool = False
     # Parameter names this method reads, with defaults; anything else in a manifest is an error.
+    # A default of REQUIRED means the manifest must give it (per-model: for every non-base model).
     model_param_defaults: Mapping[str, Any] = field(default_factory=dict)
     param_defaults: Mapping[str, Any] = field(default_factory=dict)
 

@@ -1,0 +1,263 @@
+"""darwin-stream's command line: parse, call the library, print. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from darwin_stream.errors import DarwinError
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'1GiB', '256MiB', '5GB', '1e9' -> bytes (binary and decimal units both understood)."""
+    s = str(text).strip().lower().replace(" ", "")
+    num = s.rstrip("kmgtib")
+    unit = s[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1.0
+    if unit not in _UNITS or not (value > 0) or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a size such as 1GiB, 256MiB or 5GB, got {text!r}")
+    return int(value * _UNITS[unit])
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n}"
+
+
+@contextmanager
+def _progress(label: str, total: int | None, quiet: bool):
+    """A rich progress bar in bytes; yields a callback that advances it (None when quiet)."""
+    if quiet:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+                  TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
+                  transient=False) as bar:
+        task = bar.add_task(label, total=total)
+
+        def advance(n: int, total_bytes: int | None = None) -> None:
+            if total_bytes is not None:
+                bar.update(task, total=total_bytes)
+            bar.advance(task, n)
+
+        yield advance
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from darwin_stream import api
+
+    client = _client(args.scheduler)
+    state: dict = {}
+
+    with _progress("merge", None, args.quiet) as advance:
+
+        def on_plan(plan, nbytes):
+            state["total"] = nbytes
+            if advance:
+                advance(0, nbytes)
+
+        report = api.merge(args.manifest, args.out_dir, client=client, memory_budget=args.memory_budget,
+                           device=args.device, shard_size=args.shard_size, out_format=args.format,
+                           overwrite=args.overwrite, progress=advance, on_plan=on_plan)
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    else:
+        print(f"child: {report.out} ({report.tensors} tensors, {_human(report.bytes_written)}) in "
+              f"{report.wall_s:.2f} s; peak private memory {_human(report.peak_anon_bytes)} "
+              f"(budget {_human(report.memory_budget)} above {_human(report.baseline_anon_bytes)} baseline)")
+        for note in report.notes:
+            print(f"note: {note}")
+    return 0
+
+
+def _client(address: str | None):
+    if not address:
+        return None
+    from dask.distributed import Client
+
+    return Client(address)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from darwin_stream import api, engine
+    from darwin_stream.export import layout
+    from darwin_stream.plan import format_plan
+
+    plan = api.load_plan(args.manifest)
+    budget = args.memory_budget or int(plan.options.get("memory_budget") or engine.DEFAULT_BUDGET)
+    workers = os.cpu_count() or 1
+    peak = engine.predicted_peak(plan, budget, workers)
+    size = layout(plan, int(args.shard_size or plan.options.get("shard_size") or api.DEFAULT_SHARD_SIZE))
+    if args.json:
+        print(json.dumps({"plan": json.loads(plan.to_json()), "child_bytes": size.nbytes,
+                          "shards": len(size.shards), "predicted_peak_bytes": peak, "memory_budget": budget}))
+        return 0
+    print(format_plan(plan))
+    print(f"child: {_human(size.nbytes)} in {len(size.shards)} shard(s); "
+          f"predicted peak memory {_human(peak)} above baseline (budget {_human(budget)}, {workers} workers)")
+    for note in plan.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from darwin_stream import store
+
+    kwargs = {}
+    if args.chunk_size:
+        kwargs["chunk_bytes"] = args.chunk_size
+    if args.zstd:
+        kwargs["compressor"] = "zstd"
+    with _progress("ingest", None, args.quiet) as advance:
+        report = store.ingest(args.source, args.store, mode=args.mode, progress=advance, **kwargs)
+    print(json.dumps(report) if args.json else f"store: {args.store} ({args.mode} mode)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from darwin_stream import store
+
+    kwargs = {"shard_size": args.shard_size} if args.shard_size else {}
+    report = store.export_store(args.store, args.out_dir, **kwargs)
+    print(json.dumps(report) if args.json else f"child: {args.out_dir}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Build two tiny parents, merge them, show what the child holds and that it speaks."""
+    from darwin_stream import api
+    from darwin_stream.demo import build_demo
+
+    work = Path(args.workdir)
+    manifest = work / "demo.yaml"
+    if not manifest.exists():
+        print(f"building two tiny Qwen3 parents in {work / 'parents'} ...")
+        manifest = build_demo(work)
+    out = work / "child"
+    with _progress("merge", None, args.quiet) as advance:
+        report = api.merge(manifest, out, overwrite=True, progress=advance,
+                           on_plan=(lambda p, n: advance(0, n)) if advance else None)
+    print(f"manifest: {manifest}")
+    print(f"child:    {report.out}")
+    files = sorted(p.name for p in Path(report.out).iterdir())
+    print(f"files:    {', '.join(files)}")
+    print(f"tensors:  {report.tensors} ({_human(report.bytes_written)}), merged in {report.wall_s:.2f} s, "
+          f"peak private memory {_human(report.peak_anon_bytes)}")
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        return 0
+    tok = AutoTokenizer.from_pretrained(report.out)
+    model = AutoModelForCausalLM.from_pretrained(report.out)
+    ids = tok("the quick brown fox", return_tensors="pt").input_ids
+    gen = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    print(f"generate: {tok.decode(gen[0])!r} (random tiny parents: the words are noise, the mechanics are real)")
+    return 0
+
+
+# --- parser ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="darwin-stream", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--json", action="store_true", help="print a machine-readable report")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    m = sub.add_parser("merge", help="merge a manifest into a child checkpoint")
+    m.add_argument("manifest")
+    m.add_argument("out_dir")
+    m.add_argument("--memory-budget", type=parse_size, help="bytes in flight (default 1GiB)")
+    m.add_argument("--shard-size", type=parse_size, help="largest output shard (default 5GB)")
+    m.add_argument("--device", help="cpu (default) or cuda: where the blend arithmetic runs")
+    m.add_argument("--format", choices=["safetensors", "zarr"])
+    m.add_argument("--scheduler", help="address of a dask.distributed scheduler (default: threads)")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    common(m)
+    m.set_defaults(func=cmd_merge)
+
+    pl = sub.add_parser("plan", help="print what a merge would do; writes nothing")
+    pl.add_argument("manifest")
+    pl.add_argument("--memory-budget", type=parse_size)
+    pl.add_argument("--shard-size", type=parse_size)
+    common(pl)
+    pl.set_defaults(func=cmd_plan)
+
+    i = sub.add_parser("ingest", help="turn a parent into a zarr layer store")
+    i.add_argument("source")
+    i.add_argument("store")
+    i.add_argument("--mode", choices=["reference", "copy"], default="reference")
+    i.add_argument("--chunk-size", type=parse_size, help="copy mode: bytes per chunk")
+    i.add_argument("--zstd", action="store_true", help="copy mode: compress chunks with zstd")
+    common(i)
+    i.set_defaults(func=cmd_ingest)
+
+    e = sub.add_parser("export", help="write a zarr store back out as a safetensors checkpoint")
+    e.add_argument("store")
+    e.add_argument("out_dir")
+    e.add_argument("--shard-size", type=parse_size)
+    common(e)
+    e.set_defaults(func=cmd_export)
+
+    d = sub.add_parser("demo", help="merge two built-in tiny parents and show the child")
+    d.add_argument("--workdir", default="demo-out")
+    common(d)
+    d.set_defaults(func=cmd_demo)
+
+    for name, module, help_ in (("inspect", "darwin_stream.arch.cli", "print a model's layers and roles"),
+                                ("score", "darwin_stream.score.cli", "score models on tasks")):
+        try:
+            mod = __import__(module, fromlist=["configure", "run"])
+        except ImportError:
+            continue
+        sp = sub.add_parser(name, help=help_)
+        mod.configure(sp)
+        sp.set_defaults(func=mod.run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DarwinError as e:
+        print(f"darwin-stream: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("darwin-stream: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except OSError as e:
+        print(f"darwin-stream: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Streaming safetensors writer: shard headers come from the plan, chunks are written in place.
+
+Every shard is created at its final size with its header already written, so a merge task can
+`pwrite` its rows at a known offset and drop them. No shard is ever buffered in memory, and tasks
+on different threads (or dask workers sharing the filesystem) write without coordination.
+
+The child is assembled in a sibling directory `.<name>.partial` and renamed to its final name only
+when complete. A journal of finished chunks there lets an interrupted merge resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from darwin_stream import dtypes
+from darwin_stream.errors import DarwinError
+from darwin_stream.plan import Plan
+
+_ALIGN = 8
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one tensor of the child goes: its shard file and byte offset."""
+
+    name: str
+    shard: str  # file name inside the child directory
+    offset: int  # absolute byte offset of the tensor's first element in the shard
+    nbytes: int
+    row_bytes: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    shards: dict[str, tuple[bytes, int]]  # file name -> (header bytes incl. 8-byte length, total size)
+    slots: dict[str, Slot]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(size for _, size in self.shards.values())
+
+
+def _tensor_nbytes(shape: tuple[int, ...], code: str) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * dtypes.itemsize(code)
+
+
+def layout(plan: Plan, shard_size: int) -> Layout:
+    """Assign tensors to shards in plan order, no shard over `shard_size` unless one tensor is."""
+    groups: list[list] = [[]]
+    size = 0
+    for t in plan.tensors:
+        n = _tensor_nbytes(t.shape, t.dtype)
+        if groups[-1] and size + n > shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += n
+    if not groups[-1]:
+        groups.pop()
+    single = len(groups) == 1
+    shards: dict[str, tuple[bytes, int]] = {}
+    slots: dict[str, Slot] = {}
+    for i, group in enumerate(groups):
+        fname = "model.safetensors" if single else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        header: dict = {"__metadata__": {"format": "pt"}}
+        pos = 0
+        for t in group:
+            n = _tensor_nbytes(t.shape, t.dtype)
+            header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [pos, pos + n]}
+            pos += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % _ALIGN)
+        head = len(raw).to_bytes(8, "little") + raw
+        shards[fname] = (head, len(head) + pos)
+        for t in group:
+            start, end = header[t.name]["data_offsets"]
+            rows = t.shape[0] if t.shape else 1
+            slots[t.name] = Slot(t.name, fname, len(head) + start, end - start, (end - start) // max(rows, 1))
+    return Layout(shards, slots)
+
+
+def plan_fingerprint(plan: Plan) -> str:
+    """Identifies a plan, so that a resumed merge never mixes chunks of two different plans."""
+    return hashlib.blake2b(plan.to_json().encode(), digest_size=16).hexdigest()
+
+
+class ChildWriter:
+    """A child checkpoint under construction in `.<name>.partial`, next to its final path."""
+
+    def __init__(self, out_dir: str | os.PathLike, plan: Plan, shard_size: int, *, overwrite: bool = False):
+        self.final = Path(out_dir).absolute()
+        if self.final.exists() and not overwrite and (not self.final.is_dir() or any(self.final.iterdir())):
+            raise DarwinError(f"output {self.final} already exists (use --overwrite to replace it)")
+        self.tmp = self.final.parent / f".{self.final.name}.partial"
+        self.layout = layout(plan, shard_size)
+        self.fingerprint = plan_fingerprint(plan)
+        self.done: set[tuple[str, int]] = set()
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self._prepare()
+
+    def __getstate__(self) -> dict:
+        # Tasks on dask.distributed workers carry the writer: it holds paths only, no open files.
+        return {**self.__dict__, "done": set()}
+
+    def _prepare(self) -> None:
+        stamp = self.tmp / ".darwin-plan"
+        journal = self.tmp / ".darwin-journal"
+        if self.tmp.exists() and stamp.exists() and stamp.read_text() == self.fingerprint:
+            if journal.exists():
+                for line in journal.read_text().splitlines():
+                    name, _, start = line.rpartition(" ")
+                    if name:
+                        self.done.add((name, int(start)))
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp.mkdir(parents=True)
+            stamp.write_text(self.fingerprint)
+        for fname, (head, size) in self.layout.shards.items():
+            fd = os.open(self.tmp / fname, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                if os.fstat(fd).st_size != size:
+                    os.ftruncate(fd, size)
+                os.pwrite(fd, head, 0)
+            finally:
+                os.close(fd)
+
+    def write_rows(self, name: str, start_row: int, data: bytes | memoryview) -> None:
+        slot = self.layout.slots[name]
+        offset = slot.offset + start_row * slot.row_bytes
+        if offset + len(data) > slot.offset + slot.nbytes:
+            raise AssertionError(f"{name}: write past the end of the tensor")
+        view = memoryview(data)
+        fd = os.open(self.tmp / slot.shard, os.O_WRONLY)
+        try:
+            while view:
+                n = os.pwrite(fd, view, offset)
+                view, offset = view[n:], offset + n
+        finally:
+            os.close(fd)
+
+    def mark_done(self, name: str, start_row: int) -> None:
+        # One O_APPEND write per line: atomic, so threads and workers need no lock.
+        fd = os.open(self.tmp / ".darwin-journal", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, f"{name} {start_row}\n".encode())
+        finally:
+            os.close(fd)
+
+    def write_file(self, name: str, data: bytes) -> None:
+        (self.tmp / name).write_bytes(data)
+
+    def finish(self, index_metadata: dict | None = None) -> Path:
+        """fsync, write the index, drop the journal and rename into place."""
+        for fname in self.layout.shards:
+            fd = os.open(self.tmp / fname, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        if len(self.layout.shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(s.nbytes for s in self.layout.slots.values()), **(index_metadata or {})},
+                "weight_map": {s.name: s.shard for s in self.layout.slots.values()},
+            }
+            self.write_file("model.safetensors.index.json", json.dumps(index, indent=2).encode())
+        (self.tmp / ".darwin-journal").unlink(missing_ok=True)
+        (self.tmp / ".darwin-plan").unlink(missing_ok=True)
+        if self.final.exists():
+            trash = self.final.parent / f".{self.final.name}.old"
+            shutil.rmtree(trash, ignore_errors=True)
+            self.final.rename(trash)
+            self.tmp.rename(self.final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            self.tmp.rename(self.final)
+        return self.final

@@ -1,0 +1,496 @@
+"""The manifest: a mergekit YAML, read unchanged, plus darwin-stream's own optional sections.
+
+Users arrive with mergekit configs they already trust, so every mergekit key this project supports
+means exactly what it means in mergekit (see docs/manifest.md). What we cannot honour (LoRA, union
+tokenizers, multi-module configs) is refused by name rather than silently ignored: a merge that
+differs from what the user asked for is worse than one that does not start.
+
+Every failure is a `ManifestError` with one line, `manifest: <field path>: <what was expected>`, so
+the CLI can print it without a traceback.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
+
+from darwin_stream import dtypes
+from darwin_stream.breed import BreedSection
+from darwin_stream.errors import DarwinError, ManifestError
+
+# --------------------------------------------------------------------------------------------
+# Parameter settings: a scalar, a gradient, or filtered values (mergekit's ParameterSetting).
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Conditional:
+    """One `{filter: ..., value: ...}` entry; filter None (or "*") matches every tensor."""
+
+    filter: str | None
+    value: float | bool | tuple[float, ...]
+
+
+# A parsed setting: float | bool (scalar), tuple[float, ...] (gradient), list[Conditional].
+Setting = Any
+
+_EXPECTED_SETTING = "expected a number, a list of numbers (gradient) or filtered values"
+
+
+def _fail(msg: str, sub: str = "") -> PydanticCustomError:
+    """A validation error that carries a sub-path below the field pydantic knows about."""
+    return PydanticCustomError("darwin", "{msg}", {"msg": msg, "sub": sub})
+
+
+def _number(v: Any, sub: str) -> float | bool:
+    """A scalar parameter. Numeric strings are accepted because PyYAML reads `1e-3` as a string
+    (YAML 1.1 wants `1.0e-3`) and mergekit's pydantic coerces it; anything else is refused."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int | float):
+        f = float(v)
+    elif isinstance(v, str):
+        try:
+            f = float(v)
+        except ValueError:
+            raise _fail(f"{_EXPECTED_SETTING}, got {v!r}", sub) from None
+    else:
+        raise _fail(f"{_EXPECTED_SETTING}, got {v!r}", sub)
+    if not math.isfinite(f):
+        raise _fail(f"expected a finite number, got {v!r}", sub)
+    return f
+
+
+def _scalar_or_gradient(v: Any, sub: str) -> float | bool | tuple[float, ...]:
+    if isinstance(v, list):
+        if not v:
+            raise _fail("a gradient needs at least one value, got []", sub)
+        out = []
+        for i, e in enumerate(v):
+            if isinstance(e, bool | dict | list):
+                raise _fail(f"expected a number in a gradient, got {e!r}", f"{sub}[{i}]")
+            out.append(float(_number(e, f"{sub}[{i}]")))
+        return tuple(out)
+    if isinstance(v, dict):
+        raise _fail(f"{_EXPECTED_SETTING}, got {v!r}", sub)
+    return _number(v, sub)
+
+
+def _conditional(v: dict, sub: str) -> Conditional:
+    extra = set(v) - {"filter", "value"}
+    if extra:
+        raise _fail(f"unknown key {sorted(extra)[0]!r} (expected filter, value)", sub)
+    if "value" not in v:
+        raise _fail("filtered value needs a 'value'", sub)
+    flt = v.get("filter")
+    if flt is not None and not isinstance(flt, str):
+        raise _fail(f"expected a string filter such as self_attn or mlp, got {flt!r}", f"{sub}.filter")
+    return Conditional(flt, _scalar_or_gradient(v["value"], f"{sub}.value"))
+
+
+def parse_setting(v: Any) -> Setting:
+    """mergekit's ParameterSetting: scalar | list of numbers | {filter, value} | list of those."""
+    if isinstance(v, dict):
+        return [_conditional(v, "")]
+    if isinstance(v, list) and v and any(isinstance(e, dict) for e in v):
+        out = []
+        for i, e in enumerate(v):
+            if not isinstance(e, dict):
+                raise _fail(f"expected {{filter: ..., value: ...}} in a list of filtered values, got {e!r}", f"[{i}]")
+            out.append(_conditional(e, f"[{i}]"))
+        return out
+    return _scalar_or_gradient(v, "")
+
+
+ParamSetting = Annotated[Any, BeforeValidator(parse_setting)]
+Parameters = dict[str, ParamSetting]
+
+
+def interpolate(values: tuple[float, ...], t: float) -> float:
+    """A gradient at position t in [0, 1]: piecewise-linear over evenly spaced anchors.
+
+    Written as mergekit writes it (index = t * (n - 1), blend the two neighbours) rather than
+    with np.interp, so the floating point result is the one mergekit computes.
+    """
+    scaled = t * (len(values) - 1)
+    i0 = int(scaled)
+    i1 = min(len(values) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * values[i0] + frac * values[i1]
+
+
+def evaluate(setting: Setting, matches: Any, t: float) -> float | bool | None:
+    """The value of a setting for one tensor at gradient position t; None when no filter matched.
+
+    `matches(filter) -> bool` says whether a filter selects the tensor; None from here makes the
+    caller fall back to the next, less specific level, exactly as mergekit's ConfigReader does.
+    """
+    if isinstance(setting, tuple):
+        return interpolate(setting, t)
+    if isinstance(setting, list):
+        for cond in setting:
+            if cond.filter is None or cond.filter == "*" or matches(cond.filter):
+                return evaluate(cond.value, matches, t)
+        return None
+    return setting
+
+
+def setting_names(params: Parameters | None) -> list[str]:
+    return list(params or {})
+
+
+# --------------------------------------------------------------------------------------------
+# Sizes and small values.
+# --------------------------------------------------------------------------------------------
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([kmgtp]?i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1}
+for _i, _p in enumerate("kmgtp", start=1):
+    _UNITS[f"{_p}b"] = _UNITS[_p] = 1000**_i
+    _UNITS[f"{_p}ib"] = _UNITS[f"{_p}i"] = 1024**_i
+
+
+def parse_size(v: Any) -> int:
+    """'1GiB' -> 1073741824, '5GB' -> 5000000000, 123 -> 123.
+
+    Both spellings exist in the wild (mergekit's --out-shard-size says 5B meaning decimal), so
+    decimal and binary suffixes are both accepted and mean what the SI/IEC standards say.
+    """
+    if isinstance(v, bool):
+        raise ValueError(f"expected a size such as 1GiB, 512MiB or 5GB, got {v!r}")
+    if isinstance(v, int):
+        n = v
+    else:
+        m = _SIZE.match(str(v)) if isinstance(v, str | float) else None
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"expected a size such as 1GiB, 512MiB or 5GB, got {v!r}")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n <= 0:
+        raise ValueError(f"expected a positive size, got {v!r}")
+    return n
+
+
+def _size(v: Any) -> int:
+    try:
+        return parse_size(v)
+    except ValueError as e:
+        raise _fail(str(e)) from None
+
+
+def _model_ref(v: Any) -> str:
+    """A model reference as mergekit accepts it: 'path', 'path@revision', or {model: ..., lora: ...}.
+
+    'path+lora' (mergekit's LoRA syntax) is refused: applying an adapter means materialising the
+    full model, which is exactly what a streaming engine avoids.
+    """
+    if isinstance(v, dict):
+        extra = set(v) - {"model", "lora", "override_architecture"}
+        if extra:
+            raise _fail(f"unknown key {sorted(extra)[0]!r} (expected model, lora)")
+        if v.get("lora"):
+            raise _fail(f"LoRA adapters are not supported (merge the adapter into its model first), got lora {v['lora']!r}")
+        if v.get("override_architecture"):
+            raise _fail("override_architecture is not supported")
+        inner = v.get("model")
+        if isinstance(inner, dict):
+            path, rev = inner.get("path"), inner.get("revision")
+            if not isinstance(path, str):
+                raise _fail(f"expected a path or repo id, got {inner!r}")
+            return f"{path}@{rev}" if rev else path
+        v = inner
+    if not isinstance(v, str) or not v.strip():
+        raise _fail(f"expected a path or repo id, got {v!r}")
+    if "+" in v and not os.path.exists(v):
+        raise _fail(f"LoRA adapters (model+lora) are not supported; merge the adapter into its model first, got {v!r}")
+    return v.strip()
+
+
+ModelRef = Annotated[str, BeforeValidator(_model_ref)]
+Size = Annotated[int, BeforeValidator(_size)]
+
+
+def _dtype(v: Any) -> str | None:
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        raise _fail(f"expected one of bfloat16, float16, float32, float64, got {v!r}")
+    try:
+        return dtypes.parse(v)
+    except DarwinError:
+        raise _fail(f"expected one of bfloat16, float16, float32, float64, got {v!r}") from None
+
+
+DType = Annotated[str | None, BeforeValidator(_dtype)]
+
+
+# --------------------------------------------------------------------------------------------
+# The sections.
+# --------------------------------------------------------------------------------------------
+
+
+class Section(BaseModel):
+    """Unknown keys are refused with the list of known ones: a typo must not be ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise _fail(f"expected a mapping, got {data!r}")
+        known = {f.alias or n for n, f in cls.model_fields.items()}
+        for key in data:
+            if key not in known:
+                raise _fail(f"unknown key (expected one of {', '.join(sorted(known))})", str(key))
+        return data
+
+
+class InputModel(Section):
+    model: ModelRef
+    parameters: Parameters | None = None
+
+
+def _layer_range(v: Any) -> tuple[int, int]:
+    """mergekit's [start, end): end exclusive, start < end."""
+    ok = (
+        isinstance(v, list | tuple)
+        and len(v) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+        and 0 <= v[0] < v[1]
+    )
+    if not ok:
+        raise _fail(f"expected [start, end] with 0 <= start < end (end exclusive), got {v!r}")
+    return (v[0], v[1])
+
+
+class InputSlice(Section):
+    model: ModelRef
+    layer_range: Annotated[tuple[int, int], BeforeValidator(_layer_range)]
+    parameters: Parameters | None = None
+
+
+class OutputSlice(Section):
+    sources: list[InputSlice]
+    base_model: ModelRef | None = None
+    residual_weight: float | None = None
+    parameters: Parameters | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> OutputSlice:
+        if not self.sources:
+            raise _fail("expected at least one source", "sources")
+        if self.residual_weight is not None:
+            raise _fail("residual_weight is not supported", "residual_weight")
+        return self
+
+
+class TokenizerSection(Section):
+    source: Any = "base"
+    tokens: dict | None = None
+    pad_to_multiple_of: int | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> TokenizerSection:
+        if self.source not in ("base", None):
+            raise _fail(f"only 'base' is supported (the child keeps the base model's tokenizer), got {self.source!r}", "source")
+        if self.tokens:
+            raise _fail("adding or re-embedding tokens is not supported", "tokens")
+        if self.pad_to_multiple_of is not None:
+            raise _fail("pad_to_multiple_of is not supported", "pad_to_multiple_of")
+        return self
+
+
+class DarwinSection(Section):
+    """darwin-stream's own options; the CLI's flags override them."""
+
+    memory_budget: Size = 2**30
+    shard_size: Size = 5 * 10**9
+    seed: int = 0
+    device: Literal["cpu", "cuda"] = "cpu"
+    format: Literal["safetensors", "zarr"] = "safetensors"
+    out_dtype: DType = None
+
+
+class Manifest(Section):
+    merge_method: str | None = None
+    base_model: ModelRef | None = None
+    models: list[InputModel] | None = None
+    slices: list[OutputSlice] | None = None
+    parameters: Parameters | None = None
+    dtype: DType = None
+    out_dtype: DType = None
+    tokenizer_source: Any = None
+    tokenizer: TokenizerSection | None = None
+    chat_template: Any = None
+    modules: Any = None
+    darwin: DarwinSection = DarwinSection()
+    breed: BreedSection | None = None
+    evolve: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Manifest:
+        if self.modules is not None:
+            raise _fail("multi-module configs are not supported; use models or slices", "modules")
+        if self.chat_template is not None:
+            raise _fail("chat_template is not supported; the child keeps the base model's chat template", "chat_template")
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise _fail("give tokenizer_source or tokenizer, not both", "tokenizer_source")
+        src = self.tokenizer_source
+        if src is not None and src != "base" and src != self.base_model:
+            raise _fail(f"only 'base' is supported (the child keeps the base model's tokenizer), got {src!r}", "tokenizer_source")
+        if self.breed is not None:
+            return self  # breed.plan_breed owns the rest of the section's meaning
+        if self.merge_method is None:
+            raise _fail("required field missing (a method such as linear, slerp, ties)", "merge_method")
+        if (self.models is None) == (self.slices is None):
+            raise _fail("give exactly one of models or slices", "models")
+        if self.models is not None and not self.models:
+            raise _fail("expected at least one model", "models")
+        if self.slices is not None and not self.slices:
+            raise _fail("expected at least one slice", "slices")
+        return self
+
+    @property
+    def out_code(self) -> str | None:
+        """The child's dtype when the manifest fixes it: darwin.out_dtype, out_dtype, then dtype."""
+        return self.darwin.out_dtype or self.out_dtype or self.dtype
+
+
+# --------------------------------------------------------------------------------------------
+# Loading.
+# --------------------------------------------------------------------------------------------
+
+
+def _loc(loc: tuple, sub: str = "") -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    if sub:
+        out += sub if sub.startswith("[") or not out else f".{sub}"
+    return out or "(top level)"
+
+
+_TYPE_WORDS = {
+    "string_type": "a string",
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "list_type": "a list",
+    "tuple_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+    "too_short": "[start, end]",
+    "too_long": "[start, end]",
+}
+
+
+def _one_line(err: ValidationError) -> ManifestError:
+    """The first pydantic error as `manifest: <path>: <expected>, got <input>`."""
+    e = err.errors()[0]
+    ctx = e.get("ctx") or {}
+    path = _loc(e["loc"], ctx.get("sub", ""))
+    kind = e["type"]
+    if kind == "darwin":
+        msg = ctx["msg"]
+    elif kind == "missing":
+        msg = "required field missing"
+    elif kind == "extra_forbidden":
+        msg = "unknown key"
+    elif kind in _TYPE_WORDS:
+        msg = f"expected {_TYPE_WORDS[kind]}, got {e.get('input')!r}"
+    elif kind == "literal_error":
+        msg = f"expected {ctx.get('expected')}, got {e.get('input')!r}"
+    else:
+        msg = f"{e['msg'][:1].lower()}{e['msg'][1:]}, got {e.get('input')!r}"
+    return ManifestError(f"manifest: {path}: {msg}")
+
+
+def _check_method(m: Manifest) -> None:
+    """The method exists, and every parameter name is one it reads (per model or method level).
+
+    Parameters are checked here, before any parent is opened, so a typo costs nothing.
+    """
+    if m.merge_method is None:
+        return
+    from darwin_stream import methods
+
+    try:
+        method = methods.get(m.merge_method)
+    except KeyError:
+        raise ManifestError(
+            f"manifest: merge_method: unknown method {m.merge_method!r} (known: {', '.join(methods.names())})"
+        ) from None
+    per_model = set(method.model_param_defaults)
+    either = per_model | set(method.param_defaults)
+
+    def check(params: Parameters | None, where: str, allowed: set[str]) -> None:
+        for name in params or {}:
+            if name not in allowed:
+                expected = ", ".join(sorted(allowed)) or "none"
+                raise ManifestError(
+                    f"manifest: {where}.{name}: unknown parameter for {method.name} (expected one of: {expected})"
+                )
+
+    check(m.parameters, "parameters", either)
+    for i, im in enumerate(m.models or []):
+        check(im.parameters, f"models[{i}].parameters", per_model)
+    for i, sl in enumerate(m.slices or []):
+        check(sl.parameters, f"slices[{i}].parameters", either)
+        for j, src in enumerate(sl.sources):
+            check(src.parameters, f"slices[{i}].sources[{j}].parameters", per_model)
+
+
+def parse_manifest(text: str) -> Manifest:
+    """YAML text -> Manifest (yaml.safe_load only: a manifest never constructs Python objects)."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ManifestError(f"manifest: invalid YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise ManifestError(f"manifest: expected a mapping of keys (merge_method, models, ...), got {data!r}")
+    try:
+        m = Manifest.model_validate(data)
+    except ValidationError as e:
+        raise _one_line(e) from None
+    _check_method(m)
+    return m
+
+
+def load_manifest(path_or_text: str | os.PathLike) -> tuple[Manifest, str]:
+    """A manifest file's path (or its YAML text) -> (Manifest, text); the text goes in the plan.
+
+    A string is taken as a path when it has no newline and names a file or ends in .yaml/.yml.
+    """
+    s = os.fspath(path_or_text)
+    is_path = isinstance(path_or_text, os.PathLike) or (
+        "\n" not in s and (os.path.isfile(s) or s.endswith((".yaml", ".yml")))
+    )
+    if is_path:
+        try:
+            text = Path(s).read_text()
+        except OSError as e:
+            raise ManifestError(f"manifest: cannot read {s}: {e.strerror or e}") from None
+    else:
+        text = s
+    return parse_manifest(text), text

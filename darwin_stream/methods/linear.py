@@ -1,0 +1,40 @@
+"""linear: weighted average of the models (model soups), optionally normalised by the weight sum."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from darwin_stream.methods import REQUIRED, Chunk, MergeMethod, register
+
+
+def blend(chunk: Chunk, state: Any = None) -> torch.Tensor:
+    """sum_i w_i x_i, divided by sum_i w_i when `normalize` (mergekit's default)."""
+    if chunk.base is not None:
+        # mergekit weighs the base like any other model; the plan must list it among `models` with its
+        # weight rather than pass it as `base`, or its contribution would be silently lost.
+        raise ValueError("linear takes no base tensor: list the base model among the weighted models")
+    if not chunk.models:
+        raise ValueError("linear needs at least one model")
+    weights = [float(mp["weight"]) for mp in chunk.model_params]
+    out = torch.zeros_like(chunk.models[0])
+    for x, w in zip(chunk.models, weights, strict=True):
+        out += x * w
+    if chunk.params.get("normalize", True):
+        total = sum(weights)
+        if total == 0:
+            # mergekit divides anyway and writes inf/NaN weights; refuse instead.
+            raise ValueError(f"linear with normalize: the weights {weights} sum to zero")
+        out /= total
+    return out
+
+
+LINEAR = register(
+    MergeMethod(
+        name="linear",
+        blend=blend,
+        model_param_defaults={"weight": REQUIRED},
+        param_defaults={"normalize": True},
+    )
+)

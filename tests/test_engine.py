@@ -1,0 +1,169 @@
+"""The engine: chunking never changes the child, padding, resume, and in-place equals on-disk."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from darwin_stream import engine
+from darwin_stream.export import ChildWriter
+from darwin_stream.plan import Plan, SourceRef, TensorPlan
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """Two parents with a tensor big enough to need many chunks under a tiny budget."""
+    root = tmp_path_factory.mktemp("pair")
+    g = torch.Generator().manual_seed(0)
+    shapes = {"big.weight": (512, 96), "vec.weight": (96,), "small.weight": (7, 5)}
+    dirs = []
+    for k in range(2):
+        d = root / f"p{k}"
+        d.mkdir()
+        tensors = {n: (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for n, s in shapes.items()}
+        save_file(tensors, str(d / "model.safetensors"))
+        (d / "config.json").write_text(json.dumps({"model_type": "toy"}))
+        dirs.append(str(d))
+    return dirs, shapes
+
+
+def _plan(dirs, shapes, method, params=None, model_params=None, base=True):
+    tensors = []
+    for name, shape in shapes.items():
+        models = (SourceRef("b", name),) if base else (SourceRef("a", name), SourceRef("b", name))
+        tensors.append(TensorPlan(
+            name=name, shape=shape, dtype="BF16", method=method, models=models,
+            model_params=tuple(model_params or ({},) * len(models)), params=dict(params or {}),
+            base=SourceRef("a", name) if base else None, seed=1234,
+        ))
+    return Plan(parents={"a": dirs[0], "b": dirs[1]}, tensors=tensors, config_from="a", tokenizer_from="a")
+
+
+def _merge(plan, out, budget):
+    writer = ChildWriter(out, plan, shard_size=10**9)
+    engine.run(plan, writer, budget=budget)
+    writer.finish()
+    return load_file(str(out / "model.safetensors"))
+
+
+CASES = [
+    ("slerp", {"t": 0.3}, None, True),
+    ("ties", {"normalize": True}, ({"weight": 1.0, "density": 0.5},), True),
+    ("dare_ties", {}, ({"weight": 1.0, "density": 0.5},), True),
+    ("linear", {"normalize": True}, ({"weight": 0.6}, {"weight": 0.4}), False),
+]
+
+
+@pytest.mark.parametrize(("method", "params", "model_params", "base"), CASES)
+def test_chunking_does_not_change_the_child(pair, tmp_path, method, params, model_params, base):
+    dirs, shapes = pair
+    plan = _plan(dirs, shapes, method, params, model_params, base)
+    whole = _merge(plan, tmp_path / "whole", budget=2**30)
+    rows = engine.chunk_rows(plan, plan.tensors[0], 40_000, workers=2)
+    assert rows < 512 // 4, "the small budget must split the big tensor into several chunks"
+    chunked = _merge(plan, tmp_path / "chunked", budget=40_000)
+    for name in shapes:
+        assert torch.equal(whole[name].view(torch.int16), chunked[name].view(torch.int16)), name
+
+
+def test_iter_tensors_equals_the_child_on_disk(pair, tmp_path):
+    dirs, shapes = pair
+    plan = _plan(dirs, shapes, "slerp", {"t": 0.7})
+    on_disk = _merge(plan, tmp_path / "c", budget=40_000)
+    in_memory = dict(engine.iter_tensors(plan))
+    assert in_memory.keys() == on_disk.keys()
+    for name, t in in_memory.items():
+        assert t.dtype == torch.bfloat16
+        assert torch.equal(t.view(torch.int16), on_disk[name].view(torch.int16)), name
+
+
+def test_zero_padding_reads_zeros_beyond_the_source(pair):
+    dirs, shapes = pair
+    plan = Plan(parents={"a": dirs[0]}, tensors=[], config_from="a", tokenizer_from="a")
+    ref = SourceRef("a", "small.weight", pad_to=(10, 8))
+    got = engine.read_source(plan, ref, 0, 10, "cpu")
+    src = engine.get_parent(dirs[0]).read("small.weight").float()
+    assert got.shape == (10, 8)
+    assert torch.equal(got[:7, :5], src)
+    assert not got[7:].any() and not got[:, 5:].any()
+    tail = engine.read_source(plan, ref, 8, 10, "cpu")  # rows entirely in the padding
+    assert tail.shape == (2, 8) and not tail.any()
+
+
+def test_interrupted_merge_resumes_and_matches(pair, tmp_path):
+    dirs, shapes = pair
+    plan = _plan(dirs, shapes, "slerp", {"t": 0.4})
+    expected = _merge(plan, tmp_path / "ref", budget=40_000)
+
+    out = tmp_path / "child"
+    calls = {"n": 0}
+
+    def stop_midway(nbytes):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+
+    writer = ChildWriter(out, plan, shard_size=10**9)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run(plan, writer, budget=40_000, progress=stop_midway)
+    assert not out.exists(), "a killed merge must not leave a child under its final name"
+    assert (tmp_path / ".child.partial").is_dir()
+
+    writer = ChildWriter(out, plan, shard_size=10**9)
+    assert len(writer.done) >= 4
+    stats = engine.run(plan, writer, budget=40_000)
+    writer.finish()
+    assert stats.skipped_chunks == len(writer.done) >= 4
+    got = load_file(str(out / "model.safetensors"))
+    for name in shapes:
+        assert torch.equal(got[name].view(torch.int16), expected[name].view(torch.int16)), name
+    assert not (tmp_path / ".child.partial").exists()
+
+
+def test_a_changed_plan_does_not_reuse_partial_chunks(pair, tmp_path):
+    dirs, shapes = pair
+    out = tmp_path / "child"
+    first = _plan(dirs, shapes, "slerp", {"t": 0.1})
+    writer = ChildWriter(out, first, shard_size=10**9)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run(first, writer, budget=40_000, progress=lambda n: (_ for _ in ()).throw(KeyboardInterrupt))
+    second = _plan(dirs, shapes, "slerp", {"t": 0.9})
+    assert ChildWriter(out, second, shard_size=10**9).done == set()
+
+
+def test_shards_split_at_the_shard_size(pair, tmp_path):
+    dirs, shapes = pair
+    plan = _plan(dirs, shapes, "slerp", {"t": 0.5})
+    writer = ChildWriter(tmp_path / "c", plan, shard_size=60_000)
+    engine.run(plan, writer, budget=2**30)
+    out = writer.finish()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) >= 2
+    merged = {}
+    for f in files:
+        merged.update(load_file(str(out / f)))
+    assert merged.keys() == set(shapes)
+    assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in merged.values())
+
+
+def test_predicted_peak_stays_under_the_budget(pair):
+    dirs, shapes = pair
+    plan = _plan(dirs, shapes, "slerp", {"t": 0.5})
+    for budget in (40_000, 200_000, 2**20):
+        assert engine.predicted_peak(plan, budget, workers=2) <= budget
+
+
+def test_bf16_bits_written_unchanged_for_a_copy(pair, tmp_path):
+    dirs, shapes = pair
+    tensors = [TensorPlan(name=n, shape=s, dtype="BF16", method="passthrough", models=(SourceRef("a", n),),
+                          model_params=({},)) for n, s in shapes.items()]
+    plan = Plan(parents={"a": dirs[0]}, tensors=tensors, config_from="a", tokenizer_from="a")
+    got = _merge(plan, tmp_path / "c", budget=40_000)
+    src = load_file(str(np.str_(dirs[0]) + "/model.safetensors"))
+    for n in shapes:
+        assert torch.equal(got[n].view(torch.int16), src[n].view(torch.int16))
