@@ -84,10 +84,11 @@ def gene_values(t: Gene, n_layers: int, where: str = "t") -> list[float]:
         if len(g) == 1 or n_layers == 1:
             return [float(g[0])] * n_layers
         out = []
-        for i in range(n_layers):
+        for i in range(n_layers):  # mergekit's arithmetic, as manifest.interpolate writes it
             x = i / (n_layers - 1) * (len(g) - 1)
-            k = min(int(x), len(g) - 2)
-            out.append(float(g[k] + (g[k + 1] - g[k]) * (x - k)))
+            k = int(x)
+            k1 = min(len(g) - 1, k + 1)
+            out.append(float((1 - (x - k)) * g[k] + (x - k) * g[k1]))
         return out
     if isinstance(t, list):
         if len(t) != n_layers:
@@ -255,10 +256,8 @@ def _options(manifest: Any) -> tuple[dict[str, Any], int, str | None]:
         opts = dict(darwin)
     else:
         opts = {}
-    seed = getattr(manifest, "seed", None)
-    if seed is None:
-        seed = opts.get("seed", 0)
-    out = getattr(manifest, "out_dtype", None) or opts.get("out_dtype")
+    seed = opts.get("seed", getattr(manifest, "seed", 0))
+    out = getattr(manifest, "out_code", None) or opts.get("out_dtype") or getattr(manifest, "out_dtype", None)
     return opts, int(seed or 0), dtypes.parse(str(out)) if out else None
 
 

@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 from darwin_stream.errors import DarwinError
@@ -37,33 +36,50 @@ def _human(n: float) -> str:
     return f"{n}"
 
 
-@contextmanager
-def _progress(label: str, total: int | None, quiet: bool):
-    """A rich progress bar in bytes; yields a callback that advances it (None when quiet)."""
-    if quiet:
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
+class _Bar:
+    """A rich progress bar in bytes that appears only once there is work to show.
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
-                  TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
-                  transient=False) as bar:
-        task = bar.add_task(label, total=total)
+    It is started by `start(total)` (after planning), so that an input error is the only line the
+    user sees; `advance` is the engine's progress callback.
+    """
 
-        def advance(n: int, total_bytes: int | None = None) -> None:
-            if total_bytes is not None:
-                bar.update(task, total=total_bytes)
-            bar.advance(task, n)
+    def __init__(self, label: str, quiet: bool):
+        self.label, self.quiet = label, quiet
+        self._bar = self._task = None
 
-        yield advance
+    def start(self, total: int | None) -> None:
+        if self.quiet or self._bar is not None:
+            return
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+                             TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True))
+        self._bar.start()
+        self._task = self._bar.add_task(self.label, total=total)
+
+    def advance(self, n: int) -> None:
+        if self._bar is None:
+            self.start(None)
+        if self._bar is not None:
+            self._bar.advance(self._task, n)
+
+    def callback(self):
+        return None if self.quiet else self.advance
+
+    def __enter__(self) -> _Bar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.stop()
 
 
 # --- commands ----------------------------------------------------------------------------------
@@ -73,18 +89,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from darwin_stream import api
 
     client = _client(args.scheduler)
-    state: dict = {}
-
-    with _progress("merge", None, args.quiet) as advance:
-
-        def on_plan(plan, nbytes):
-            state["total"] = nbytes
-            if advance:
-                advance(0, nbytes)
-
+    with _Bar("merge", args.quiet) as bar:
         report = api.merge(args.manifest, args.out_dir, client=client, memory_budget=args.memory_budget,
                            device=args.device, shard_size=args.shard_size, out_format=args.format,
-                           overwrite=args.overwrite, progress=advance, on_plan=on_plan)
+                           overwrite=args.overwrite, progress=bar.callback(),
+                           on_plan=lambda plan, nbytes: bar.start(nbytes))
     if args.json:
         print(json.dumps(report.to_dict()))
     else:
@@ -134,8 +143,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         kwargs["chunk_bytes"] = args.chunk_size
     if args.zstd:
         kwargs["compressor"] = "zstd"
-    with _progress("ingest", None, args.quiet) as advance:
-        report = store.ingest(args.source, args.store, mode=args.mode, progress=advance, **kwargs)
+    with _Bar("ingest", args.quiet) as bar:
+        report = store.ingest(args.source, args.store, mode=args.mode, progress=bar.callback(), **kwargs)
     print(json.dumps(report) if args.json else f"store: {args.store} ({args.mode} mode)")
     return 0
 
@@ -160,9 +169,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"building two tiny Qwen3 parents in {work / 'parents'} ...")
         manifest = build_demo(work)
     out = work / "child"
-    with _progress("merge", None, args.quiet) as advance:
-        report = api.merge(manifest, out, overwrite=True, progress=advance,
-                           on_plan=(lambda p, n: advance(0, n)) if advance else None)
+    with _Bar("merge", args.quiet) as bar:
+        report = api.merge(manifest, out, overwrite=True, progress=bar.callback(),
+                           on_plan=lambda plan, nbytes: bar.start(nbytes))
     print(f"manifest: {manifest}")
     print(f"child:    {report.out}")
     files = sorted(p.name for p in Path(report.out).iterdir())

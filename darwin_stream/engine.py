@@ -16,6 +16,8 @@ to a live engine, so a child bred in place equals the child merged to disk.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import os
 import threading
 import time
@@ -168,6 +170,7 @@ def blend_rows(plan: Plan, tp: TensorPlan, start: int, stop: int, state: Any, de
 def iter_tensors(plan: Plan, *, device: str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
     """Every child tensor, whole, in plan order: what an inference engine loads in place."""
     check_device(device)
+    bound_allocator()
     for tp in plan.tensors:
         yield tp.name, blend_rows(plan, tp, 0, _rows(tp.shape), None, device)
 
@@ -245,6 +248,7 @@ def run(plan: Plan, writer, *, budget: int = DEFAULT_BUDGET, client=None, device
         progress: Callable[[int], None] | None = None) -> RunStats:
     """Execute the plan into `writer` with dask: threads by default, a distributed Client if given."""
     check_device(device)
+    bound_allocator()
     for tp in plan.tensors:
         for ref in tp.sources():
             get_parent_info(plan, ref)  # fail fast, by name, before any task runs
@@ -261,6 +265,24 @@ def run(plan: Plan, writer, *, budget: int = DEFAULT_BUDGET, client=None, device
             results = dask.threaded.get(graph, outputs, num_workers=workers)
     written = sum(results)
     return RunStats(bytes_to_read(plan), written, len(outputs), before)
+
+
+_M_MMAP_THRESHOLD = -3
+
+
+@functools.cache
+def bound_allocator() -> None:
+    """Make glibc hand chunk-sized buffers back to the OS as soon as they are freed.
+
+    glibc raises its mmap threshold each time a large block is freed, after which chunk buffers come
+    from the heap and stay there: measured, a merge under an 8 MiB budget then held 140 MiB more than
+    its plan. A fixed threshold (which also turns the adjustment off) keeps the peak at the budget.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
 
 
 @contextlib.contextmanager

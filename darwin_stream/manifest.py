@@ -104,7 +104,9 @@ def parse_setting(v: Any) -> Setting:
         out = []
         for i, e in enumerate(v):
             if not isinstance(e, dict):
-                raise _fail(f"expected {{filter: ..., value: ...}} in a list of filtered values, got {e!r}", f"[{i}]")
+                raise _fail(
+                    f"expected {{filter: ..., value: ...}} in a list of filtered values, got {e!r}", f"[{i}]"
+                )
             out.append(_conditional(e, f"[{i}]"))
         return out
     return _scalar_or_gradient(v, "")
@@ -196,7 +198,9 @@ def _model_ref(v: Any) -> str:
         if extra:
             raise _fail(f"unknown key {sorted(extra)[0]!r} (expected model, lora)")
         if v.get("lora"):
-            raise _fail(f"LoRA adapters are not supported (merge the adapter into its model first), got lora {v['lora']!r}")
+            raise _fail(
+                f"LoRA adapters are not supported (merge the adapter into its model first), got lora {v['lora']!r}"
+            )
         if v.get("override_architecture"):
             raise _fail("override_architecture is not supported")
         inner = v.get("model")
@@ -209,7 +213,9 @@ def _model_ref(v: Any) -> str:
     if not isinstance(v, str) or not v.strip():
         raise _fail(f"expected a path or repo id, got {v!r}")
     if "+" in v and not os.path.exists(v):
-        raise _fail(f"LoRA adapters (model+lora) are not supported; merge the adapter into its model first, got {v!r}")
+        raise _fail(
+            f"LoRA adapters (model+lora) are not supported; merge the adapter into its model first, got {v!r}"
+        )
     return v.strip()
 
 
@@ -302,7 +308,10 @@ class TokenizerSection(Section):
     @model_validator(mode="after")
     def _check(self) -> TokenizerSection:
         if self.source not in ("base", None):
-            raise _fail(f"only 'base' is supported (the child keeps the base model's tokenizer), got {self.source!r}", "source")
+            raise _fail(
+                f"only 'base' is supported (the child keeps the base model's tokenizer), got {self.source!r}",
+                "source",
+            )
         if self.tokens:
             raise _fail("adding or re-embedding tokens is not supported", "tokens")
         if self.pad_to_multiple_of is not None:
@@ -342,12 +351,18 @@ class Manifest(Section):
         if self.modules is not None:
             raise _fail("multi-module configs are not supported; use models or slices", "modules")
         if self.chat_template is not None:
-            raise _fail("chat_template is not supported; the child keeps the base model's chat template", "chat_template")
+            raise _fail(
+                "chat_template is not supported; the child keeps the base model's chat template",
+                "chat_template",
+            )
         if self.tokenizer_source is not None and self.tokenizer is not None:
             raise _fail("give tokenizer_source or tokenizer, not both", "tokenizer_source")
         src = self.tokenizer_source
         if src is not None and src != "base" and src != self.base_model:
-            raise _fail(f"only 'base' is supported (the child keeps the base model's tokenizer), got {src!r}", "tokenizer_source")
+            raise _fail(
+                f"only 'base' is supported (the child keeps the base model's tokenizer), got {src!r}",
+                "tokenizer_source",
+            )
         if self.breed is not None:
             return self  # breed.plan_breed owns the rest of the section's meaning
         if self.merge_method is None:

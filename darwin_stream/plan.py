@@ -98,3 +98,497 @@ class Plan:
                 n *= s
             total += n * dtypes.itemsize(t.dtype)
         return total
+
+
+# --------------------------------------------------------------------------------------------
+# Building a plan from a manifest (mergekit semantics; see docs/manifest.md).
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Source:
+    """One input of an output slice: a model and the first of its layers that the slice reads."""
+
+    spec: str
+    start: int
+    params: Parameters | None
+    where: str  # manifest path, for errors
+
+
+@dataclass
+class _Slice:
+    """mergekit's OutputSliceDefinition: `length` output layers, each blended from every source."""
+
+    sources: list[_Source]
+    base: str | None
+    params: Parameters | None
+    length: int
+    where: str
+
+
+class _Index:
+    """A parent's tensors grouped by layer, classified once (classification is the costly part)."""
+
+    def __init__(self, parent: Parent):
+        from darwin_stream import arch
+
+        self.parent = parent
+        self.roles = {n: arch.classify(n, parent.config) for n in parent.tensors}
+        self.by_layer: dict[int, list[str]] = {}
+        self.outside: list[str] = []
+        for n, r in self.roles.items():
+            if r.layer is None:
+                self.outside.append(n)
+            else:
+                self.by_layer.setdefault(r.layer, []).append(n)
+        for names in self.by_layer.values():
+            names.sort()  # shard order is an accident of how the parent was saved; names are stable
+        self.num_layers = max(self.by_layer) + 1 if self.by_layer else 0
+
+
+class _Parents:
+    """Opens each parent once per plan; `given` lets callers (tests, the CLI) reuse open parents."""
+
+    def __init__(self, given: Mapping[str, Parent] | None):
+        self._open: dict[str, Parent] = dict(given or {})
+        self._index: dict[str, _Index] = {}
+
+    def get(self, spec: str) -> Parent:
+        if spec not in self._open:
+            from darwin_stream.sources import open_parent
+
+            self._open[spec] = open_parent(spec)  # SourceError propagates: it already names the parent
+        return self._open[spec]
+
+    def index(self, spec: str) -> _Index:
+        if spec not in self._index:
+            self._index[spec] = _Index(self.get(spec))
+        return self._index[spec]
+
+
+def _canon(spec: str) -> str:
+    """Two spellings of one local directory are one model (mergekit compares references too)."""
+    return os.path.realpath(spec) if os.path.exists(spec) else spec.rstrip("/")
+
+
+def _same(a: str | None, b: str | None) -> bool:
+    return a is not None and b is not None and _canon(a) == _canon(b)
+
+
+def _parent_keys(specs: list[str]) -> dict[str, str]:
+    """spec -> short readable key (the directory or repo name), made unique with -2, -3, ..."""
+    keys: dict[str, str] = {}
+    used: set[str] = set()
+    for spec in specs:
+        if spec in keys:
+            continue
+        stem = re.sub(r"[^A-Za-z0-9._@-]+", "_", os.path.basename(spec.rstrip("/")) or spec) or "parent"
+        key, n = stem, 2
+        while key in used:
+            key, n = f"{stem}-{n}", n + 1
+        keys[spec] = key
+        used.add(key)
+    return keys
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed < 2**31 that depends only on the manifest seed and the tensor's name,
+    so random methods (dare_*) give the same child on every run and every chunking."""
+    digest = hashlib.blake2b(f"{seed}\0{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & 0x7FFFFFFF
+
+
+def layer_t(index: int, length: int) -> float:
+    """Where output layer `index` of a slice of `length` layers sits on a gradient (mergekit: t = 1 for
+    a one-layer slice). Tensors outside the layers (embeddings, final norm, lm_head) use t = 0."""
+    return index / (length - 1) if length > 1 else 1.0
+
+
+def _renumber(name: str, old: int, new: int) -> str:
+    if old == new:
+        return name
+    out, n = re.subn(rf"(^|\.)layers\.{old}\.", rf"\g<1>layers.{new}.", name, count=1)
+    if not n:
+        raise PlanError(
+            f"tensor {name!r}: cannot renumber layer {old} (its index is not written as layers.<i>.)"
+        )
+    return out
+
+
+def _slices(manifest: Manifest, method: Any, ps: _Parents) -> list[_Slice]:
+    """`models:` or `slices:` -> output slices, as mergekit's MergePlanner.normalize_config does.
+
+    With `models:`, one slice spans all layers. A base the method needs is appended as an input when
+    it is not listed (mergekit does the same); a base a method does not need is not an input.
+    """
+    if manifest.models is not None:
+        srcs = [_Source(im.model, 0, im.parameters, f"models[{i}]") for i, im in enumerate(manifest.models)]
+        base = manifest.base_model
+        if method.needs_base and base and not any(_same(s.spec, base) for s in srcs):
+            srcs.append(_Source(base, 0, None, "base_model"))
+        counts = [ps.index(s.spec).num_layers for s in srcs]
+        for s, n in zip(srcs, counts, strict=True):
+            if n != counts[0]:
+                raise PlanError(
+                    f"{s.where}: {s.spec} has {n} layers but {srcs[0].spec} has {counts[0]}; "
+                    "use slices to merge models of different depths"
+                )
+        return [_Slice(srcs, base, None, counts[0], "models")]
+
+    out = []
+    for i, sl in enumerate(manifest.slices or []):
+        srcs = []
+        for j, src in enumerate(sl.sources):
+            where = f"slices[{i}].sources[{j}]"
+            a, b = src.layer_range
+            n = ps.index(src.model).num_layers
+            if b > n:
+                raise PlanError(f"{where}.layer_range: [{a}, {b}] is beyond the {n} layers of {src.model}")
+            srcs.append(_Source(src.model, a, src.parameters, where))
+        lengths = [r.layer_range[1] - r.layer_range[0] for r in sl.sources]
+        if len(set(lengths)) != 1:
+            raise PlanError(f"slices[{i}]: every source must span the same number of layers, got {lengths}")
+        out.append(
+            _Slice(srcs, sl.base_model or manifest.base_model, sl.parameters, lengths[0], f"slices[{i}]")
+        )
+    return out
+
+
+def _check_slice(sl: _Slice, method: Any) -> None:
+    n = len(sl.sources)
+    if method.name == "slerp" and n != 2:
+        raise PlanError(f"{sl.where}: slerp blends exactly 2 models (base_model and one other), got {n}")
+    if method.name == "passthrough" and n != 1:
+        raise PlanError(f"{sl.where}: passthrough takes exactly 1 model per slice, got {n}")
+    if method.needs_base:
+        if sl.base is None:
+            raise PlanError(f"base_model: {method.name} needs a base_model, and none is given")
+        if not any(_same(s.spec, sl.base) for s in sl.sources):
+            raise PlanError(
+                f"{sl.where}: base_model {sl.base} is not among the inputs, and {method.name} needs it"
+            )
+
+
+def _resolve(
+    name: str,
+    levels: list[Parameters | None],
+    matches: Callable[[str], bool],
+    t: float,
+) -> Any:
+    """First level (model, slice, top level) whose setting yields a value for this tensor.
+
+    A filtered setting with no matching filter yields nothing, so a per-model `weight` that only
+    covers `mlp` falls back to the top-level `weight` elsewhere: mergekit's ConfigReader order.
+    """
+    from darwin_stream.manifest import evaluate
+
+    for params in levels:
+        if params and name in params:
+            v = evaluate(params[name], matches, t)
+            if v is not None:
+                return v
+    return None
+
+
+class _Builder:
+    def __init__(self, manifest: Manifest, method: Any, ps: _Parents, config_spec: str):
+        from darwin_stream import methods
+
+        self.m = manifest
+        self.method = method
+        self.ps = ps
+        self.config_spec = config_spec
+        self.required = getattr(methods, "REQUIRED", object())
+        self.passthrough = methods.get("passthrough") if "passthrough" in methods.names() else None
+        self.keys: dict[str, str] = {}
+        self.tensors: list[TensorPlan] = []
+
+    def key(self, spec: str) -> str:
+        return self.keys[spec]
+
+    def params(
+        self,
+        defaults: Mapping[str, Any],
+        levels: list[Parameters | None],
+        name: str,
+        role: Any,
+        t: float,
+        who: str,
+    ) -> dict[str, Any]:
+        from darwin_stream import arch
+
+        def matches(f: str) -> bool:
+            return arch.matches_filter(name, role, f)
+
+        out = {}
+        for p, default in defaults.items():
+            v = _resolve(p, levels, matches, t)
+            if v is None:
+                if default is self.required:
+                    raise PlanError(f"{who}.parameters.{p}: {self.method.name} needs {p} for tensor {name}")
+                v = default
+            out[p] = v
+        return out
+
+    def tensor(
+        self, sl: _Slice, tpl: _Source, tpl_name: str, child: str, t: float, layer: int | None
+    ) -> None:
+        """One child tensor: its inputs in every source, checked, and its resolved parameters."""
+        tpl_idx = self.ps.index(tpl.spec)
+        role = tpl_idx.roles.get(tpl_name)
+        src_layer = role.layer if role is not None else None
+        names: list[str] = []
+        for s in sl.sources:
+            nm = (
+                tpl_name
+                if src_layer is None
+                else _renumber(tpl_name, src_layer, s.start + (src_layer - tpl.start))
+            )
+            info = self.ps.get(s.spec).tensors.get(nm)
+            if info is None:
+                raise PlanError(f"tensor {nm!r} is missing in parent {s.spec}")
+            names.append(nm)
+        ref_info = self.ps.get(tpl.spec).tensors[tpl_name]
+        for s, nm in zip(sl.sources, names, strict=True):
+            info = self.ps.get(s.spec).tensors[nm]
+            if tuple(info.shape) != tuple(ref_info.shape):
+                raise PlanError(
+                    f"tensor {child!r}: shape {list(ref_info.shape)} in {tpl.spec} "
+                    f"but {list(info.shape)} in {s.spec}" + ("" if nm == tpl_name else f" ({nm})")
+                )
+        seed = tensor_seed(self.m.darwin.seed, child)
+        shape = tuple(ref_info.shape)
+        role_name = role.role if role is not None else None
+
+        from darwin_stream import dtypes
+
+        if ref_info.dtype not in dtypes.FLOAT_CODES:
+            # Integer buffers are not blended: they come from the template parent unchanged.
+            mp = dict(self.passthrough.model_param_defaults) if self.passthrough else {}
+            mp = {k: (None if v is self.required else v) for k, v in mp.items()}
+            self.tensors.append(
+                TensorPlan(
+                    child,
+                    shape,
+                    ref_info.dtype,
+                    "passthrough",
+                    (SourceRef(self.key(tpl.spec), tpl_name),),
+                    (mp,),
+                    {},
+                    None,
+                    layer,
+                    role_name,
+                    seed,
+                )
+            )
+            return
+
+        base: SourceRef | None = None
+        models: list[tuple[_Source, str]] = []
+        for s, nm in zip(sl.sources, names, strict=True):
+            if self.method.needs_base and base is None and _same(s.spec, sl.base):
+                base = SourceRef(self.key(s.spec), nm)
+            else:
+                models.append((s, nm))
+        top = self.m.parameters
+        params = self.params(
+            self.method.param_defaults,
+            [sl.params, top],
+            child,
+            role,
+            t,
+            "parameters" if sl.where == "models" else sl.where,
+        )
+        model_params = []
+        for s, nm in models:
+            r = self.ps.index(s.spec).roles.get(nm, role)
+            model_params.append(
+                self.params(self.method.model_param_defaults, [s.params, sl.params, top], nm, r, t, s.where)
+            )
+        self.tensors.append(
+            TensorPlan(
+                name=child,
+                shape=shape,
+                dtype=self.m.out_code or ref_info.dtype,
+                method=self.method.name,
+                models=tuple(SourceRef(self.key(s.spec), nm) for s, nm in models),
+                model_params=tuple(model_params),
+                params=params,
+                base=base,
+                layer=layer,
+                role=role_name,
+                seed=seed,
+            )
+        )
+
+    def template(self, sl: _Slice) -> _Source:
+        """The source whose tensor names the child takes: the config parent when it is an input."""
+        for s in sl.sources:
+            if _same(s.spec, self.config_spec):
+                return s
+        return sl.sources[0]
+
+
+def build_plan(manifest: Manifest, text: str = "", *, parents: Mapping[str, Parent] | None = None) -> Plan:
+    """Resolve a manifest against its parents into a Plan: every child tensor, its inputs and params.
+
+    Follows mergekit's MergePlanner: embeddings come from the first slice's inputs at t = 0, each
+    slice's layers are numbered on in order with t = i / (length - 1), and the final norm and
+    lm_head come from the last slice's inputs at t = 0. Raises PlanError (one line) when a tensor is
+    missing or shapes differ; a missing parent raises the SourceError that sources/ gives.
+    """
+    if manifest.breed is not None:
+        from darwin_stream import breed
+
+        return breed.plan_breed(manifest, text)
+
+    from darwin_stream import methods
+
+    try:
+        method = methods.get(manifest.merge_method or "")
+    except KeyError:
+        raise PlanError(
+            f"merge_method: unknown method {manifest.merge_method!r} (known: {', '.join(methods.names())})"
+        ) from None
+    ps = _Parents(parents)
+    slices = _slices(manifest, method, ps)
+    for sl in slices:
+        _check_slice(sl, method)
+
+    config_spec = manifest.base_model or slices[0].sources[0].spec
+    specs = [config_spec] + [s.spec for sl in slices for s in sl.sources]
+    b = _Builder(manifest, method, ps, config_spec)
+    # Specs spelled differently for one directory share a key, so the plan names each parent once.
+    canon_first: dict[str, str] = {}
+    for spec in specs:
+        canon_first.setdefault(_canon(spec), spec)
+    keys = _parent_keys(list(canon_first.values()))
+    b.keys = {spec: keys[canon_first[_canon(spec)]] for spec in specs}
+
+    cfg_idx = ps.index(config_spec)
+    pre = [n for n in cfg_idx.outside if cfg_idx.roles[n].group == "embed"]
+    post = [n for n in cfg_idx.outside if cfg_idx.roles[n].group != "embed"]
+
+    def outside(sl: _Slice, names: list[str]) -> None:
+        tpl = b.template(sl)
+        for n in names:
+            if n not in ps.get(tpl.spec).tensors:
+                raise PlanError(f"tensor {n!r} is missing in parent {tpl.spec}")
+            b.tensor(sl, tpl, n, n, 0.0, None)
+
+    outside(slices[0], pre)
+    out_layer = 0
+    layer_types: list[Any] = []
+    for sl in slices:
+        tpl = b.template(sl)
+        tpl_idx = ps.index(tpl.spec)
+        tpl_types = tpl_idx.parent.config.get("layer_types")
+        for i in range(sl.length):
+            src_layer = tpl.start + i
+            for n in tpl_idx.by_layer.get(src_layer, []):
+                b.tensor(sl, tpl, n, _renumber(n, src_layer, out_layer), layer_t(i, sl.length), out_layer)
+            if isinstance(tpl_types, list) and src_layer < len(tpl_types):
+                layer_types.append(tpl_types[src_layer])
+            out_layer += 1
+    outside(slices[-1], post)
+
+    overrides: dict[str, Any] = {}
+    if manifest.slices is not None:
+        overrides["num_hidden_layers"] = out_layer
+        if len(layer_types) == out_layer and isinstance(cfg_idx.parent.config.get("layer_types"), list):
+            overrides["layer_types"] = layer_types
+
+    notes = []
+    if manifest.dtype and manifest.dtype != "F32":
+        notes.append(
+            f"dtype {manifest.dtype}: mergekit computes in this dtype; darwin-stream computes in float32 "
+            "and rounds once to the child's dtype"
+        )
+    d = manifest.darwin
+    return Plan(
+        parents={k: spec for spec, k in sorted(keys.items(), key=lambda kv: specs.index(kv[0]))},
+        tensors=b.tensors,
+        config_from=b.key(config_spec),
+        tokenizer_from=b.key(config_spec),
+        config_overrides=overrides,
+        out_dtype=manifest.out_code,
+        manifest=text,
+        notes=notes,
+        options={
+            "memory_budget": d.memory_budget,
+            "shard_size": d.shard_size,
+            "seed": d.seed,
+            "device": d.device,
+            "format": d.format,
+            "dtype": manifest.dtype,
+        },
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The human-readable plan.
+# --------------------------------------------------------------------------------------------
+
+
+def human_bytes(n: float) -> str:
+    """1234567 -> '1.2 MiB' (binary units: what the memory budget is written in)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _params(d: Mapping[str, Any]) -> str:
+    return ",".join(f"{k}={_value(v)}" for k, v in d.items())
+
+
+def format_plan(plan: Plan) -> str:
+    """One line per child tensor (name, shape, dtype, method, sources, parameters), then totals.
+
+    Notes are left to the caller (the CLI prints them after its memory prediction).
+    Sources read `parent` when the source tensor has the child's name and `parent:tensor` when it
+    does not (slices renumber layers); the base is marked `(base)`. Per-model parameters follow the
+    method's own, as `parent{...}`.
+    """
+    rows = [("tensor", "shape", "dtype", "method", "sources", "parameters")]
+    for t in plan.tensors:
+
+        def src(r: SourceRef, tag: str = "", name: str = t.name) -> str:
+            return (r.parent if r.tensor == name else f"{r.parent}:{r.tensor}") + tag
+
+        sources = ([src(t.base, "(base)")] if t.base else []) + [src(r) for r in t.models]
+        parts = [_params(t.params)] if t.params else []
+        parts += [
+            f"{r.parent}{{{_params(mp)}}}" for r, mp in zip(t.models, t.model_params, strict=False) if mp
+        ]
+        rows.append(
+            (
+                t.name,
+                "x".join(map(str, t.shape)) or "scalar",
+                t.dtype,
+                t.method,
+                " ".join(sources),
+                " ".join(parts),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=True)) + "  " + r[5] for r in rows]
+    lines = [line.rstrip() for line in lines]
+    lines.append("")
+    for key, spec in plan.parents.items():
+        lines.append(f"parent {key}: {spec}")
+    lines.append(f"config and tokenizer from: {plan.config_from}")
+    if plan.config_overrides:
+        lines.append(f"config overrides: {_params(plan.config_overrides)}")
+    n = plan.nbytes
+    lines.append(f"child: {len(plan.tensors)} tensors, {n:,} bytes ({human_bytes(n)})")
+    return "\n".join(lines)

@@ -18,6 +18,7 @@ import mmap
 import os
 import re
 import threading
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -49,6 +50,8 @@ AUX_FILES = (
     "preprocessor_config.json",
 )
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Parent buffers are read-only maps; tensors over them are never written, so torch's warning is noise.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -338,11 +341,11 @@ class StoreParent(Parent):
         return numpy_to_tensor(np.asarray(data), t.dtype)
 
     def read_aux(self) -> dict[str, bytes]:
-        from darwin_stream.store.api import read_raw
+        from darwin_stream.store.api import read_aux_file
 
         out = {}
         for n in self._aux_names:
-            b = read_raw(self.group, f"aux/{n}")
+            b = read_aux_file(self.group, n)
             if b is not None:
                 out[n] = b
         return out

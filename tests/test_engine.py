@@ -82,7 +82,7 @@ def test_iter_tensors_equals_the_child_on_disk(pair, tmp_path):
 
 
 def test_zero_padding_reads_zeros_beyond_the_source(pair):
-    dirs, shapes = pair
+    dirs = pair[0]
     plan = Plan(parents={"a": dirs[0]}, tensors=[], config_from="a", tokenizer_from="a")
     ref = SourceRef("a", "small.weight", pad_to=(10, 8))
     got = engine.read_source(plan, ref, 0, 10, "cpu")

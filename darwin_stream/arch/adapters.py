@@ -200,7 +200,7 @@ def detect(config: dict | None) -> Adapter:
             return adapter
     for adapter in BUILTIN:  # e.g. "Gemma4ForConditionalGeneration" -> gemma4
         stem = adapter.name.replace("_", "").lower()
-        if any(a.lower().startswith(stem + "for") for a in archs):
+        if any(a.lower().replace("_", "").startswith(stem + "for") for a in archs):
             return adapter
     return PATTERN
 

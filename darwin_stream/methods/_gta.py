@@ -265,4 +265,3 @@ def make_gta(
             "lambda": 1.0,
         },
     )
-

@@ -5,10 +5,20 @@ from darwin_stream.methods import register
 from darwin_stream.methods._gta import OUTLIERS, make_gta
 
 BREADCRUMBS = register(
-    make_gta("breadcrumbs", sparsification=OUTLIERS, consensus=False, default_normalize=False, default_rescale=False)
+    make_gta(
+        "breadcrumbs",
+        sparsification=OUTLIERS,
+        consensus=False,
+        default_normalize=False,
+        default_rescale=False,
+    )
 )
 BREADCRUMBS_TIES = register(
     make_gta(
-        "breadcrumbs_ties", sparsification=OUTLIERS, consensus=True, default_normalize=False, default_rescale=False
+        "breadcrumbs_ties",
+        sparsification=OUTLIERS,
+        consensus=True,
+        default_normalize=False,
+        default_rescale=False,
     )
 )

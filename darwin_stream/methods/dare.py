@@ -8,8 +8,12 @@ from darwin_stream.methods import register
 from darwin_stream.methods._gta import RANDOM, make_gta
 
 DARE_LINEAR = register(
-    make_gta("dare_linear", sparsification=RANDOM, consensus=False, default_normalize=False, default_rescale=True)
+    make_gta(
+        "dare_linear", sparsification=RANDOM, consensus=False, default_normalize=False, default_rescale=True
+    )
 )
 DARE_TIES = register(
-    make_gta("dare_ties", sparsification=RANDOM, consensus=True, default_normalize=False, default_rescale=True)
+    make_gta(
+        "dare_ties", sparsification=RANDOM, consensus=True, default_normalize=False, default_rescale=True
+    )
 )

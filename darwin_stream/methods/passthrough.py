@@ -18,6 +18,4 @@ def blend(chunk: Chunk, state: Any = None) -> torch.Tensor:
     return x * float(scale) if scale is not None else x.clone()
 
 
-PASSTHROUGH = register(
-    MergeMethod(name="passthrough", blend=blend, model_param_defaults={"scale": None})
-)
+PASSTHROUGH = register(MergeMethod(name="passthrough", blend=blend, model_param_defaults={"scale": None}))

@@ -17,13 +17,12 @@ import os
 from typing import Any
 
 import fsspec
+import numpy as np
 import zarr
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
 
 from darwin_stream.errors import StoreError
 from darwin_stream.store import bfloat16
-from darwin_stream.store.layout import ROOT_ATTR
+from darwin_stream.store.layout import AUX_PREFIX, ROOT_ATTR
 
 bfloat16.register()
 
@@ -123,14 +122,23 @@ def open_store(path: str | os.PathLike, *, storage_options: dict | None = None) 
     return group
 
 
-def read_raw(group: zarr.Group, key: str) -> bytes | None:
-    """A raw (non-zarr) key of the group's store, e.g. `aux/config.json`; None when absent."""
-    buf = sync(group.store.get(key, prototype=default_buffer_prototype()))
-    return None if buf is None else buf.to_bytes()
+def read_aux_file(group: zarr.Group, name: str) -> bytes | None:
+    """The bytes of an inherited file (`aux/<name>`, a uint8 array); None when absent."""
+    try:
+        arr = group[f"{AUX_PREFIX}{name}"]
+    except KeyError:
+        return None
+    return np.asarray(arr[:], dtype=np.uint8).tobytes()  # type: ignore[index]
 
 
-def write_raw(store: zarr.abc.store.Store, key: str, data: bytes) -> None:
-    sync(store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+def write_aux_file(group: zarr.Group, name: str, data: bytes) -> None:
+    n = len(data)
+    arr = group.create_array(
+        f"{AUX_PREFIX}{name}", shape=(n,), dtype=np.uint8, chunks=(max(n, 1),), compressors=None,
+        fill_value=0, attributes={"file": name}, overwrite=True,
+    )
+    if n:
+        arr[:] = np.frombuffer(data, dtype=np.uint8)
 
 
 def root_meta(group: zarr.Group) -> dict[str, Any]:

@@ -5,7 +5,8 @@ Layout (docs/store.md has the full description):
     zarr.json                      root group; attributes["darwin_stream"] indexes every tensor
     layers/<i>/<rest>/zarr.json    one array per tensor of decoder layer i (`model.layers.<i>.<rest>`)
     other/<name>/zarr.json         every tensor outside the layers, under its full name
-    aux/<file>                     raw bytes of config.json, tokenizer files, generation_config.json
+    aux/<file>/zarr.json           config.json, tokenizer files, generation_config.json, each a 1-D
+                                   uint8 array holding the file's bytes in one chunk
 
 Tensor names become node names, so a name that could climb out of the store (`..`, `/`, `\\`, a
 drive letter, control characters, zarr's reserved `__` prefix) is refused before anything is written.
@@ -141,6 +142,11 @@ def array_metadata(shape: tuple[int, ...], code: str, chunk_shape: tuple[int, ..
         "attributes": attributes,
         "storage_transformers": [],
     }
+
+
+def aux_metadata(name: str, nbytes: int) -> dict:
+    """An inherited file as a 1-D uint8 array in one chunk: a real zarr node, so listings stay clean."""
+    return array_metadata((nbytes,), "U8", (max(nbytes, 1),), {"file": name})
 
 
 def group_metadata(attributes: dict | None = None) -> dict:

@@ -92,7 +92,7 @@ def build_refs(
             raise StoreError(f"tensor name {name!r} {problem}")
     paths = layout.store_paths(list(parent.tensors))
     refs: dict[str, object] = {}
-    groups: set[str] = {"layers", "other"}
+    groups: set[str] = {"layers", "other", "aux"}
     index: dict[str, dict] = {}
     for name, t in parent.tensors.items():
         path = paths[name]
@@ -117,7 +117,11 @@ def build_refs(
         refs[f"{g}/zarr.json"] = json.dumps(layout.group_metadata())
     aux = parent.read_aux() if aux is None else aux
     for n, b in aux.items():
-        refs[f"{layout.AUX_PREFIX}{n}"] = "base64:" + base64.b64encode(b).decode()
+        if layout.name_problem(n):
+            raise StoreError(f"aux file name {n!r} {layout.name_problem(n)}")
+        refs[f"{layout.AUX_PREFIX}{n}/zarr.json"] = json.dumps(layout.aux_metadata(n, len(b)))
+        if b:
+            refs[f"{layout.AUX_PREFIX}{n}/c/0"] = "base64:" + base64.b64encode(b).decode()
     root = {
         layout.ROOT_ATTR: {
             "format": layout.FORMAT_VERSION,

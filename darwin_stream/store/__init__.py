@@ -1,0 +1,96 @@
+"""The zarr layer store: parents as zarr v3 groups, one group per decoder layer.
+
+    ingest(source, store, mode="reference"|"copy")  a parent -> a store (reference JSON or copy)
+    export_store(store, out_dir)                    a store -> a safetensors checkpoint, bit-exact
+    open_store(path) / is_store(path)               a store of either kind as a read-only zarr group
+    reference_view(parent)                          a safetensors parent as zarr, in memory
+
+Importing this package registers the zarr-extensions `bfloat16` data type with zarr.
+See docs/store.md for the layout.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from darwin_stream.errors import StoreError
+from darwin_stream.store.api import is_store, open_store
+from darwin_stream.store.copy import DEFAULT_SHARD_BYTES, copy_ingest
+from darwin_stream.store.export import DEFAULT_SHARD_SIZE, export_store
+from darwin_stream.store.reference import DEFAULT_CHUNK_BYTES, build_refs, checksums, reference_view, write_refs
+
+if TYPE_CHECKING:
+    from darwin_stream.sources import Parent
+
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "DEFAULT_SHARD_BYTES",
+    "DEFAULT_SHARD_SIZE",
+    "export_store",
+    "ingest",
+    "is_store",
+    "open_store",
+    "reference_view",
+]
+
+
+def ingest(
+    source: str | os.PathLike | Parent,
+    store: str | os.PathLike,
+    mode: str | None = None,
+    *,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    compressor: str | None = None,
+    checksum: bool = True,
+    progress: Callable[[int], None] | None = None,
+    storage_options: dict | None = None,
+) -> dict:
+    """Turn a parent into a darwin-stream store and return a report (mode, tensors, bytes, seconds).
+
+    mode None picks "reference" for local safetensors parents (nothing copied) and "copy" for
+    everything else (URLs, stores). `progress(nbytes_done)` is called with the cumulative number of
+    bytes processed (hashed in reference mode, copied or verified in copy mode); the total is
+    `sum(t.nbytes for t in open_parent(source).tensors.values())`. `checksum=False` skips hashing
+    in reference mode, making its cost independent of the bytes (the checksums are then null).
+    """
+    from darwin_stream.sources import Parent, SafetensorsParent, open_parent
+
+    parent = source if isinstance(source, Parent) else open_parent(source, storage_options=storage_options)
+    store = os.fspath(store)
+    if mode is None:
+        mode = "reference" if isinstance(parent, SafetensorsParent) and parent.is_local else "copy"
+    if mode == "copy":
+        return copy_ingest(
+            parent,
+            store,
+            chunk_bytes=chunk_bytes,
+            shard_bytes=shard_bytes,
+            compressor=compressor,
+            progress=progress,
+            storage_options=storage_options,
+        )
+    if mode != "reference":
+        raise StoreError(f"mode: expected 'reference' or 'copy', got {mode!r}")
+    if compressor is not None:
+        raise StoreError("compressor: reference mode points at the shards' raw bytes and cannot compress; use mode='copy'")
+    if os.path.isdir(store):
+        raise StoreError(f"store {store}: a reference store is one JSON file, and this is a directory")
+    t0 = time.perf_counter()
+    sums = checksums(parent, progress) if checksum else None
+    refs = build_refs(parent, chunk_bytes=chunk_bytes, sums=sums)  # type: ignore[arg-type]
+    size = write_refs(refs, store, storage_options)
+    return {
+        "mode": "reference",
+        "store": store,
+        "source": parent.spec,
+        "tensors": len(parent.tensors),
+        "bytes": sum(t.nbytes for t in parent.tensors.values()),
+        "references": sum(1 for v in refs["refs"].values() if isinstance(v, list)),
+        "store_bytes": size,
+        "seconds": time.perf_counter() - t0,
+    }
+

@@ -1,0 +1,25 @@
+"""Shared fixtures: tiny real-architecture parents, built once per session, and an offline hub."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _offline_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test may reach the network: huggingface_hub resolves from the local cache only."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_parents(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two tiny multi-shard bf16 qwen3 parents (seeds 1 and 2) with tokenizer and configs.
+
+    Session-scoped and shared: tests must treat them as read-only.
+    """
+    from darwin_stream.demo import build_model
+
+    root = tmp_path_factory.mktemp("parents")
+    return build_model(root / "father", seed=1), build_model(root / "mother", seed=2)

@@ -1,0 +1,52 @@
+from darwin_stream.methods import REQUIRED, get, names
+
+
+def test_all_methods_registered_with_mergekit_parameters():
+    assert names() == sorted(
+        [
+            "linear",
+            "slerp",
+            "task_arithmetic",
+            "ties",
+            "dare_linear",
+            "dare_ties",
+            "breadcrumbs",
+            "breadcrumbs_ties",
+            "model_stock",
+            "passthrough",
+        ]
+    )
+    assert get("linear").param_defaults == {"normalize": True}
+    assert get("linear").model_param_defaults == {"weight": REQUIRED}
+    assert get("slerp").param_defaults == {"t": REQUIRED}
+    assert get("model_stock").param_defaults == {"filter_wise": False}
+    assert get("passthrough").model_param_defaults == {"scale": None}
+    gta = {"ties": (True, False), "dare_ties": (False, True), "dare_linear": (False, True)}
+    gta |= {
+        "task_arithmetic": (False, False),
+        "breadcrumbs": (False, False),
+        "breadcrumbs_ties": (False, False),
+    }
+    for name, (normalize, rescale) in gta.items():
+        m = get(name)
+        assert m.needs_base
+        assert m.param_defaults == {
+            "int8_mask": False,
+            "normalize": normalize,
+            "rescale": rescale,
+            "lambda": 1.0,
+        }
+        assert m.model_param_defaults["weight"] is REQUIRED
+        assert m.model_param_defaults["density"] == 1.0
+        assert ("gamma" in m.model_param_defaults) == name.startswith("breadcrumbs")
+        assert m.random == name.startswith("dare")
+
+
+def test_statistic_passes():
+    assert get("linear").statistic is None and get("passthrough").statistic is None
+    assert get("task_arithmetic").statistic is None
+    assert get("slerp").statistic.passes == 1
+    assert get("model_stock").statistic.passes == 1
+    assert get("dare_ties").statistic.passes == 1
+    assert get("ties").statistic.passes == 2
+    assert get("breadcrumbs").statistic.passes == 2

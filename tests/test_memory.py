@@ -1,0 +1,64 @@
+"""A merge of a model larger than its memory budget stays within that budget.
+
+The bound is the issue's: peak private memory (RssAnon over the process tree) of `merge` at most
+`--memory-budget` above that of `plan` on the same manifest (interpreter, torch, dask, the plan).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.helpers import peak_private_memory
+
+BUDGET = 8 * 2**20
+
+SLERP = """\
+merge_method: slerp
+base_model: {a}
+models:
+  - model: {a}
+  - model: {b}
+parameters:
+  t: [0.1, 0.9]
+dtype: bfloat16
+"""
+
+
+@pytest.fixture(scope="module")
+def big_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("big")
+    dirs = []
+    for k in range(2):
+        torch.manual_seed(k)
+        d = root / f"p{k}"
+        d.mkdir()
+        tensors = {"model.embed_tokens.weight": torch.randn(8192, 2048).to(torch.bfloat16)}  # 32 MiB
+        for i in range(2):
+            tensors[f"model.layers.{i}.mlp.up_proj.weight"] = torch.randn(4096, 1024).to(torch.bfloat16)
+            tensors[f"model.layers.{i}.input_layernorm.weight"] = torch.randn(1024).to(torch.bfloat16)
+        save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+        (d / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2}))
+        dirs.append(d)
+    return dirs
+
+
+@pytest.mark.slow
+def test_merge_stays_within_its_budget(big_pair, tmp_path):
+    a, b = big_pair
+    manifest = tmp_path / "slerp.yaml"
+    manifest.write_text(SLERP.format(a=a, b=b))
+    parent_bytes = sum(f.stat().st_size for f in a.glob("*.safetensors"))
+    assert parent_bytes > 4 * BUDGET, "the point is a model larger than the budget"
+    cli = [sys.executable, "-m", "darwin_stream.cli"]
+    budget = ["--memory-budget", str(BUDGET)]
+    rc, baseline = peak_private_memory([*cli, "plan", str(manifest), *budget])
+    assert rc == 0
+    rc, peak = peak_private_memory([*cli, "merge", str(manifest), str(tmp_path / "child"), "--quiet", *budget])
+    assert rc == 0
+    assert (tmp_path / "child" / "model.safetensors").exists()
+    assert peak - baseline <= BUDGET, f"merge peak {peak / 2**20:.1f} MiB, plan {baseline / 2**20:.1f} MiB"
