@@ -10,22 +10,15 @@ from pathlib import Path
 
 from darwin_stream.errors import DarwinError
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
 
 def parse_size(text: str) -> int:
-    """'1GiB', '256MiB', '5GB', '1e9' -> bytes (binary and decimal units both understood)."""
-    s = str(text).strip().lower().replace(" ", "")
-    num = s.rstrip("kmgtib")
-    unit = s[len(num):]
+    """argparse's view of manifest.parse_size: one size syntax for YAML and flags."""
+    from darwin_stream.manifest import parse_size as parse
+
     try:
-        value = float(num)
-    except ValueError:
-        value = -1.0
-    if unit not in _UNITS or not (value > 0) or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a size such as 1GiB, 256MiB or 5GB, got {text!r}")
-    return int(value * _UNITS[unit])
+        return parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _human(n: float) -> str:

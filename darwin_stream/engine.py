@@ -257,10 +257,19 @@ def run(plan: Plan, writer, *, budget: int = DEFAULT_BUDGET, client=None, device
     else:
         workers = os.cpu_count() or 1
     before = len(writer.done)
-    graph, outputs = build_graph(plan, writer, budget=budget, workers=workers, device=device, progress=progress)
     if client is not None:
-        results = client.get(graph, outputs)
+        # Workers live in other processes: progress is reported here, as their chunks complete.
+        from distributed import as_completed
+
+        graph, outputs = build_graph(plan, writer, budget=budget, workers=workers, device=device)
+        results = []
+        for future in as_completed(client.get(graph, outputs, sync=False)):
+            n = future.result()
+            results.append(n)
+            if progress:
+                progress(n)
     else:
+        graph, outputs = build_graph(plan, writer, budget=budget, workers=workers, device=device, progress=progress)
         with _single_threaded_torch():
             results = dask.threaded.get(graph, outputs, num_workers=workers)
     written = sum(results)

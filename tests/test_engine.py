@@ -167,3 +167,42 @@ def test_bf16_bits_written_unchanged_for_a_copy(pair, tmp_path):
     src = load_file(str(np.str_(dirs[0]) + "/model.safetensors"))
     for n in shapes:
         assert torch.equal(got[n].view(torch.int16), src[n].view(torch.int16))
+
+
+@pytest.mark.slow
+def test_a_distributed_cluster_gives_the_same_child(pair, tmp_path):
+    from distributed import Client, LocalCluster
+
+    dirs, shapes = pair
+    plan = _plan(dirs, shapes, "slerp", {"t": 0.25})
+    expected = _merge(plan, tmp_path / "threads", budget=40_000)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        writer = ChildWriter(tmp_path / "cluster", plan, shard_size=10**9)
+        seen = []
+        stats = engine.run(plan, writer, budget=40_000, client=client, progress=seen.append)
+        writer.finish()
+    assert sum(seen) == stats.bytes_written > 0
+    got = load_file(str(tmp_path / "cluster" / "model.safetensors"))
+    for name in shapes:
+        assert torch.equal(got[name].view(torch.int16), expected[name].view(torch.int16)), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_blend_equals_cpu(pair):
+    dirs, shapes = pair
+    plan = _plan(dirs, shapes, "slerp", {"t": 0.6})
+    cpu = dict(engine.iter_tensors(plan, device="cpu"))
+    for name, t in engine.iter_tensors(plan, device="cuda"):
+        assert t.device.type == "cpu"
+        assert (t.float() - cpu[name].float()).abs().max() <= 2**-7 * cpu[name].float().abs().max(), name
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(pair):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    dirs, shapes = pair
+    plan = _plan(dirs, shapes, "slerp", {"t": 0.6})
+    with pytest.raises(engine.DarwinError, match="no CUDA device"):
+        list(engine.iter_tensors(plan, device="cuda"))

@@ -26,6 +26,7 @@ from darwin_stream.store.layout import AUX_PREFIX, ROOT_ATTR
 
 bfloat16.register()
 
+_REF_ROOT = "store"
 REFS_MARKER = b'{"darwin_stream"'  # a reference store's first bytes (see reference.write_refs)
 
 
@@ -62,8 +63,11 @@ def group_from_refs(refs: dict, storage_options: dict | None = None) -> zarr.Gro
             seen_urls.add(v[0])
             protocols.add(fsspec.core.split_protocol(v[0])[0])
     targets = {p: async_filesystem(p, None if p in (None, "file") else storage_options) for p in protocols}
-    fs = ReferenceFileSystem(refs, fs=targets, asynchronous=True)
-    store = zarr.storage.FsspecStore(fs=fs, read_only=True, path="")
+    # zarr's FsspecStore lists "<path>/<prefix>"; with path "" that is "/layers", which the reference
+    # filesystem does not know. Serving the keys under a root folder keeps listings working.
+    rooted = {"version": 1, "refs": {f"{_REF_ROOT}/{k}": v for k, v in refs["refs"].items()}}
+    fs = ReferenceFileSystem(rooted, fs=targets, asynchronous=True)
+    store = zarr.storage.FsspecStore(fs=fs, read_only=True, path=_REF_ROOT)
     return zarr.open_group(store, mode="r", zarr_format=3)
 
 

@@ -15,7 +15,9 @@ from tests.methods.methods_reference import (
 @pytest.mark.parametrize("rescale", [False, True])
 def test_breadcrumbs_matches_reference(name, consensus, rows, rescale):
     base, models = make_inputs((192, 128), 3, seed=40)
-    weights, densities, gammas = [1.0, 0.6, 0.9], [0.3, 0.5, 0.8], [0.01, 0.05, 0.15]
+    # Dyadic weights: where sum_i w_i*delta_i is exactly 0 the elected sign would otherwise hinge on
+    # rounding, which float32 and the float64 reference do differently.
+    weights, densities, gammas = [1.0, 0.625, 0.875], [0.3, 0.5, 0.8], [0.01, 0.05, 0.15]
     mps = [
         {"weight": w, "density": d, "gamma": gm} for w, d, gm in zip(weights, densities, gammas, strict=True)
     ]
@@ -38,7 +40,9 @@ def test_breadcrumbs_drops_the_top_and_the_bottom():
     n_top, target = int(gamma * n), int(density * n)
     assert delta.abs()[kept].max() < mags[n_top - 1]  # the largest gamma fraction is gone
     assert delta.abs()[kept].min() >= mags[n_top + target - 1]  # and so is the small tail
-    assert abs(int(kept.sum()) - target) <= 0.02 * target  # only ties at the edges move the count
+    # ties at either edge are kept or dropped whole, and only they move the count away from target
+    tied = int((delta.abs() == mags[n_top - 1]).sum() + (delta.abs() == mags[n_top + target - 1]).sum())
+    assert 0 < abs(int(kept.sum()) - target) <= tied
 
 
 def test_breadcrumbs_gamma_below_one_element_drops_everything_like_mergekit():

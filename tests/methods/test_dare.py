@@ -51,7 +51,7 @@ def test_keep_mask_is_bernoulli(density):
 @pytest.mark.parametrize("rows", [None, 29])
 def test_dare_matches_reference_given_the_masks(name, consensus, rescale, rows):
     base, models = make_inputs((256, 128), 3, seed=31)
-    weights, densities = [0.7, 0.5, 1.0], [0.3, 0.6, 0.9]
+    weights, densities = [0.75, 0.5, 1.0], [0.3, 0.6, 0.9]  # dyadic: see test_breadcrumbs
     mps = [{"weight": w, "density": d} for w, d in zip(weights, densities, strict=True)]
     out = run_method(name, base, models, mps, {"rescale": rescale, "normalize": True}, rows=rows, seed=99)
     masks = [keep_mask(99, i, 0, base.shape, d) for i, d in enumerate(densities)]
