@@ -149,7 +149,7 @@ def merge(
             raise DarwinError(f"output {out_path} already exists (use --overwrite to replace it)")
         writer = ChildWriter(target, plan, shard_size, overwrite=overwrite or out_format == "zarr")
         if on_plan:
-            on_plan(plan, writer.layout.nbytes)
+            on_plan(plan, plan.nbytes)
         stats = engine.run(plan, writer, budget=budget, client=client, device=device, progress=progress)
         for name, data in child_files(plan).items():
             writer.write_file(name, data)

@@ -173,8 +173,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"peak private memory {_human(report.peak_anon_bytes)}")
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
     except ImportError:
         return 0
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     tok = AutoTokenizer.from_pretrained(report.out)
     model = AutoModelForCausalLM.from_pretrained(report.out)
     ids = tok("the quick brown fox", return_tensors="pt").input_ids

@@ -152,7 +152,9 @@ def build_model(
 ) -> Path:
     """Save a randomly initialised tiny `arch` model (several shards) with its tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # the demo's output is the child, not shard-writing bars
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     spec = {**TINY_CONFIGS[arch], **(overrides or {})}

@@ -119,10 +119,10 @@ def test_reference_chunks_divide_rows(mixed_parent):
     assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [1, 24]  # 97 is prime
     assert sum(k.startswith("other/model.embed_tokens.weight/c/") for k in refs) == 97
     meta = json.loads(refs["other/lm_head.weight/zarr.json"])
-    assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [2, 24]  # 96 rows, budget of 2.5 rows of fp32
+    assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [4, 24]  # 96 rows, budget of 5 rows of fp32
     shard, offset, length = refs["other/lm_head.weight/c/1/0"]
     t = open_parent(mixed_parent).info("lm_head.weight")
-    assert (shard, offset, length) == (t.file, t.offset + 2 * 96, 2 * 96)
+    assert (shard, offset, length) == (t.file, t.offset + 4 * 96, 4 * 96)
     assert layout.row_chunk_dividing(151936, 2048, 16 * 2**20) == 4748
 
 
