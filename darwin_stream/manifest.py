@@ -145,10 +145,6 @@ def evaluate(setting: Setting, matches: Any, t: float) -> float | bool | None:
     return setting
 
 
-def setting_names(params: Parameters | None) -> list[str]:
-    return list(params or {})
-
-
 # --------------------------------------------------------------------------------------------
 # Sizes and small values.
 # --------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ stores are read chunk by chunk. Nothing is ever unpickled: a checkpoint that hol
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -298,10 +299,8 @@ class SafetensorsParent(Parent):
     def close(self) -> None:
         maps, self._maps = self._maps, {}
         for m in maps.values():
-            try:
+            with contextlib.suppress(BufferError):  # a tensor still views it: unmapped when freed
                 m.close()
-            except BufferError:
-                pass  # a tensor still views the map; it is unmapped when that tensor is freed
         self._view = None
 
 
@@ -500,7 +499,7 @@ def open_parent(spec: str | os.PathLike, *, storage_options: dict | None = None)
         root = Path(s)
         if root.exists():
             if store_api.is_store(s):
-                return StoreParent(s, store_api.open_store(s))
+                return StoreParent(s, store_api.open_store(s, storage_options=storage_options))
             if not root.is_dir():
                 if root.suffix in PICKLE_SUFFIXES:
                     _check_pickles(s, [root.name])

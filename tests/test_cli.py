@@ -148,7 +148,7 @@ def test_tensor_name_escaping_the_store(capsys, tmp_path, tiny_parents):
     bad = tmp_path / "escape"
     bad.mkdir()
     tensors = read_all(a)
-    tensors["../../evil.weight"] = next(iter(tensors.values()))
+    tensors["../../evil.weight"] = next(iter(tensors.values())).clone()
     save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
     shutil.copy(a / "config.json", bad / "config.json")
     store = tmp_path / "store"

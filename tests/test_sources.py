@@ -151,7 +151,7 @@ def test_missing_parent(tmp_path):
 
 
 def test_missing_tensor(tiny_parents):
-    with pytest.raises(SourceError, match="no tensor named 'model.nope'") as e:
+    with pytest.raises(SourceError, match=r"no tensor named 'model.nope'") as e:
         open_parent(tiny_parents[0]).read_rows("model.nope")
     one_line(e)
 
@@ -209,7 +209,7 @@ def test_oversized_header_length(tmp_path):
 def test_pickle_only_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
-    with pytest.raises(SourceError, match="pytorch_model.bin is a pickle checkpoint") as e:
+    with pytest.raises(SourceError, match=r"pytorch_model.bin is a pickle checkpoint") as e:
         open_parent(tmp_path)
     one_line(e)
 
@@ -226,7 +226,7 @@ def test_index_names_missing_shard(tmp_path):
     write_shard(tmp_path / "a.safetensors", h, data)
     index = {"weight_map": {"w": "a.safetensors", "v": "model-00002-of-00002.safetensors"}}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(SourceError, match="shard model-00002-of-00002.safetensors listed in") as e:
+    with pytest.raises(SourceError, match=r"shard model-00002-of-00002.safetensors listed in") as e:
         open_parent(tmp_path)
     one_line(e)
 
@@ -235,7 +235,7 @@ def test_index_names_tensor_missing_from_shard(tmp_path):
     h, data = good_header()
     write_shard(tmp_path / "a.safetensors", h, data)
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "a.safetensors", "v": "a.safetensors"}}))
-    with pytest.raises(SourceError, match="tensor 'v' listed in .* is missing from shard a.safetensors"):
+    with pytest.raises(SourceError, match=r"tensor 'v' listed in .* is missing from shard a.safetensors"):
         open_parent(tmp_path)
 
 
@@ -252,7 +252,7 @@ def test_garbled_index(tmp_path):
 
 
 def test_empty_dir(tmp_path):
-    with pytest.raises(SourceError, match="no .safetensors files"):
+    with pytest.raises(SourceError, match=r"no .safetensors files"):
         open_parent(tmp_path)
 
 

@@ -58,6 +58,7 @@ class VllmBackend:
             model, load_format = first, "auto"
             config = AutoConfig.from_pretrained(first).to_dict()
         self.load_format = load_format
+        self.geometry = _geometry(config)
         self.max_model_len = _max_model_len(config, max_model_len)
         self.llm = LLM(
             model=model,
@@ -77,6 +78,7 @@ class VllmBackend:
     def load(self, child: Child, *, digests: bool = False) -> dict[str, Any]:
         """Swap `child` into the live engine; returns {"seconds": ..., ...} (and digests if asked)."""
         t0 = time.perf_counter()
+        _check_fits(self.geometry, child)
         if isinstance(child, Plan):
             info = self.llm.collective_rpc("darwin_breed", args=(child.to_json(), digests))[0]
         elif self.load_format == "auto" and not digests:
@@ -132,6 +134,32 @@ class VllmBackend:
 
             shutil.rmtree(self._skeleton, ignore_errors=True)
             self._skeleton = None
+
+
+GEOMETRY_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")
+
+
+def _geometry(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: config.get(k) for k in GEOMETRY_KEYS}
+
+
+def _check_fits(geometry: dict[str, Any], child: Child) -> None:
+    """A live engine's tensors have fixed shapes: refuse, in one line, a child of another geometry
+    (reloading it would fail deep inside vLLM, or silently load part of it)."""
+    if isinstance(child, Plan):
+        config = plan_config(child)
+    else:
+        p = Path(child) / "config.json"
+        if not p.is_file():
+            return  # a repo id: vLLM resolves it and reports mismatches itself
+        import json
+
+        config = json.loads(p.read_text())
+    got = _geometry(config)
+    diff = [f"{k} {geometry[k]} -> {got[k]}" for k in GEOMETRY_KEYS if None not in (got[k], geometry[k]) and got[k] != geometry[k]]
+    if diff:
+        raise DarwinError(f"cannot swap into this engine: the child's geometry differs ({', '.join(diff)}); score it in a separate run")
 
 
 def _local_dir(spec: str) -> str:

@@ -20,7 +20,13 @@ from darwin_stream.errors import StoreError
 from darwin_stream.store.api import is_store, open_store
 from darwin_stream.store.copy import DEFAULT_SHARD_BYTES, copy_ingest
 from darwin_stream.store.export import DEFAULT_SHARD_SIZE, export_store
-from darwin_stream.store.reference import DEFAULT_CHUNK_BYTES, build_refs, checksums, reference_view, write_refs
+from darwin_stream.store.reference import (
+    DEFAULT_CHUNK_BYTES,
+    build_refs,
+    checksums,
+    reference_view,
+    write_refs,
+)
 
 if TYPE_CHECKING:
     from darwin_stream.sources import Parent

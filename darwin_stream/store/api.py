@@ -31,8 +31,9 @@ REFS_MARKER = b'{"darwin_stream"'  # a reference store's first bytes (see refere
 
 
 def _url_to_fs(path: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
+    opts = storage_options if "://" in path else None  # options are for remote filesystems only
     try:
-        return fsspec.core.url_to_fs(path, **(storage_options or {}))
+        return fsspec.core.url_to_fs(path, **(opts or {}))
     except (ValueError, ImportError) as e:
         raise StoreError(f"store {path}: cannot open ({e})") from None
 

@@ -11,7 +11,7 @@ from tests.methods.methods_reference import (
 
 
 @pytest.mark.parametrize("name,consensus", [("breadcrumbs", False), ("breadcrumbs_ties", True)])
-@pytest.mark.parametrize("rows", [None, 21])
+@pytest.mark.parametrize("rows", [None, 48])
 @pytest.mark.parametrize("rescale", [False, True])
 def test_breadcrumbs_matches_reference(name, consensus, rows, rescale):
     base, models = make_inputs((192, 128), 3, seed=40)
@@ -62,5 +62,5 @@ def test_breadcrumbs_chunking_invariant_exactly():
     base, models = make_inputs((64, 40), 2, seed=44)
     mps = [{"weight": 1.0, "density": 0.3, "gamma": 0.05}] * 2
     whole = run_method("breadcrumbs_ties", base, models, mps)
-    for rows in (1, 10):
+    for rows in (5, 16):
         assert torch.equal(run_method("breadcrumbs_ties", base, models, mps, rows=rows), whole)

@@ -38,7 +38,7 @@ def test_uniform_bits_depend_only_on_position():
 
 @pytest.mark.parametrize("density", [0.1, 0.5, 0.9])
 def test_keep_mask_is_bernoulli(density):
-    n = 200_000
+    n = 100_000
     a = keep_mask(3, 0, 0, (n,), density)
     b = keep_mask(3, 1, 0, (n,), density)
     assert _within_binomial(int(a.sum()), n, density)
@@ -65,7 +65,7 @@ def test_dare_deterministic_and_chunking_invariant():
     for rescale in (False, True):
         whole = run_method("dare_ties", base, models, mps, {"rescale": rescale}, seed=5)
         assert torch.equal(run_method("dare_ties", base, models, mps, {"rescale": rescale}, seed=5), whole)
-        for rows in (1, 7, 64):
+        for rows in (3, 64):
             chunked = run_method("dare_ties", base, models, mps, {"rescale": rescale}, rows=rows, seed=5)
             if rescale:  # the L1 sums differ only in float64 summation order
                 torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=0)

@@ -188,3 +188,16 @@ def test_score_package_does_not_import_vllm():
     code = "import sys, darwin_stream.score, darwin_stream.score.cli, darwin_stream.api; print('vllm' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_a_child_of_another_geometry_is_refused(tmp_path):
+    from darwin_stream.demo import build_model
+    from darwin_stream.score.vllm_backend import _check_fits, _geometry
+
+    qwen = build_model(tmp_path / "q", "qwen3", seed=0)
+    llama = build_model(tmp_path / "l", "llama", seed=0)
+    engine = _geometry(json.loads((qwen / "config.json").read_text()))
+    _check_fits(engine, str(qwen))
+    _check_fits(engine, "org/repo-id")  # not local: left to vLLM
+    with pytest.raises(DarwinError, match=r"geometry differs .*model_type qwen3 -> llama"):
+        _check_fits(engine, str(llama))

@@ -14,8 +14,7 @@ from safetensors.torch import save_file
 
 from darwin_stream.errors import SourceError, StoreError
 from darwin_stream.sources import TensorInfo, open_parent
-from darwin_stream.store import export_store, ingest, is_store, open_store, reference_view
-from darwin_stream.store import layout
+from darwin_stream.store import export_store, ingest, is_store, layout, open_store, reference_view
 from darwin_stream.store.reference import build_refs
 
 
@@ -174,7 +173,7 @@ def test_export_detects_corruption(mixed_parent, tmp_path):
     ingest(mixed_parent, store, mode="copy")
     arr = zarr.open_array(store / "other/lm_head.weight", mode="r+")
     arr[0, 0] = 123.0
-    with pytest.raises(StoreError, match="'lm_head.weight' does not match its checksum"):
+    with pytest.raises(StoreError, match=r"'lm_head.weight' does not match its checksum"):
         export_store(store, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 

@@ -1,0 +1,82 @@
+"""S3 against a real local server (moto's ThreadedMotoServer on 127.0.0.1): copy ingest and URL parents."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+
+from darwin_stream.sources import SafetensorsParent, StoreParent, open_parent
+from darwin_stream.store import export_store, ingest, is_store
+
+pytestmark = pytest.mark.s3
+
+
+def raw(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+@pytest.fixture(scope="module")
+def s3(tiny_parents):
+    """A moto S3 server on a free loopback port with one bucket holding the father checkpoint."""
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    opts = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+    import boto3
+    import s3fs
+
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket="darwin")
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **opts)
+    father, _ = tiny_parents
+    for f in father.iterdir():
+        fs.pipe_file(f"darwin/parents/father/{f.name}", f.read_bytes())
+    try:
+        yield opts
+    finally:
+        server.stop()
+
+
+def test_parent_from_s3_url(s3, tiny_parents):
+    father, _ = tiny_parents
+    p = open_parent("s3://darwin/parents/father", storage_options=s3)
+    local = open_parent(father)
+    assert isinstance(p, SafetensorsParent) and set(p.tensors) == set(local.tensors)
+    for name in local.tensors:
+        assert raw(p.read(name)) == raw(local.read(name))
+    assert p.read_aux()["config.json"] == (father / "config.json").read_bytes()
+
+
+def test_copy_ingest_into_s3_and_back(s3, tiny_parents, tmp_path):
+    father, _ = tiny_parents
+    url = "s3://darwin/stores/father"
+    report = ingest(father, url, mode="copy", chunk_bytes=8192, shard_bytes=65536, compressor="zstd", storage_options=s3)
+    assert report["bytes_written"] == report["bytes"]
+    assert is_store(url, storage_options=s3)
+    again = ingest(father, url, mode="copy", chunk_bytes=8192, shard_bytes=65536, compressor="zstd", storage_options=s3)
+    assert again["bytes_written"] == 0
+    p = open_parent(url, storage_options=s3)
+    assert isinstance(p, StoreParent)
+    local = open_parent(father)
+    for name in local.tensors:
+        assert raw(p.read(name)) == raw(local.read(name))
+    export_store(url, tmp_path / "out", storage_options=s3)
+    out = open_parent(tmp_path / "out")
+    for name in local.tensors:
+        assert raw(out.read(name)) == raw(local.read(name))
+
+
+def test_s3_parent_ingests_by_copy_by_default(s3, tmp_path):
+    r = ingest("s3://darwin/parents/father", tmp_path / "s.zarr", storage_options=s3)
+    assert r["mode"] == "copy"
+    ref = ingest("s3://darwin/parents/father", tmp_path / "s.json", mode="reference", storage_options=s3)
+    assert ref["mode"] == "reference"
+    a, b = open_parent(tmp_path / "s.zarr"), open_parent(tmp_path / "s.json", storage_options=s3)
+    assert raw(a.read("lm_head.weight")) == raw(b.read("lm_head.weight"))
