@@ -121,7 +121,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                           "shards": len(size.shards), "predicted_peak_bytes": peak, "memory_budget": budget}))
         return 0
     print(format_plan(plan))
-    print(f"child: {_human(size.nbytes)} in {len(size.shards)} shard(s); "
+    print(f"output: {len(size.shards)} shard(s), {_human(size.nbytes)} with headers; "
           f"predicted peak memory {_human(peak)} above baseline (budget {_human(budget)}, {workers} workers)")
     for note in plan.notes:
         print(f"note: {note}")

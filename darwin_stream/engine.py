@@ -88,6 +88,8 @@ def get_parent_info(plan: Plan, ref: SourceRef):
 
 def chunk_rows(plan: Plan, tp: TensorPlan, budget: int, workers: int) -> int:
     """Rows per task so that `workers` tasks in flight stay within `budget` bytes."""
+    if len(tp.shape) <= 1:
+        return _rows(tp.shape)  # norms and biases: small, and some statistics want them whole
     per_worker = budget // max(workers, 1)
     return max(1, min(_rows(tp.shape), per_worker // max(bytes_per_row(plan, tp), 1)))
 
@@ -172,7 +174,9 @@ def iter_tensors(plan: Plan, *, device: str = "cpu") -> Iterator[tuple[str, torc
     check_device(device)
     bound_allocator()
     for tp in plan.tensors:
-        yield tp.name, blend_rows(plan, tp, 0, _rows(tp.shape), None, device)
+        with _naming(tp):
+            t = blend_rows(plan, tp, 0, _rows(tp.shape), None, device)
+        yield tp.name, t
 
 
 def check_device(device: str) -> None:
@@ -192,8 +196,18 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.numpy()).cast("B")
 
 
+@contextlib.contextmanager
+def _naming(tp: TensorPlan):
+    """A method's refusal (e.g. ties with nothing left to keep) reaches the user naming the tensor."""
+    try:
+        yield
+    except (ValueError, ZeroDivisionError) as e:
+        raise DarwinError(f"{tp.name}: {tp.method}: {e}") from None
+
+
 def _write_task(plan: Plan, tp: TensorPlan, start: int, stop: int, state: Any, device: str, writer, progress) -> int:
-    rows = blend_rows(plan, tp, start, stop, state, device)
+    with _naming(tp):
+        rows = blend_rows(plan, tp, start, stop, state, device)
     data = _as_bytes(rows)
     writer.write_rows(tp.name, start, data)
     writer.mark_done(tp.name, start)
@@ -203,7 +217,8 @@ def _write_task(plan: Plan, tp: TensorPlan, start: int, stop: int, state: Any, d
 
 
 def _stat_task(plan: Plan, tp: TensorPlan, rows: int, device: str) -> Any:
-    return tensor_statistic(plan, tp, rows, device)
+    with _naming(tp):
+        return tensor_statistic(plan, tp, rows, device)
 
 
 def build_graph(plan: Plan, writer, *, budget: int, workers: int, device: str, progress=None) -> tuple[dict, list]:
