@@ -84,3 +84,21 @@ def test_out_dir_that_exists_is_refused_unless_overwrite(tiny_parents, tmp_path)
     assert (out / "keep.txt").read_text() == "mine"
     darwin_stream.merge(manifest, out, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+
+
+def test_zarr_child_equals_the_safetensors_child(tiny_parents, tmp_path):
+    from darwin_stream.sources import open_parent
+
+    a, b = tiny_parents
+    manifest = tmp_path / "linear.yaml"
+    manifest.write_text(LINEAR.format(a=a, b=b))
+    darwin_stream.merge(manifest, tmp_path / "st")
+    report = darwin_stream.merge(manifest, tmp_path / "zarr", out_format="zarr")
+    assert report.format == "zarr" and report.out == str(tmp_path / "zarr")
+    assert not (tmp_path / ".zarr.safetensors").exists() and not (tmp_path / ".zarr.partial").exists()
+    expected = read_all(tmp_path / "st")
+    with open_parent(str(tmp_path / "zarr")) as store:
+        assert set(store.tensors) == set(expected)
+        for name, t in expected.items():
+            assert torch.equal(store.read(name).view(torch.int16), t.view(torch.int16)), name
+        assert json.loads(store.read_aux()["config.json"]) == json.loads((tmp_path / "st" / "config.json").read_text())

@@ -465,7 +465,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 for method in methods:
                     base = {"geometry": geom.name, "method": method, "state": state, "rep": rep}
                     resident = prepare(state, parents)
-                    floor = bc.io_floor(parents, nbytes, BENCH / "children")
+                    load = round(os.getloadavg()[0], 2)
+                    floor = {**bc.io_floor(parents, nbytes, BENCH / "children"), "load_before": load}
                     recs = [finish_run({**base, "tool": "floor", "resident_before": resident, **floor})]
                     if not args.skip_darwin:
                         for budget in budgets:
@@ -580,6 +581,23 @@ def geometry_tables(doc: dict, gname: str, targets: list[tuple[str, bool | None,
                     targets.append((f"{geom} {method} warm: ≥ 2× faster than mergekit",
                                     None if med is None else med >= 2.0, f"{fmt(med, '.2f', '×')}"))
             out.append("| " + " | ".join(row) + " |")
+    out += ["", "CPU time (user + system over the process tree, s; median over runs and cache states). "
+            "Unlike wall time it barely depends on how busy the shared cores were:", ""]
+    head = ["method", *[f"darwin-stream {b}" for b in budgets], *(["mergekit", f"mergekit / ds {default}"]
+                                                                     if has_mk else [])]
+    out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method in methods:
+        ok = [r for r in runs if r["method"] == method and r.get("rc", 0) == 0 and "cpu_s" in r]
+        ds = {b: bc.median(r["cpu_s"] for r in ok if r["tool"] == "darwin-stream" and r["budget"] == b)
+              for b in budgets}
+        row = [method, *[fmt(ds[b]) for b in budgets]]
+        if has_mk:
+            mk = bc.median(r["cpu_s"] for r in ok if r["tool"] == "mergekit")
+            row += [fmt(mk), fmt(mk / ds[default], ".2f", "×") if mk and ds.get(default) else "—"]
+        out.append("| " + " | ".join(row) + " |")
+    loads = [r["load_before"] for r in runs if "load_before" in r]
+    out += ["", f"1-minute load average at the start of the runs: median {fmt(bc.median(loads), '.1f')}, "
+            f"max {fmt(max(loads, default=None), '.1f')} (on {doc['machine']['cores']} cores).", ""]
     out += ["", "Memory (GiB; peak over the process tree, median over runs and cache states; "
             "“over baseline” is the worst run):", ""]
     head = ["method", "tool", "budget", "plan baseline anon", "peak anon", "over baseline (worst)",

@@ -64,6 +64,8 @@ class Measured:
     cmd: list[str]
     rc: int
     wall_s: float
+    cpu_s: float  # user + system over the tree: robust to a machine shared with other jobs
+    load_before: float  # 1-minute load average at the start: how contended the cores were
     peak_anon: int
     peak_rss: int
     stdout: str
@@ -80,16 +82,21 @@ def measure(cmd: Sequence[str], *, env: dict | None = None, log: Path | None = N
     """Run `cmd`, sampling the process tree every `interval` seconds (peakmem.py's method).
 
     stdout and stderr go to files, not pipes, so that a chatty tool (progress bars) can never block
-    on a full pipe and distort its own wall time.
+    on a full pipe and distort its own wall time. The child is reaped with wait4 so that its CPU
+    time (its own and its waited-for descendants') comes back with it.
     """
     log = log or Path("/tmp/bench-measure.log")
     log.parent.mkdir(parents=True, exist_ok=True)
     out_path, err_path = log.with_suffix(".out"), log.with_suffix(".err")
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        load = os.getloadavg()[0]
         t0 = time.perf_counter()
         proc = subprocess.Popen(list(cmd), stdout=out, stderr=err, env=env)
         peak_anon = peak_rss = 0
-        while proc.poll() is None:
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
             a = r = 0
             for p in process_tree(proc.pid):
                 x, y = process_memory(p)
@@ -98,9 +105,12 @@ def measure(cmd: Sequence[str], *, env: dict | None = None, log: Path | None = N
             peak_anon, peak_rss = max(peak_anon, a), max(peak_rss, r)
             time.sleep(interval)
         wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
     stdout = out_path.read_text(errors="replace")
     stderr = err_path.read_text(errors="replace")
-    return Measured(list(cmd), proc.returncode, round(wall, 3), peak_anon, peak_rss, stdout, stderr[-4000:])
+    cpu = usage.ru_utime + usage.ru_stime
+    return Measured(list(cmd), proc.returncode, round(wall, 3), round(cpu, 2), round(load, 2), peak_anon,
+                    peak_rss, stdout, stderr[-4000:])
 
 
 # --- page cache ----------------------------------------------------------------------------------
