@@ -74,10 +74,7 @@ def child_config(plan: Plan) -> dict:
 
 
 def _aux(plan: Plan, key: str) -> dict[str, bytes]:
-    parent = engine.get_parent(plan.parents[key])
-    if hasattr(parent, "read_aux"):
-        return dict(parent.read_aux())
-    return {n: Path(p).read_bytes() for n, p in parent.aux_files().items()}
+    return dict(engine.get_parent(plan.parents[key]).read_aux())
 
 
 def child_files(plan: Plan) -> dict[str, bytes]:

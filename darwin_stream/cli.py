@@ -137,8 +137,13 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     if args.zstd:
         kwargs["compressor"] = "zstd"
     with _Bar("ingest", args.quiet) as bar:
+        if not args.quiet:
+            from darwin_stream.sources import open_parent
+
+            with open_parent(args.source) as parent:
+                bar.start(sum(t.nbytes for t in parent.tensors.values()))
         report = store.ingest(args.source, args.store, mode=args.mode, progress=bar.callback(), **kwargs)
-    print(json.dumps(report) if args.json else f"store: {args.store} ({args.mode} mode)")
+    print(json.dumps(report) if args.json else f"store: {args.store} ({report.get('mode', args.mode)} mode)")
     return 0
 
 
@@ -219,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("ingest", help="turn a parent into a zarr layer store")
     i.add_argument("source")
     i.add_argument("store")
-    i.add_argument("--mode", choices=["reference", "copy"], default="reference")
+    i.add_argument("--mode", choices=["reference", "copy"],
+                   help="reference: zero-copy view of local shards (default for local parents); copy: a real store")
     i.add_argument("--chunk-size", type=parse_size, help="copy mode: bytes per chunk")
     i.add_argument("--zstd", action="store_true", help="copy mode: compress chunks with zstd")
     common(i)

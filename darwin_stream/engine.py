@@ -18,10 +18,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import itertools
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,14 +172,31 @@ def blend_rows(plan: Plan, tp: TensorPlan, start: int, stop: int, state: Any, de
     return out.to(dtype=dtypes.to_torch(tp.dtype)).to("cpu").reshape((stop - start, *tp.shape[1:]) if tp.shape else ())
 
 
-def iter_tensors(plan: Plan, *, device: str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
-    """Every child tensor, whole, in plan order: what an inference engine loads in place."""
+def iter_tensors(plan: Plan, *, device: str = "cpu", workers: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every child tensor, whole, in plan order: what an inference engine loads in place.
+
+    The next `workers` tensors are blended in threads while the consumer (vLLM copying weights into
+    its parameters) takes the current one, so breeding in place runs as parallel as a disk merge.
+    At most `workers + 1` whole tensors are alive at once.
+    """
     check_device(device)
     bound_allocator()
-    for tp in plan.tensors:
+    workers = workers or os.cpu_count() or 1
+
+    def one(tp: TensorPlan) -> torch.Tensor:
         with _naming(tp):
-            t = blend_rows(plan, tp, 0, _rows(tp.shape), None, device)
-        yield tp.name, t
+            return blend_rows(plan, tp, 0, _rows(tp.shape), None, device)
+
+    todo = iter(plan.tensors)
+    with ThreadPoolExecutor(workers, thread_name_prefix="darwin-breed") as pool:
+        pending = deque((tp.name, pool.submit(one, tp)) for tp in itertools.islice(todo, workers))
+        while pending:
+            name, future = pending.popleft()
+            tensor = future.result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append((nxt.name, pool.submit(one, nxt)))
+            yield name, tensor
 
 
 def check_device(device: str) -> None:

@@ -19,7 +19,6 @@ import mmap
 import os
 import re
 import threading
-import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -51,8 +50,6 @@ AUX_FILES = (
     "preprocessor_config.json",
 )
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# Parent buffers are read-only maps; tensors over them are never written, so torch's warning is noise.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -227,6 +224,7 @@ class SafetensorsParent(Parent):
         self._maps: dict[str, mmap.mmap] = {}
         self._lock = threading.Lock()
         self._view: zarr.Group | None = None
+        self._paths: dict[str, str] = {}
 
     @property
     def is_local(self) -> bool:
@@ -239,8 +237,12 @@ class SafetensorsParent(Parent):
                 m = self._maps.get(file)
                 if m is None:
                     try:
-                        with open(file, "rb") as f:  # read-only: a parent is never written
-                            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                        # The file is opened read-only and mapped copy-on-write (MAP_PRIVATE): the
+                        # parent on disk can never change, pages stay shared with the page cache,
+                        # and tensors over the map are writable (no torch warning), where a write
+                        # would only make a private copy of that page.
+                        with open(file, "rb") as f:
+                            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
                     except OSError as e:
                         raise SourceError(f"parent {self.spec}: cannot read {file} ({e.strerror})") from None
                     self._maps[file] = m
@@ -281,12 +283,6 @@ class SafetensorsParent(Parent):
                 out[n] = self.fs.cat_file(p)
         return out
 
-    def aux_files(self) -> dict[str, Path]:
-        """Deprecated (local parents only): use read_aux(), which works for every parent form."""
-        if self.fs is not None:
-            raise SourceError(f"parent {self.spec}: aux_files() needs a local parent; use read_aux()")
-        return {n: Path(self.root) / n for n in AUX_FILES if (Path(self.root) / n).is_file()}
-
     def array(self, name: str) -> zarr.Array:
         from darwin_stream.store import layout
         from darwin_stream.store.reference import reference_view
@@ -294,7 +290,8 @@ class SafetensorsParent(Parent):
         self.info(name)
         if self._view is None:
             self._view = reference_view(self)
-        return self._view[layout.store_paths(list(self.tensors))[name]]  # type: ignore[return-value]
+            self._paths = layout.store_paths(list(self.tensors))
+        return self._view[self._paths[name]]  # type: ignore[return-value]
 
     def close(self) -> None:
         maps, self._maps = self._maps, {}
@@ -334,10 +331,12 @@ class StoreParent(Parent):
         return a
 
     def read_rows(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        from darwin_stream.store.api import read_array
+
         t, start, stop = self._rows(name, start, stop)
-        arr = self.array(name)
-        data = arr[start:stop] if t.shape else arr[()]
-        return numpy_to_tensor(np.asarray(data), t.dtype)
+        sel = slice(start, stop) if t.shape else ()
+        data = read_array(self.array(name), sel, f"parent {self.spec}: tensor {name!r}", SourceError)
+        return numpy_to_tensor(data, t.dtype)
 
     def read_aux(self) -> dict[str, bytes]:
         from darwin_stream.store.api import read_aux_file
@@ -484,6 +483,22 @@ def resolve_hub(repo_id: str, revision: str | None = None) -> Path:
     return Path(str(path))
 
 
+def _hub_files(repo_id: str, revision: str | None, snap: Path) -> list[str]:
+    """File names of a repo with no safetensors: from the hub when online, else the snapshot.
+
+    Only the listing is fetched (pickles are never downloaded), so that the refusal can name them.
+    """
+    names = [p.name for p in snap.iterdir()]
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("1", "true", "yes", "on"):
+        try:
+            from huggingface_hub import list_repo_files
+
+            names += [os.path.basename(f) for f in list_repo_files(repo_id, revision=revision)]
+        except Exception:  # listing is a courtesy for the error message; its failure is not the error
+            pass
+    return names
+
+
 def open_parent(spec: str | os.PathLike, *, storage_options: dict | None = None) -> Parent:
     """Open a parent: a local directory, a darwin-stream store, an fsspec URL or a hub repo id.
 
@@ -508,8 +523,9 @@ def open_parent(spec: str | os.PathLike, *, storage_options: dict | None = None)
         repo, _, rev = s.partition("@")
         if _REPO_ID.match(repo) and not s.startswith((".", "/", "~")):
             snap = resolve_hub(repo, rev or None)
-            p = _open_local_dir(s, snap)
-            return p
+            if not any(snap.glob("*.safetensors")):
+                _check_pickles(s, _hub_files(repo, rev or None, snap))
+            return _open_local_dir(s, snap)
         raise SourceError(f"parent {s}: no such directory, store, URL or cached Hugging Face repo")
     except DarwinError as e:
         if isinstance(e, SourceError):

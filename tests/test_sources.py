@@ -259,3 +259,29 @@ def test_empty_dir(tmp_path):
 def test_missing_url(tmp_path):
     with pytest.raises(SourceError, match="no such URL"):
         open_parent("memory://nothing/here")
+
+
+def test_hub_pickle_only_repo_is_refused(tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    rev = "f" * 40
+    snap = cache / "models--darwin--pickled" / "snapshots" / rev
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (snap / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    (cache / "models--darwin--pickled" / "refs").mkdir()
+    (cache / "models--darwin--pickled" / "refs" / "main").write_text(rev)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    with pytest.raises(SourceError, match=r"pytorch_model.bin is a pickle checkpoint"):
+        open_parent("darwin/pickled")
+
+
+def test_parent_files_are_never_written(tmp_path):
+    h, data = good_header()
+    shard = write_shard(tmp_path / "model.safetensors", h, data)
+    before = shard.read_bytes()
+    p = open_parent(tmp_path)
+    t = p.read_rows("w", 0, 2)
+    t.fill_(7.0)  # copy-on-write map: only a private page changes
+    p.close()
+    assert shard.read_bytes() == before
+    assert open_parent(tmp_path).read("w")[0, 1].item() == 1.0

@@ -473,7 +473,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                             resident = prepare(state, parents)
                             rec = run_darwin(manifests[method], budget, f"{geom.name}-{method}")
                             recs.append(finish_run({**base, "resident_before": resident, **rec}))
-                    if args.mergekit:
+                    if args.mergekit and state in args.mergekit_states.split(","):
                         resident = prepare(state, parents)
                         rec = run_mergekit(args.mergekit, manifests[method], f"{geom.name}-{method}")
                         recs.append(finish_run({**base, "resident_before": resident, **rec}))
@@ -585,6 +585,11 @@ def geometry_tables(doc: dict, gname: str, targets: list[tuple[str, bool | None,
             "Unlike wall time it barely depends on how busy the shared cores were:", ""]
     head = ["method", *[f"darwin-stream {b}" for b in budgets], *(["mergekit", f"mergekit / ds {default}"]
                                                                      if has_mk else [])]
+    has_flt = any("minflt" in r for r in runs)
+    if has_flt:
+        head += [f"ds {default} system s", f"ds {default} minor faults (× 4 KiB)"]
+    if has_flt and has_mk:
+        head += ["mergekit system s", "mergekit minor faults (× 4 KiB)"]
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method in methods:
         ok = [r for r in runs if r["method"] == method and r.get("rc", 0) == 0 and "cpu_s" in r]
@@ -594,7 +599,23 @@ def geometry_tables(doc: dict, gname: str, targets: list[tuple[str, bool | None,
         if has_mk:
             mk = bc.median(r["cpu_s"] for r in ok if r["tool"] == "mergekit")
             row += [fmt(mk), fmt(mk / ds[default], ".2f", "×") if mk and ds.get(default) else "—"]
+        for tool, b in (("darwin-stream", default), *((("mergekit", None),) if has_mk else ())) if has_flt else ():
+            rs = [r for r in ok if r["tool"] == tool and r["budget"] == b and "minflt" in r]
+            flt = bc.median(r["minflt"] for r in rs)
+            row += [fmt(bc.median(r["sys_s"] for r in rs)),
+                    "—" if flt is None else f"{flt / 1e6:.2f} M ({flt * 4096 / bc.GiB:.1f} GiB)"]
         out.append("| " + " | ".join(row) + " |")
+    cores = doc["machine"]["cores"] or 1
+    bound = []
+    for method in methods:
+        cpu = bc.median(r["cpu_s"] for r in runs if r["method"] == method and r["tool"] == "darwin-stream"
+                        and r["budget"] == default and r.get("rc", 0) == 0 and "cpu_s" in r)
+        flo = bc.median(r["wall_s"] for r in runs if r["method"] == method and r["tool"] == "floor")
+        if cpu is not None and flo:
+            bound.append(f"{method} {cpu / cores:.1f} s vs I/O floor {flo:.1f} s ({cpu / cores / flo:.1f}×)")
+    if bound:
+        out += ["", f"darwin-stream {default} CPU time ÷ {cores} cores, the wall time it could reach with "
+                "perfect parallelism and no I/O wait, against the median I/O floor: " + "; ".join(bound) + ".", ""]
     loads = [r["load_before"] for r in runs if "load_before" in r]
     out += ["", f"1-minute load average at the start of the runs: median {fmt(bc.median(loads), '.1f')}, "
             f"max {fmt(max(loads, default=None), '.1f')} (on {doc['machine']['cores']} cores).", ""]
@@ -744,6 +765,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--states", default=",".join(STATES))
     r.add_argument("--reps", type=int, default=3)
     r.add_argument("--mergekit", help="path to mergekit-yaml in a side environment")
+    r.add_argument("--mergekit-states", default=",".join(STATES),
+                   help="cache states in which to run mergekit (e.g. warm, to save time on 4B)")
     r.add_argument("--contract", action="store_true", help="also compare children with mergekit's")
     r.add_argument("--skip-darwin", action="store_true", help="only the I/O floor and mergekit")
     r.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")

@@ -66,6 +66,8 @@ class Measured:
     wall_s: float
     cpu_s: float  # user + system over the tree: robust to a machine shared with other jobs
     load_before: float  # 1-minute load average at the start: how contended the cores were
+    sys_s: float  # the kernel's share of cpu_s (page faults, copies, zeroing fresh pages)
+    minflt: int  # minor page faults: each one is a 4 KiB page mapped (and, if anonymous, zeroed)
     peak_anon: int
     peak_rss: int
     stdout: str
@@ -109,8 +111,8 @@ def measure(cmd: Sequence[str], *, env: dict | None = None, log: Path | None = N
     stdout = out_path.read_text(errors="replace")
     stderr = err_path.read_text(errors="replace")
     cpu = usage.ru_utime + usage.ru_stime
-    return Measured(list(cmd), proc.returncode, round(wall, 3), round(cpu, 2), round(load, 2), peak_anon,
-                    peak_rss, stdout, stderr[-4000:])
+    return Measured(list(cmd), proc.returncode, round(wall, 3), round(cpu, 2), round(load, 2),
+                    round(usage.ru_stime, 2), usage.ru_minflt, peak_anon, peak_rss, stdout, stderr[-4000:])
 
 
 # --- page cache ----------------------------------------------------------------------------------

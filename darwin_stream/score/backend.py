@@ -29,6 +29,10 @@ def resolve_model(spec: str) -> Child:
         return plan_from_manifest(p)
     if p.is_file():
         raise DarwinError(f"{spec}: a model is a checkpoint directory, a repo id, or a .yaml manifest")
+    looks_local = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith((".yaml", ".yml"))
+    if looks_local and not p.exists():
+        # Caught here, before an engine start (~30 s) would fail on it as an unknown repo id.
+        raise DarwinError(f"{spec}: no such file or directory")
     return spec
 
 

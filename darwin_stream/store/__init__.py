@@ -58,9 +58,9 @@ def ingest(
     """Turn a parent into a darwin-stream store and return a report (mode, tensors, bytes, seconds).
 
     mode None picks "reference" for local safetensors parents (nothing copied) and "copy" for
-    everything else (URLs, stores). `progress(nbytes_done)` is called with the cumulative number of
-    bytes processed (hashed in reference mode, copied or verified in copy mode); the total is
-    `sum(t.nbytes for t in open_parent(source).tensors.values())`. `checksum=False` skips hashing
+    everything else (URLs, stores). `progress(nbytes)` is called with the bytes just processed
+    (hashed in reference mode, copied or verified in copy mode), like the engine's callback; they
+    add up to `sum(t.nbytes for t in open_parent(source).tensors.values())`. `checksum=False` skips hashing
     in reference mode, making its cost independent of the bytes (the checksums are then null).
     """
     from darwin_stream.sources import Parent, SafetensorsParent, open_parent

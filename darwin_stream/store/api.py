@@ -49,7 +49,7 @@ def async_filesystem(protocol: str | None, storage_options: dict | None = None) 
     proto = protocol or "file"
     cls = fsspec.get_filesystem_class(proto)
     if cls.async_impl:
-        return fsspec.filesystem(proto, asynchronous=True, skip_instance_cache=True, **(storage_options or {}))
+        return fsspec.filesystem(proto, asynchronous=True, **(storage_options or {}))
     return AsyncFileSystemWrapper(fsspec.filesystem(proto, **(storage_options or {})), asynchronous=True)
 
 
@@ -144,6 +144,16 @@ def write_aux_file(group: zarr.Group, name: str, data: bytes) -> None:
     )
     if n:
         arr[:] = np.frombuffer(data, dtype=np.uint8)
+
+
+def read_array(arr: zarr.Array, selection: Any, what: str, error: type[Exception] = StoreError) -> np.ndarray:
+    """`arr[selection]`, with any failure underneath (a shard gone or shortened behind a reference
+    store, an S3 error, a corrupt chunk) reported as one line naming `what`."""
+    try:
+        return np.asarray(arr[selection])
+    except Exception as e:  # fsspec, zarr and the codecs raise many types; all mean "unreadable"
+        why = (str(e).strip().splitlines() or [""])[0]
+        raise error(f"{what}: cannot read ({type(e).__name__}: {why})") from None
 
 
 def root_meta(group: zarr.Group) -> dict[str, Any]:

@@ -5,20 +5,24 @@ by zarr's sharding codec into shards of up to `shard_bytes`, so a 70B model is a
 rather than a hundred thousand. A shard is the unit of writing (a shard is written whole, so nothing
 is read back and rewritten) and of resuming.
 
-Resume: after a shard is written, the checksum of its source bytes is recorded in the array's
+Resume: after a shard is written, the CRC-32 of its source bytes is recorded in the array's
 attributes (`done`). A re-run reads the parent again (it has to, for the tensor checksum), compares
 each shard's digest with the recorded one, and skips writing shards that match. An array whose
 `complete` attribute is set, with the same shape, dtype and chunking, is skipped outright. The root's
 `complete` flag is set last, so an interrupted ingest is visible as such and export refuses it.
 
-Memory: one shard of rows at a time (plus its encoded copy), never a whole tensor larger than that.
+Writing is pipelined: the next shard is read and hashed while a writer thread stores the previous
+one. Memory: two shards of rows at a time (plus the encoded copy being written), never a whole
+tensor larger than that.
 """
 
 from __future__ import annotations
 
 import math
 import time
+import zlib
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -87,6 +91,16 @@ def _open_or_create(root: zarr.Group, path: str, name: str, t: Any, cr: int, sr:
     )
 
 
+def _write_shard(arr: zarr.Array, r0: int, r1: int, data: np.ndarray, s: int, digest: str, done: dict[str, str]) -> None:
+    """Write one shard whole, then record it: a shard is in `done` only once it is on the store."""
+    if arr.shape:
+        arr[r0:r1] = data
+    else:
+        arr[()] = data
+    done[str(s)] = digest
+    arr.update_attributes({"done": dict(done)})
+
+
 def copy_ingest(
     parent: Parent,
     store: str,
@@ -130,45 +144,42 @@ def copy_ingest(
     for g in ("layers", "other", "aux"):
         root.require_group(g)
 
-    done_bytes = written = skipped = 0
-    for name, t in parent.tensors.items():
-        cr, sr = _geometry(t, chunk_bytes, shard_bytes)
-        arr = _open_or_create(root, paths[name], name, t, cr, sr, compressor)
-        if arr.attrs.get("complete") and arr.attrs.get("checksum"):
-            meta["tensors"][name]["checksum"] = arr.attrs["checksum"]
-            done_bytes += t.nbytes
-            skipped += t.nbytes
-            if progress:
-                progress(done_bytes)
-            continue
-        done: dict[str, str] = dict(arr.attrs.get("done") or {})  # type: ignore[arg-type]
-        h = layout.new_hash()
-        n_shards = math.ceil(t.rows / sr) if t.shape else 1
-        for s in range(n_shards if t.nbytes else 0):
-            r0, r1 = s * sr, min((s + 1) * sr, t.rows)
-            block = parent.read_rows(name, r0, r1) if t.shape else parent.read_rows(name)
-            data = to_numpy(block, t.dtype)
-            raw = data.reshape(-1).view(np.uint8)
-            h.update(raw)
-            digest = layout.new_hash()
-            digest.update(raw)
-            d = digest.hexdigest()
-            if done.get(str(s)) == d:
-                skipped += raw.nbytes
-            else:
-                if t.shape:
-                    arr[r0:r1] = data
+    written = skipped = 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="darwin-copy") as writer:
+        for name, t in parent.tensors.items():
+            cr, sr = _geometry(t, chunk_bytes, shard_bytes)
+            arr = _open_or_create(root, paths[name], name, t, cr, sr, compressor)
+            if arr.attrs.get("complete") and arr.attrs.get("checksum"):
+                meta["tensors"][name]["checksum"] = arr.attrs["checksum"]
+                skipped += t.nbytes
+                if progress:
+                    progress(t.nbytes)
+                continue
+            done: dict[str, str] = dict(arr.attrs.get("done") or {})  # type: ignore[arg-type]
+            h = layout.new_hash()
+            n_shards = math.ceil(t.rows / sr) if t.shape else 1
+            pending: Future | None = None
+            for s in range(n_shards if t.nbytes else 0):
+                r0, r1 = s * sr, min((s + 1) * sr, t.rows)
+                block = parent.read_rows(name, r0, r1) if t.shape else parent.read_rows(name)
+                data = to_numpy(block, t.dtype)
+                raw = data.reshape(-1).view(np.uint8)
+                h.update(raw)
+                d = f"crc32:{zlib.crc32(raw):08x}"
+                if done.get(str(s)) == d:
+                    skipped += raw.nbytes
                 else:
-                    arr[()] = data
-                done[str(s)] = d
-                arr.update_attributes({"done": done})
-                written += raw.nbytes
-            done_bytes += raw.nbytes
-            if progress:
-                progress(done_bytes)
-        checksum = layout.checksum_string(h)
-        arr.update_attributes({"checksum": checksum, "complete": True, "done": done})
-        meta["tensors"][name]["checksum"] = checksum
+                    if pending is not None:
+                        pending.result()
+                    pending = writer.submit(_write_shard, arr, r0, r1, data, s, d, done)
+                    written += raw.nbytes
+                if progress:
+                    progress(raw.nbytes)
+            if pending is not None:
+                pending.result()
+            checksum = layout.checksum_string(h)
+            arr.update_attributes({"checksum": checksum, "complete": True, "done": done})
+            meta["tensors"][name]["checksum"] = checksum
 
     aux = parent.read_aux()
     for n, b in aux.items():

@@ -21,7 +21,7 @@ import numpy as np
 from darwin_stream import dtypes
 from darwin_stream.errors import StoreError
 from darwin_stream.store import layout
-from darwin_stream.store.api import open_store, read_aux_file, root_meta
+from darwin_stream.store.api import open_store, read_array, read_aux_file, root_meta
 
 DEFAULT_SHARD_SIZE = 5 * 10**9  # bytes, Hugging Face's default "5GB"
 BLOCK_BYTES = 16 * 2**20
@@ -85,14 +85,13 @@ def export_store(
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    done = 0
     try:
         for fname, names in zip(files, shards, strict=True):
             entries = [(n, tensors[n]["dtype"], list(tensors[n]["shape"]), sizes[n]) for n in names]
             with open(tmp / fname, "wb") as f:
                 f.write(shard_header(entries))
                 for n in names:
-                    done = _write_tensor(f, group, n, tensors[n], store, done, progress)
+                    _write_tensor(f, group, n, tensors[n], store, progress)
         if len(shards) > 1:
             weight_map = {n: fname for fname, names in zip(files, shards, strict=True) for n in names}
             index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
@@ -116,30 +115,29 @@ def export_store(
     }
 
 
-def _write_tensor(f, group, name: str, entry: dict, store, done: int, progress) -> int:  # type: ignore[no-untyped-def]
+def _write_tensor(f, group, name: str, entry: dict, store, progress) -> None:  # type: ignore[no-untyped-def]
     try:
         arr = group[entry["path"]]
     except KeyError:
         raise StoreError(f"store {store}: no array {entry['path']!r} for tensor {name!r}") from None
     shape = tuple(entry["shape"])
     h = layout.new_hash()
+    what = f"store {store}: tensor {name!r}"
     if not shape:
-        blocks = [np.asarray(arr[()])]
+        blocks = [read_array(arr, (), what)]
     else:
         row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * dtypes.itemsize(entry["dtype"]))
         chunk_rows = arr.chunks[0] if arr.chunks else 1
         step = max(chunk_rows, (BLOCK_BYTES // row_bytes) // chunk_rows * chunk_rows)
-        blocks = (np.asarray(arr[r0 : min(r0 + step, shape[0])]) for r0 in range(0, shape[0], step))
+        blocks = (read_array(arr, slice(r0, min(r0 + step, shape[0])), what) for r0 in range(0, shape[0], step))
     for block in blocks:
         if block.dtype != dtypes.to_numpy(entry["dtype"]):
             raise StoreError(f"store {store}: tensor {name!r} is stored as {block.dtype}, expected {entry['dtype']}")
         raw = np.ascontiguousarray(block).reshape(-1).view(np.uint8)
         h.update(raw)
         f.write(raw.data)
-        done += raw.nbytes
         if progress:
-            progress(done)
+            progress(raw.nbytes)
     want = entry.get("checksum")
     if want and layout.checksum_string(h) != want:
         raise StoreError(f"store {store}: tensor {name!r} does not match its checksum (store corrupt or parent changed)")
-    return done

@@ -56,14 +56,12 @@ def checksums(parent: Parent, progress: Callable[[int], None] | None = None, wor
     """Checksums of every tensor, hashed on a few threads (hashlib releases the GIL)."""
     import threading
 
-    done = [0]
     lock = threading.Lock()
 
     def tick(n: int) -> None:
         if progress:
-            with lock:
-                done[0] += n
-                progress(done[0])
+            with lock:  # one caller at a time: progress bars need not be thread-safe
+                progress(n)
 
     names = sorted(parent.tensors, key=lambda n: -parent.tensors[n].nbytes)  # big ones first: balance
     with ThreadPoolExecutor(max_workers=workers) as pool:

@@ -131,6 +131,7 @@ def test_vllm_and_hf_agree(demo, tmp_path, vllm_backend, hf_father):
         if "choice_logprobs" in dv:
             for x, y in zip(dv["choice_logprobs"], dh["choice_logprobs"], strict=True):
                 worst = max(worst, abs(x - y))
+    print(f"worst |vllm - hf| per-choice log-likelihood: {worst:.5f}")
     assert worst < 0.02, worst
     for name in ("capitals", "capitals_sum"):
         assert v["tasks"][name]["score"] == h["tasks"][name]["score"]

@@ -201,3 +201,9 @@ def test_a_child_of_another_geometry_is_refused(tmp_path):
     _check_fits(engine, "org/repo-id")  # not local: left to vLLM
     with pytest.raises(DarwinError, match=r"geometry differs .*model_type qwen3 -> llama"):
         _check_fits(engine, str(llama))
+
+
+def test_a_missing_local_model_fails_before_any_engine_starts(tmp_path):
+    for spec in (str(tmp_path / "nope"), "./child", str(tmp_path / "m.yaml")):
+        with pytest.raises(DarwinError, match="no such file or directory"):
+            backend_mod.resolve_model(spec)

@@ -137,8 +137,11 @@ def test_copy_resumes_after_interruption(tiny_parents, tmp_path):
     store = tmp_path / "s.zarr"
     total = sum(t.nbytes for t in open_parent(father).tensors.values())
 
-    def crash(done: int) -> None:
-        if done > total // 2:
+    done = [0]
+
+    def crash(n: int) -> None:
+        done[0] += n
+        if done[0] > total // 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -150,7 +153,10 @@ def test_copy_resumes_after_interruption(tiny_parents, tmp_path):
     seen: list[int] = []
     r = ingest(father, store, mode="copy", chunk_bytes=4096, shard_bytes=16384, progress=seen.append)
     assert r["bytes_skipped"] >= total // 2 and r["bytes_written"] <= total - total // 2 + 64 * 1024
-    assert r["bytes_written"] + r["bytes_skipped"] == total and seen[-1] == total
+    assert r["bytes_written"] + r["bytes_skipped"] == total and sum(seen) == total
+    seen.clear()
+    export_store(store, tmp_path / "out2", progress=seen.append)
+    assert sum(seen) == total
     export_store(store, tmp_path / "out")
     assert_same_checkpoint(father, tmp_path / "out")
     again = ingest(father, store, mode="copy", chunk_bytes=4096, shard_bytes=16384)
@@ -234,3 +240,38 @@ def test_bfloat16_dtype_round_trip(tmp_path):
     z[:] = a
     b = zarr.open_array(tmp_path / "a")[:]
     assert b.dtype == a.dtype and b.view(np.uint16).tolist() == a.view(np.uint16).tolist()
+
+
+def test_reference_store_with_a_vanished_shard(mixed_parent, tmp_path):
+    import shutil
+
+    parent = tmp_path / "parent"
+    shutil.copytree(mixed_parent, parent)
+    ingest(parent, tmp_path / "s.json")
+    (parent / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(StoreError, match=r"tensor '.*': cannot read .*model-00002-of-00002.safetensors") as e:
+        export_store(tmp_path / "s.json", tmp_path / "out")
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+    with pytest.raises(SourceError, match="cannot read"):
+        open_parent(tmp_path / "s.json").read("lm_head.weight")
+
+
+def test_reference_mode_needs_safetensors(mixed_parent, tmp_path):
+    ingest(mixed_parent, tmp_path / "copy.zarr", mode="copy")
+    with pytest.raises(StoreError, match="reference mode needs safetensors"):
+        ingest(tmp_path / "copy.zarr", tmp_path / "s.json", mode="reference")
+    r = ingest(tmp_path / "copy.zarr", tmp_path / "again.zarr")  # a store re-ingests by copy
+    assert r["mode"] == "copy"
+    export_store(tmp_path / "again.zarr", tmp_path / "out")
+    assert_same_checkpoint(mixed_parent, tmp_path / "out")
+
+
+def test_reference_progress_adds_up(mixed_parent, tmp_path):
+    seen: list[int] = []
+    r = ingest(mixed_parent, tmp_path / "s.json", progress=seen.append)
+    assert sum(seen) == r["bytes"] > 0
+    r = ingest(mixed_parent, tmp_path / "t.json", checksum=False)
+    meta = open_store(tmp_path / "t.json").attrs[layout.ROOT_ATTR]
+    assert all(e["checksum"] is None for e in meta["tensors"].values())
+    export_store(tmp_path / "t.json", tmp_path / "out")  # nothing to verify against, still exact
+    assert_same_checkpoint(mixed_parent, tmp_path / "out")
