@@ -18,15 +18,18 @@ def blend(chunk: Chunk, state: Any = None) -> torch.Tensor:
     if not chunk.models:
         raise ValueError("linear needs at least one model")
     weights = [float(mp["weight"]) for mp in chunk.model_params]
+    # mergekit's order of operations (weights as tensors of the chunk's dtype, accumulate with
+    # addcmul, divide by their sum last): where the terms nearly cancel, the rounding of each step
+    # decides the bf16 result, so matching the child bit for bit means matching this sequence.
+    w = torch.tensor(weights, dtype=chunk.models[0].dtype, device=chunk.models[0].device)
     out = torch.zeros_like(chunk.models[0])
-    for x, w in zip(chunk.models, weights, strict=True):
-        out += x * w
+    for i, x in enumerate(chunk.models):
+        out.addcmul_(x, w[i])
     if chunk.params.get("normalize", True):
-        total = sum(weights)
-        if total == 0:
+        if sum(weights) == 0:
             # mergekit divides anyway and writes inf/NaN weights; refuse instead.
             raise ValueError(f"linear with normalize: the weights {weights} sum to zero")
-        out /= total
+        out.div_(w.sum())
     return out
 
 
