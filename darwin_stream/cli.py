@@ -22,11 +22,9 @@ def parse_size(text: str) -> int:
 
 
 def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n}"
+    from darwin_stream.plan import human_bytes
+
+    return human_bytes(n)
 
 
 class _Bar:
