@@ -153,7 +153,6 @@ def merge(
         final = writer.finish()
         if out_format == "zarr":
             final = _to_store(final, out_path, overwrite=overwrite)
-    workers = max(1, sum(client.nthreads().values())) if client is not None else (os.cpu_count() or 1)
     return MergeReport(
         out=str(final),
         wall_s=round(engine.now() - start, 3),
@@ -162,7 +161,7 @@ def merge(
         peak_anon_bytes=mem.peak,
         baseline_anon_bytes=mem.baseline,
         memory_budget=budget,
-        predicted_peak_bytes=engine.predicted_peak(plan, budget, workers),
+        predicted_peak_bytes=engine.predicted_peak(plan, budget, engine.worker_count(client)),
         tensors=len(plan.tensors),
         chunks=stats.chunks,
         resumed_chunks=stats.skipped_chunks,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -111,7 +110,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     plan = api.load_plan(args.manifest)
     budget = args.memory_budget or int(plan.options.get("memory_budget") or engine.DEFAULT_BUDGET)
-    workers = os.cpu_count() or 1
+    workers = engine.worker_count()
     peak = engine.predicted_peak(plan, budget, workers)
     size = layout(plan, int(args.shard_size or plan.options.get("shard_size") or api.DEFAULT_SHARD_SIZE))
     if args.json:

@@ -271,6 +271,13 @@ class RunStats:
     skipped_chunks: int
 
 
+def worker_count(client=None) -> int:
+    """Tasks in flight at once: one per core, or one per thread of a distributed cluster."""
+    if client is not None:
+        return max(1, sum(client.nthreads().values()))
+    return os.cpu_count() or 1
+
+
 def bytes_to_read(plan: Plan) -> int:
     total = 0
     for tp in plan.tensors:
@@ -287,10 +294,7 @@ def run(plan: Plan, writer, *, budget: int = DEFAULT_BUDGET, client=None, device
     for tp in plan.tensors:
         for ref in tp.sources():
             get_parent_info(plan, ref)  # fail fast, by name, before any task runs
-    if client is not None:
-        workers = max(1, sum(client.nthreads().values()))
-    else:
-        workers = os.cpu_count() or 1
+    workers = worker_count(client)
     before = len(writer.done)
     if client is not None:
         # Workers live in other processes: progress is reported here, as their chunks complete.
