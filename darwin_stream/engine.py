@@ -75,69 +75,152 @@ def _row_elems(shape: tuple[int, ...]) -> int:
     return _numel(shape[1:]) if shape else 1
 
 
-def bytes_per_row(plan: Plan, tp: TensorPlan) -> int:
-    """Bytes one row of this tensor holds in flight: raw reads, float32 copies, temporaries, output."""
-    inputs = tp.sources()
-    raw = sum(dtypes.itemsize(get_parent_info(plan, s).dtype) for s in inputs)
-    f32 = 4 * len(inputs)
-    temps = 4 * (len(inputs) + 3)  # a method's own intermediates (deltas, masks, accumulators)
-    out = 4 + dtypes.itemsize(tp.dtype)
-    return _row_elems(tp.shape) * (raw + f32 + temps + out)
-
-
 def get_parent_info(plan: Plan, ref: SourceRef):
     return get_parent(plan.parents[ref.parent]).info(ref.tensor)
 
 
+# --- sizing: blocks and chunks under the budget -----------------------------------------------
+
+# Largest block of elements a blend works on at once. Methods that compute in place get big blocks
+# (few Python calls per tensor); the others allocate temporaries for every block, kept small enough
+# to be recycled by the heap instead of being mapped afresh (MMAP_THRESHOLD) each time.
+INPLACE_BLOCK = 2**18
+HEAP_BLOCK = 2**15
+MMAP_THRESHOLD = 4 * HEAP_BLOCK * 4  # bytes: an int64/float64 temporary of a heap block stays below it
+CHUNK_CAP = 64 * 2**20  # raw input bytes per task: enough to amortise a task, small enough to balance
+
+
+def _inputs_itemsize(plan: Plan, tp: TensorPlan) -> int:
+    return sum(dtypes.itemsize(get_parent_info(plan, s).dtype) for s in tp.sources())
+
+
+def block_bytes_per_elem(plan: Plan, tp: TensorPlan) -> int:
+    """Scratch and temporaries one element of a block costs: float32 (or float64, for a statistic)
+    copies of every input, the result and its child-dtype copy, plus a method's own intermediates."""
+    n = len(tp.sources())
+    method = methods.get(tp.method)
+    stat = method.statistic
+    fill = 4 * n + (stat.dtype.itemsize * n if stat and stat.dtype != torch.float32 else 0)
+    temps = 0 if method.inplace else 8 * (n + 3)  # deltas, masks, int64 keys, accumulators
+    return fill + 4 + dtypes.itemsize(tp.dtype) + temps
+
+
+def block_rows(plan: Plan, tp: TensorPlan, budget: int, workers: int) -> int:
+    """Rows a blend handles at once: half of a worker's share of the budget, at least one row."""
+    cap = INPLACE_BLOCK if methods.get(tp.method).inplace else HEAP_BLOCK
+    per_worker = budget // max(workers, 1)
+    elems = min(cap, per_worker // 2 // block_bytes_per_elem(plan, tp))
+    return max(1, min(_rows(tp.shape), elems // max(_row_elems(tp.shape), 1)))
+
+
 def chunk_rows(plan: Plan, tp: TensorPlan, budget: int, workers: int) -> int:
-    """Rows per task so that `workers` tasks in flight stay within `budget` bytes."""
+    """Rows per task. A task reads its rows of every input once (zero-copy for local parents, a
+    buffer for URLs and stores), then blends them block by block: the raw rows take the other half
+    of a worker's share."""
     if len(tp.shape) <= 1:
         return _rows(tp.shape)  # norms and biases: small, and some statistics want them whole
     per_worker = budget // max(workers, 1)
-    return max(1, min(_rows(tp.shape), per_worker // max(bytes_per_row(plan, tp), 1)))
+    raw_row = max(1, _inputs_itemsize(plan, tp) * _row_elems(tp.shape))
+    rows = min(per_worker // 2, CHUNK_CAP) // raw_row
+    return max(1, min(_rows(tp.shape), rows))
+
+
+def bytes_in_flight(plan: Plan, tp: TensorPlan, budget: int, workers: int) -> int:
+    """What one task of this tensor holds at its peak: its raw rows and one block of scratch."""
+    raw = chunk_rows(plan, tp, budget, workers) * _row_elems(tp.shape) * _inputs_itemsize(plan, tp)
+    block = block_rows(plan, tp, budget, workers) * _row_elems(tp.shape) * block_bytes_per_elem(plan, tp)
+    return raw + block
 
 
 def predicted_peak(plan: Plan, budget: int, workers: int) -> int:
     """Largest bytes in flight the schedule allows, for `plan` to print next to the budget."""
-    worst = 0
-    for tp in plan.tensors:
-        rows = chunk_rows(plan, tp, budget, workers)
-        worst = max(worst, rows * bytes_per_row(plan, tp))
+    worst = max((bytes_in_flight(plan, tp, budget, workers) for tp in plan.tensors), default=0)
     return worst * max(workers, 1)
 
 
-# --- reading and blending one chunk ------------------------------------------------------------
+# --- scratch ------------------------------------------------------------------------------------
 
 
-def read_source(plan: Plan, ref: SourceRef, start: int, stop: int, device: str) -> torch.Tensor:
-    """Rows [start, stop) of an input, zero-padded to `ref.pad_to`, as float32 on `device`."""
+class Scratch:
+    """Buffers one thread reuses from block to block.
+
+    Fresh chunk-sized temporaries are what made merges slow: every one is a new mapping whose pages
+    the kernel must fault in and zero (measured: 70-80% of a merge's CPU time). Blocks are filled into
+    these buffers instead, and methods that compute in place write their result into one of them.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, torch.dtype, str], torch.Tensor] = {}
+
+    def take(self, slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Tensor:
+        n = _numel(shape)
+        buf = self.buffers.get((slot, dtype, device))
+        if buf is None or buf.numel() < n:
+            buf = self.buffers[(slot, dtype, device)] = torch.empty(n, dtype=dtype, device=device)
+        return buf[:n].view(shape)
+
+
+_scratch: dict[int, Scratch] = {}
+_scratch_lock = threading.Lock()
+
+
+def scratch() -> Scratch:
+    key = threading.get_ident()
+    s = _scratch.get(key)
+    if s is None:
+        with _scratch_lock:
+            s = _scratch[key] = Scratch()
+    return s
+
+
+def release_scratch() -> None:
+    """Drop every thread's buffers (dask keeps its pool threads alive between merges)."""
+    with _scratch_lock:
+        _scratch.clear()
+
+
+# --- reading and blending ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rows:
+    """One input's rows [start, stop) as stored (a view of the page cache for local shards)."""
+
+    ref: SourceRef
+    data: torch.Tensor | None  # None: the rows lie wholly in the zero padding
+    shape: tuple[int, ...]  # the stored tensor's shape
+    start: int
+
+
+def read_rows(plan: Plan, ref: SourceRef, start: int, stop: int) -> Rows:
     parent = get_parent(plan.parents[ref.parent])
     info = parent.info(ref.tensor)
     have = _rows(info.shape)
-    got = parent.read_rows(ref.tensor, min(start, have), min(stop, have)) if start < have else None
-    if ref.pad_to is None or tuple(ref.pad_to) == tuple(info.shape):
-        assert got is not None
-        return got.to(device=device, dtype=torch.float32)
-    out = torch.zeros((stop - start, *ref.pad_to[1:]), dtype=torch.float32, device=device)
-    if got is not None and got.numel():
-        index = (slice(0, got.shape[0]), *(slice(0, s) for s in info.shape[1:]))
-        out[index] = got.to(device=device, dtype=torch.float32)
-    return out
+    data = parent.read_rows(ref.tensor, start, min(stop, have)) if start < have else None
+    return Rows(ref, data, tuple(info.shape), start)
 
 
-def make_chunk(plan: Plan, tp: TensorPlan, start: int, stop: int, device: str) -> methods.Chunk:
-    base = read_source(plan, tp.base, start, stop, device) if tp.base else None
-    models = [read_source(plan, m, start, stop, device) for m in tp.models]
-    return methods.Chunk(
-        models=models,
-        model_params=tp.model_params,
-        params=tp.params,
-        base=base,
-        offset=start * _row_elems(tp.shape),
-        numel=_numel(tp.shape),
-        shape=tp.shape,
-        seed=tp.seed,
-    )
+def fill(dst: torch.Tensor, rows: Rows, r0: int, r1: int) -> torch.Tensor:
+    """Copy rows [r0, r1) of an input into `dst` (shaped like the padded rows), converting its dtype."""
+    if rows.data is None:
+        return dst.zero_()
+    have = _rows(rows.shape)
+    lo, hi = r0 - rows.start, min(r1, have) - rows.start
+    src = rows.data.reshape(dst.shape) if not rows.shape else rows.data[lo:max(lo, hi)]
+    if src.shape == dst.shape:
+        return dst.copy_(src)
+    dst.zero_()
+    if src.numel():
+        dst[(slice(0, src.shape[0]), *(slice(0, s) for s in rows.shape[1:]))].copy_(src)
+    return dst
+
+
+def read_source(plan: Plan, ref: SourceRef, start: int, stop: int, device: str) -> torch.Tensor:
+    """Rows [start, stop) of an input, zero-padded to `ref.pad_to`, as a new float32 tensor."""
+    rows = read_rows(plan, ref, start, stop)
+    shape = tuple(ref.pad_to or rows.shape)
+    dst = torch.empty((stop - start, *shape[1:]) if shape else (), dtype=torch.float32, device=device)
+    return fill(dst, rows, start, stop)
 
 
 def _is_copy(plan: Plan, tp: TensorPlan) -> bool:
@@ -149,35 +232,85 @@ def _is_copy(plan: Plan, tp: TensorPlan) -> bool:
     return get_parent_info(plan, tp.models[0]).dtype == tp.dtype
 
 
-def tensor_statistic(plan: Plan, tp: TensorPlan, rows: int, device: str) -> Any:
-    """All passes of the method's statistic, streamed over the tensor's chunks."""
-    method = methods.get(tp.method)
-    total = _rows(tp.shape)
-    return methods.run_statistic(
-        method, lambda: (make_chunk(plan, tp, s, min(s + rows, total), device) for s in range(0, total, rows))
-    )
+@dataclass(frozen=True)
+class Task:
+    """One tensor's rows [start, stop), read once, walked in blocks of `block` rows."""
+
+    plan: Plan
+    tp: TensorPlan
+    start: int
+    stop: int
+    block: int
+    device: str
+
+    def read(self) -> tuple[Rows | None, list[Rows]]:
+        base = read_rows(self.plan, self.tp.base, self.start, self.stop) if self.tp.base else None
+        return base, [read_rows(self.plan, m, self.start, self.stop) for m in self.tp.models]
+
+    def blocks(self, dtype: torch.dtype, with_out: bool) -> Iterator[tuple[int, int, methods.Chunk]]:
+        """(r0, r1, chunk) over the task's rows; the chunk's tensors are this thread's scratch."""
+        tp, buf = self.tp, scratch()
+        base, models = self.read()
+        cols = tuple(tp.shape[1:])
+        for r0 in range(self.start, self.stop, self.block):
+            r1 = min(r0 + self.block, self.stop)
+            shape = (r1 - r0, *cols) if tp.shape else ()
+
+            def filled(slot: str, rows: Rows, shape: tuple[int, ...] = shape, r0: int = r0, r1: int = r1) -> torch.Tensor:
+                return fill(buf.take(slot, shape, dtype, self.device), rows, r0, r1)
+
+            yield r0, r1, methods.Chunk(
+                models=[filled(f"in{i}", m) for i, m in enumerate(models)],
+                model_params=tp.model_params,
+                params=tp.params,
+                base=filled("base", base) if base is not None else None,
+                offset=r0 * _row_elems(tp.shape),
+                numel=_numel(tp.shape),
+                shape=tp.shape,
+                seed=tp.seed,
+                out=buf.take("out", shape, dtype, self.device) if with_out else None,
+            )
+
+    def partial(self, state: Any) -> Any:
+        """This task's share of one pass of the method's statistic, folded over its blocks."""
+        stat = methods.get(self.tp.method).statistic
+        assert stat is not None
+        acc = None
+        for _, _, chunk in self.blocks(stat.dtype, with_out=False):
+            part = stat.partial(chunk, state)
+            acc = part if acc is None else stat.combine([acc, part])
+        return acc
+
+    def statistic(self) -> Any:
+        """All passes of the statistic, when this task covers the whole tensor."""
+        stat = methods.get(self.tp.method).statistic
+        state = None
+        for _ in range(stat.passes if stat else 0):
+            state = stat.finish(self.partial(state), state)
+        return state
+
+    def blend(self, state: Any, sink: Callable[[int, int, torch.Tensor], None]) -> None:
+        """Blend block by block, handing each block of child rows (float32, scratch) to `sink`."""
+        method = methods.get(self.tp.method)
+        if method.statistic is not None and state is None:
+            # The whole tensor is this one task: its statistic needs no other reads.
+            assert self.start == 0 and self.stop == _rows(self.tp.shape)
+            state = self.statistic()
+        for r0, r1, chunk in self.blocks(torch.float32, with_out=method.inplace):
+            sink(r0, r1, method.blend(chunk, state).reshape(chunk.out.shape if chunk.out is not None else (r1 - r0, *self.tp.shape[1:]) if self.tp.shape else ()))
 
 
-def blend_rows(plan: Plan, tp: TensorPlan, start: int, stop: int, state: Any, device: str) -> torch.Tensor:
-    """The child's rows [start, stop) of `tp`, in the child's dtype, on the CPU."""
-    if _is_copy(plan, tp):
-        return get_parent(plan.parents[tp.models[0].parent]).read_rows(tp.models[0].tensor, start, stop)
-    method = methods.get(tp.method)
-    chunk = make_chunk(plan, tp, start, stop, device)
-    if method.statistic is not None and state is None:
-        # The whole tensor is this one chunk: its statistic needs no second read.
-        assert start == 0 and stop == _rows(tp.shape)
-        state = methods.run_statistic(method, lambda: [chunk])
-    out = method.blend(chunk, state)
-    return out.to(dtype=dtypes.to_torch(tp.dtype)).to("cpu").reshape((stop - start, *tp.shape[1:]) if tp.shape else ())
+def make_task(plan: Plan, tp: TensorPlan, start: int, stop: int, device: str, budget: int, workers: int) -> Task:
+    return Task(plan, tp, start, stop, block_rows(plan, tp, budget, workers), device)
 
 
-def iter_tensors(plan: Plan, *, device: str = "cpu", workers: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_tensors(plan: Plan, *, device: str = "cpu", workers: int | None = None,
+                 budget: int = DEFAULT_BUDGET) -> Iterator[tuple[str, torch.Tensor]]:
     """Every child tensor, whole, in plan order: what an inference engine loads in place.
 
     The next `workers` tensors are blended in threads while the consumer (vLLM copying weights into
     its parameters) takes the current one, so breeding in place runs as parallel as a disk merge.
-    At most `workers + 1` whole tensors are alive at once.
+    At most `workers + 1` whole tensors are alive at once, plus each thread's scratch.
     """
     check_device(device)
     bound_allocator()
@@ -185,18 +318,30 @@ def iter_tensors(plan: Plan, *, device: str = "cpu", workers: int | None = None)
 
     def one(tp: TensorPlan) -> torch.Tensor:
         with _naming(tp):
-            return blend_rows(plan, tp, 0, _rows(tp.shape), None, device)
+            if _is_copy(plan, tp):
+                return get_parent(plan.parents[tp.models[0].parent]).read(tp.models[0].tensor).clone()
+            out = torch.empty(tp.shape, dtype=dtypes.to_torch(tp.dtype))
+            rows = out.reshape(_rows(tp.shape), -1) if tp.shape else out
+
+            def into(r0: int, r1: int, block: torch.Tensor) -> None:
+                rows[r0:r1].copy_(block.reshape(rows[r0:r1].shape))
+
+            make_task(plan, tp, 0, _rows(tp.shape), device, budget, workers).blend(None, into)
+            return out
 
     todo = iter(plan.tensors)
-    with ThreadPoolExecutor(workers, thread_name_prefix="darwin-breed") as pool:
-        pending = deque((tp.name, pool.submit(one, tp)) for tp in itertools.islice(todo, workers))
-        while pending:
-            name, future = pending.popleft()
-            tensor = future.result()
-            nxt = next(todo, None)
-            if nxt is not None:
-                pending.append((nxt.name, pool.submit(one, nxt)))
-            yield name, tensor
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="darwin-breed") as pool:
+            pending = deque((tp.name, pool.submit(one, tp)) for tp in itertools.islice(todo, workers))
+            while pending:
+                name, future = pending.popleft()
+                tensor = future.result()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append((nxt.name, pool.submit(one, nxt)))
+                yield name, tensor
+    finally:
+        release_scratch()
 
 
 def check_device(device: str) -> None:
@@ -225,40 +370,75 @@ def _naming(tp: TensorPlan):
         raise DarwinError(f"{tp.name}: {tp.method}: {e}") from None
 
 
-def _write_task(plan: Plan, tp: TensorPlan, start: int, stop: int, state: Any, device: str, writer, progress) -> int:
-    with _naming(tp):
-        rows = blend_rows(plan, tp, start, stop, state, device)
-    data = _as_bytes(rows)
-    writer.write_rows(tp.name, start, data)
-    writer.mark_done(tp.name, start)
+def _write_task(task: Task, state: Any, writer, progress) -> int:
+    tp = task.tp
+    if _is_copy(task.plan, tp):
+        data = _as_bytes(get_parent(task.plan.parents[tp.models[0].parent]).read_rows(tp.models[0].tensor, task.start, task.stop))
+        writer.write_rows(tp.name, task.start, data)
+        written = len(data)
+    else:
+        out_dtype = dtypes.to_torch(tp.dtype)
+        buf = scratch()
+        written = 0
+
+        def write(r0: int, r1: int, block: torch.Tensor) -> None:
+            nonlocal written
+            if block.dtype != out_dtype or block.device.type != "cpu":
+                block = buf.take("child", tuple(block.shape), out_dtype, "cpu").copy_(block)
+            data = _as_bytes(block)
+            writer.write_rows(tp.name, r0, data)
+            written += len(data)
+
+        with _naming(tp):
+            task.blend(state, write)
+    writer.mark_done(tp.name, task.start)
     if progress:
-        progress(len(data))
-    return len(data)
+        progress(written)
+    return written
 
 
-def _stat_task(plan: Plan, tp: TensorPlan, rows: int, device: str) -> Any:
+def _partial_task(task: Task, state: Any) -> Any:
+    with _naming(task.tp):
+        return task.partial(state)
+
+
+def _finish_task(tp: TensorPlan, state: Any, parts: list) -> Any:
+    stat = methods.get(tp.method).statistic
+    assert stat is not None
     with _naming(tp):
-        return tensor_statistic(plan, tp, rows, device)
+        return stat.finish(stat.combine(parts), state)
 
 
 def build_graph(plan: Plan, writer, *, budget: int, workers: int, device: str, progress=None) -> tuple[dict, list]:
-    """A dask task graph: per layer, per tensor, per row chunk, one read-blend-write task."""
+    """A dask task graph: per layer, per tensor, per row chunk, one read-blend-write task.
+
+    A tensor split into several chunks whose method needs a statistic gets, per pass, one partial
+    task per chunk (run in parallel) and a task that folds them into the next state.
+    """
     graph: dict = {}
     outputs: list = []
     for tp in plan.tensors:
         total = _rows(tp.shape)
         rows = chunk_rows(plan, tp, budget, workers)
-        starts = [s for s in range(0, total, rows) if (tp.name, s) not in writer.done]
-        if not starts:
+        tasks = [make_task(plan, tp, s, min(s + rows, total), device, budget, workers) for s in range(0, total, rows)]
+        todo = [t for t in tasks if (tp.name, t.start) not in writer.done]
+        if not todo:
             continue
         layer = "other" if tp.layer is None else f"layer-{tp.layer}"
+        stat = methods.get(tp.method).statistic
         state_key = None
-        if total > rows and methods.get(tp.method).statistic is not None and not _is_copy(plan, tp):
-            state_key = (f"stat-{layer}", tp.name)
-            graph[state_key] = (_stat_task, plan, tp, rows, device)
-        for s in starts:
-            key = (f"blend-{layer}", tp.name, s)
-            graph[key] = (_write_task, plan, tp, s, min(s + rows, total), state_key, device, writer, progress)
+        if len(tasks) > 1 and stat is not None and not _is_copy(plan, tp):
+            for p in range(stat.passes):
+                parts = []
+                for t in tasks:
+                    key = (f"stat-{layer}", tp.name, p, t.start)
+                    graph[key] = (_partial_task, t, state_key)
+                    parts.append(key)
+                graph[(f"state-{layer}", tp.name, p)] = (_finish_task, tp, state_key, parts)
+                state_key = (f"state-{layer}", tp.name, p)
+        for t in todo:
+            key = (f"blend-{layer}", tp.name, t.start)
+            graph[key] = (_write_task, t, state_key, writer, progress)
             outputs.append(key)
     return graph, outputs
 
@@ -309,26 +489,33 @@ def run(plan: Plan, writer, *, budget: int = DEFAULT_BUDGET, client=None, device
                 progress(n)
     else:
         graph, outputs = build_graph(plan, writer, budget=budget, workers=workers, device=device, progress=progress)
-        with _single_threaded_torch():
-            results = dask.threaded.get(graph, outputs, num_workers=workers)
+        try:
+            with _single_threaded_torch():
+                results = dask.threaded.get(graph, outputs, num_workers=workers)
+        finally:
+            release_scratch()
     written = sum(results)
     return RunStats(bytes_to_read(plan), written, len(outputs), before)
 
 
+_M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 
 @functools.cache
 def bound_allocator() -> None:
-    """Make glibc hand chunk-sized buffers back to the OS as soon as they are freed.
+    """Fix glibc's mmap threshold so that only block-sized temporaries live in the heap.
 
-    glibc raises its mmap threshold each time a large block is freed, after which chunk buffers come
-    from the heap and stay there: measured, a merge under an 8 MiB budget then held 140 MiB more than
-    its plan. A fixed threshold (which also turns the adjustment off) keeps the peak at the budget.
+    glibc raises its mmap threshold each time a large block is freed, after which chunk-sized
+    buffers come from the heap and stay there: measured, a merge under an 8 MiB budget then held
+    140 MiB more than its plan. With a fixed threshold just above a heap block's temporaries, those
+    are recycled by the heap (no page faults), and anything larger is a mapping returned on free.
+    The trim threshold keeps the heap from being shrunk and regrown between blocks.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, 8 * MMAP_THRESHOLD)
     except (OSError, AttributeError):
         pass  # not glibc: nothing to tune
 

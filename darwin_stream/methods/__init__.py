@@ -47,6 +47,9 @@ class Chunk:
     numel: int = 0  # elements in the whole tensor
     shape: tuple[int, ...] = ()  # shape of the whole tensor
     seed: int = 0  # per-tensor seed, derived by the plan from the manifest seed and tensor name
+    # Set only for methods declared `inplace`: a buffer shaped like the inputs for the result. The
+    # engine then owns every tensor of the chunk as scratch, and the method may overwrite its inputs.
+    out: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class Statistic:
     partial: Callable[[Chunk, Any], Any]
     combine: Callable[[Sequence[Any]], Any]
     finish: Callable[[Any, Any], Any]
+    dtype: torch.dtype = torch.float32  # what the engine upcasts the chunks of a pass to
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,10 @@ class MergeMethod:
     name: str
     blend: Callable[[Chunk, Any], torch.Tensor]  # (chunk, final statistic state or None) -> merged rows
     statistic: Statistic | None = None
+    # True when blend (given `Chunk.out`) and the statistic's partial allocate nothing the size of the
+    # chunk: the engine then hands them large blocks. Others get small ones, whose temporaries the heap
+    # recycles.
+    inplace: bool = False
     needs_base: bool = False
     random: bool = False
     # Parameter names this method reads, with defaults; anything else in a manifest is an error.

@@ -22,7 +22,7 @@ def blend(chunk: Chunk, state: Any = None) -> torch.Tensor:
     # addcmul, divide by their sum last): where the terms nearly cancel, the rounding of each step
     # decides the bf16 result, so matching the child bit for bit means matching this sequence.
     w = torch.tensor(weights, dtype=chunk.models[0].dtype, device=chunk.models[0].device)
-    out = torch.zeros_like(chunk.models[0])
+    out = chunk.out.zero_() if chunk.out is not None else torch.zeros_like(chunk.models[0])
     for i, x in enumerate(chunk.models):
         out.addcmul_(x, w[i])
     if chunk.params.get("normalize", True):
@@ -39,5 +39,6 @@ LINEAR = register(
         blend=blend,
         model_param_defaults={"weight": REQUIRED},
         param_defaults={"normalize": True},
+        inplace=True,
     )
 )

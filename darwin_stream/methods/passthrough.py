@@ -15,7 +15,9 @@ def blend(chunk: Chunk, state: Any = None) -> torch.Tensor:
         raise ValueError(f"passthrough expects exactly one input tensor, got {len(sources)}")
     scale = chunk.model_params[0].get("scale") if chunk.models and chunk.model_params else None
     x = sources[0]
+    if chunk.out is not None:
+        return x.mul_(float(scale)) if scale is not None else x  # the engine's scratch: no copy needed
     return x * float(scale) if scale is not None else x.clone()
 
 
-PASSTHROUGH = register(MergeMethod(name="passthrough", blend=blend, model_param_defaults={"scale": None}))
+PASSTHROUGH = register(MergeMethod(name="passthrough", blend=blend, model_param_defaults={"scale": None}, inplace=True))

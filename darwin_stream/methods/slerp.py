@@ -38,6 +38,7 @@ def _pair(chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _partial(chunk: Chunk, state: Any) -> dict[str, Any]:
     a, b = _pair(chunk)
+    # The engine upcasts a statistic's chunks to float64 (Statistic.dtype), so these are views.
     a64, b64 = a.reshape(-1).to(torch.float64), b.reshape(-1).to(torch.float64)
     return {"t": float(chunk.params["t"]), "ab": a64 @ b64, "aa": a64 @ a64, "bb": b64 @ b64}
 
@@ -49,15 +50,19 @@ def _finish(combined: dict[str, Any], state: Any) -> tuple[float, float]:
 def blend(chunk: Chunk, state: tuple[float, float]) -> torch.Tensor:
     a, b = _pair(chunk)
     s0, s1 = state
-    return a * s0 + b * s1
+    if chunk.out is None:
+        return a * s0 + b * s1
+    # Same roundings as above (two products, one sum), in the engine's scratch.
+    return torch.add(a.mul_(s0), b.mul_(s1), out=chunk.out)
 
 
 SLERP = register(
     MergeMethod(
         name="slerp",
         blend=blend,
-        statistic=Statistic(passes=1, partial=_partial, combine=sum_tree, finish=_finish),
+        statistic=Statistic(passes=1, partial=_partial, combine=sum_tree, finish=_finish, dtype=torch.float64),
         needs_base=True,
+        inplace=True,
         param_defaults={"t": REQUIRED},
     )
 )
