@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -267,5 +268,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> None:
+    """The console script: `main`, then exit without tearing the interpreter down.
+
+    Everything a command writes is flushed and fsynced before it returns; what is left is unloading
+    torch, dask and zarr, measured at 0.4 s of a 4 s merge. In-process callers use `main`.
+    """
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -581,6 +581,27 @@ def geometry_tables(doc: dict, gname: str, targets: list[tuple[str, bool | None,
                     targets.append((f"{geom} {method} warm: ≥ 2× faster than mergekit",
                                     None if med is None else med >= 2.0, f"{fmt(med, '.2f', '×')}"))
             out.append("| " + " | ".join(row) + " |")
+    if default:
+        out += ["", f"Where darwin-stream {default}'s wall time goes: the `merge()` call itself (the `wall_s` of its "
+                "`--json` report, what a library caller in a running process pays) and the rest of the "
+                "process (interpreter start, importing torch, dask and zarr, exit):", "",
+                "| method | cache | process wall s | of which merge() s | start-up and exit s | merge() / floor |",
+                "|---|---|---|---|---|---|"]
+        for method in methods:
+            for state in states:
+                reps_ = sorted({r["rep"] for r in runs if (r["method"], r["state"]) == (method, state)})
+                walls, calls, ratios = [], [], []
+                for i in reps_:
+                    d, f = pick(method, state, "darwin-stream", default, i), pick(method, state, "floor", None, i)
+                    if d and d.get("report"):
+                        walls.append(d["wall_s"])
+                        calls.append(d["report"]["wall_s"])
+                        if f:
+                            ratios.append(d["report"]["wall_s"] / f["wall_s"])
+                if calls:
+                    out.append(f"| {method} | {state} | {fmt(bc.median(walls))} | {fmt(bc.median(calls))} | "
+                               f"{fmt(bc.median(w - c for w, c in zip(walls, calls, strict=True)))} | "
+                               f"{fmt(bc.median(ratios), '.2f', '×')} |")
     out += ["", "CPU time (user + system over the process tree, s; median over runs and cache states). "
             "Unlike wall time it barely depends on how busy the shared cores were:", ""]
     head = ["method", *[f"darwin-stream {b}" for b in budgets], *(["mergekit", f"mergekit / ds {default}"]
