@@ -191,7 +191,9 @@ def gta_blend(
     weights = [float(mp["weight"]) for mp in chunk.model_params]
     normalize = bool(chunk.params.get("normalize", normalize_default))
     lam = float(chunk.params.get("lambda", 1.0))
-    mixed = torch.zeros_like(base)
+    # Only task_arithmetic is declared inplace, so only it is handed the engine's scratch.
+    inplace = chunk.out is not None
+    mixed = chunk.out.zero_() if inplace else torch.zeros_like(base)
     if consensus:
         # Majority sign from the sum of weighted deltas ('sum' consensus), then a second sweep over the
         # models keeps only agreeing deltas; recomputing deltas keeps memory at a few chunks for any N.
@@ -209,14 +211,17 @@ def gta_blend(
         divisor[divisor == 0] = 1
     else:
         for i, w in enumerate(weights):
-            mixed += sparsified_delta(chunk, state, i, sparsification) * w
+            if inplace:  # the same roundings as below, computed over the scratch inputs
+                mixed += chunk.models[i].sub_(base).mul_(w)
+            else:
+                mixed += sparsified_delta(chunk, state, i, sparsification) * w
         total = sum(weights)
         divisor = total if abs(total) >= 1e-8 else 1.0
     if normalize:
         mixed /= divisor
     if lam != 1:
         mixed *= lam
-    return base + mixed
+    return torch.add(base, mixed, out=mixed) if inplace else base + mixed
 
 
 def make_gta(
@@ -257,6 +262,7 @@ def make_gta(
         statistic=statistic,
         needs_base=True,
         random=sparsification == RANDOM,
+        inplace=sparsification is None and not consensus,
         model_param_defaults=model_params,
         param_defaults={
             "int8_mask": False,  # only the dtype of mergekit's mask; results are identical
