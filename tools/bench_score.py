@@ -178,6 +178,7 @@ def main() -> None:
         "model": args.model,
         "parent_bytes": sum(f.stat().st_size for f in father.glob("*.safetensors")),
         "engine_start_s": round(engine_start, 1),
+        "dtype": backend.dtype,
         "cores": os.cpu_count(),
         **summary,
         "inplace_vs_reload": round(ip["per_minute"] / summary["reload"]["per_minute"], 1),

@@ -64,6 +64,51 @@ def write_skeleton(plan: Plan, out: Path | None = None) -> Path:
     return out
 
 
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); without it bf16 is emulated."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # unknown: keep the checkpoint's dtype
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def mem_available() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def weight_bytes(child: Child) -> int:
+    """The child's weights as stored (bf16 for the children this tool makes)."""
+    if isinstance(child, Plan):
+        from darwin_stream.export import layout
+
+        return layout(child, 2**62).nbytes
+    p = Path(child)
+    return sum(f.stat().st_size for f in p.glob("*.safetensors")) if p.is_dir() else 0
+
+
+def resolve_dtype(requested: str, child: Child, *, on_gpu: bool, has_bf16: bool | None = None,
+                  available: int | None = None) -> str:
+    """The dtype a backend computes in. `auto` picks float32 on a CPU without native bf16, where it
+    scores several times faster (measured: 0.6B geometry, 10 s vs 64 s per candidate), as long as the
+    float32 weights take under a third of the available memory; bfloat16 otherwise."""
+    if requested != "auto":
+        return requested
+    if on_gpu or (cpu_has_bf16() if has_bf16 is None else has_bf16):
+        return "bfloat16"
+    room = mem_available() if available is None else available
+    return "float32" if 2 * weight_bytes(child) * 3 < room else "bfloat16"
+
+
 def install_hint() -> str:
     import torch  # here, not at import: building the CLI's parser must not load torch
 
@@ -77,6 +122,10 @@ def open_backend(name: str, first: Child, **options: Any) -> Any:
         # vLLM logs to stdout by default; keep stdout for results (--json lines). Set before import.
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        if len(os.sched_getaffinity(0)) <= 2:
+            # vLLM keeps one core for its scheduler process: on two cores that halves scoring and
+            # in-place breeding (measured: 64 s -> 32 s per candidate, 0.6B geometry).
+            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         try:
             import vllm  # noqa: F401
         except ImportError:

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from darwin_stream.errors import DarwinError
-from darwin_stream.score.backend import BACKENDS, open_backend, resolve_model
+from darwin_stream.score.backend import BACKENDS, DTYPES, open_backend, resolve_model
 from darwin_stream.score.run import score_child
 from darwin_stream.score.tasks import load_task
 
@@ -29,6 +29,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON object per model, one per line")
     parser.add_argument("--details", metavar="FILE", help="write one JSON line per item to FILE")
     parser.add_argument("--max-model-len", type=int, default=None, help="vllm: context length (default 2048)")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto",
+                        help="compute dtype; auto: float32 on a CPU without native bf16 when it fits in memory, "
+                             "else bfloat16")
 
 
 def _default_backend() -> str:
@@ -60,13 +63,14 @@ def run(args: argparse.Namespace) -> int:
         raise DarwinError(f"two tasks share a name: {names}; give one a 'name' option in its header line")
     # Resolve every model before starting an engine: a typo should cost a second, not 30.
     children = [(spec, resolve_model(spec)) for spec in args.models]
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {"dtype": getattr(args, "dtype", "auto")}
     if name == "vllm" and args.max_model_len:
         options["max_model_len"] = args.max_model_len
     details = open(args.details, "w", encoding="utf-8") if args.details else None  # noqa: SIM115
     t0 = time.perf_counter()
     backend = open_backend(name, children[0][1], **options)
-    print(f"darwin-stream score: {name} engine ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    print(f"darwin-stream score: {name} engine ready in {time.perf_counter() - t0:.1f} s "
+          f"(computing in {str(backend.dtype).removeprefix('torch.')})", file=sys.stderr)
     try:
         for i, (spec, child) in enumerate(children):
             load_s = backend.load(child)["seconds"] if i else 0.0

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from darwin_stream.plan import Plan
-from darwin_stream.score.backend import Child, plan_config
+from darwin_stream.score.backend import Child, plan_config, resolve_dtype
 
 BATCH = 16
 
@@ -21,9 +21,11 @@ BATCH = 16
 class HfBackend:
     name = "hf"
 
-    def __init__(self, first: Child, *, dtype: torch.dtype = torch.bfloat16, device: str | None = None):
-        self.dtype = dtype
+    def __init__(self, first: Child, *, dtype: torch.dtype | str = "auto", device: str | None = None):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if isinstance(dtype, str):
+            dtype = getattr(torch, resolve_dtype(dtype, first, on_gpu=self.device.startswith("cuda")))
+        self.dtype = dtype
         self.model: Any = None
         self.tokenizer: Any = None
         self.load(first)

@@ -20,7 +20,7 @@ from typing import Any
 
 from darwin_stream.errors import DarwinError
 from darwin_stream.plan import Plan
-from darwin_stream.score.backend import Child, plan_config, write_skeleton
+from darwin_stream.score.backend import Child, plan_config, resolve_dtype, write_skeleton
 
 WORKER_CLS = "darwin_stream.score.worker.BreedWorker"
 DEFAULT_MAX_MODEL_LEN = 2048
@@ -40,7 +40,7 @@ class VllmBackend:
         first: Child,
         *,
         max_model_len: int | None = None,
-        dtype: str = "bfloat16",
+        dtype: str = "auto",
         engine_args: dict[str, Any] | None = None,
     ):
         # CPU: vLLM's default KV cache reservation is large; 1 GiB is plenty for scoring short items.
@@ -58,11 +58,12 @@ class VllmBackend:
             model, load_format = first, "auto"
             config = AutoConfig.from_pretrained(first).to_dict()
         self.load_format = load_format
+        self.dtype = resolve_dtype(dtype, first, on_gpu=_on_gpu())
         self.geometry = _geometry(config)
         self.max_model_len = _max_model_len(config, max_model_len)
         self.llm = LLM(
             model=model,
-            dtype=dtype,
+            dtype=self.dtype,
             enforce_eager=True,  # no graph capture / compile: start-up time matters more here
             max_model_len=self.max_model_len,
             load_format=load_format,
@@ -138,6 +139,12 @@ class VllmBackend:
 
 GEOMETRY_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
                  "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")
+
+
+def _on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _geometry(config: dict[str, Any]) -> dict[str, Any]:

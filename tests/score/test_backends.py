@@ -25,7 +25,7 @@ def _ids(backend, texts):
 
 @pytest.fixture(scope="module")
 def hf_father(demo):
-    backend = open_backend("hf", str(demo["father"]))
+    backend = open_backend("hf", str(demo["father"]), dtype="bfloat16")
     yield backend
     backend.close()
 
@@ -54,8 +54,8 @@ def test_hf_scores_all_kinds(hf_father):
 def test_hf_plan_child_equals_disk_child(demo, plan, merged_child, hf_father):
     """Bred in this process from the plan == loaded from the disk merge, logprob for logprob."""
     seqs = _ids(hf_father, PROMPTS)
-    bred = open_backend("hf", plan)
-    disk = open_backend("hf", str(merged_child))
+    bred = open_backend("hf", plan, dtype="bfloat16")
+    disk = open_backend("hf", str(merged_child), dtype="bfloat16")
     assert bred.token_logprobs(seqs) == disk.token_logprobs(seqs)
     assert bred.token_logprobs(seqs) != hf_father.token_logprobs(seqs)
 
