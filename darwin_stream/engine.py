@@ -308,13 +308,15 @@ def iter_tensors(plan: Plan, *, device: str = "cpu", workers: int | None = None,
                  budget: int = DEFAULT_BUDGET) -> Iterator[tuple[str, torch.Tensor]]:
     """Every child tensor, whole, in plan order: what an inference engine loads in place.
 
-    The next `workers` tensors are blended in threads while the consumer (vLLM copying weights into
-    its parameters) takes the current one, so breeding in place runs as parallel as a disk merge.
-    At most `workers + 1` whole tensors are alive at once, plus each thread's scratch.
+    With `workers` > 0 the next `workers` tensors are blended in threads while the consumer (vLLM
+    copying weights into its parameters) takes the current one; at most `workers + 1` whole tensors
+    are alive at once, plus each thread's scratch. With `workers=0` each tensor is blended in the
+    consumer's own thread, one at a time, with torch's intra-op threads: inside vLLM's worker that
+    is the thread its OpenMP team is bound to.
     """
     check_device(device)
     bound_allocator()
-    workers = workers or os.cpu_count() or 1
+    workers = (os.cpu_count() or 1) if workers is None else workers
 
     def one(tp: TensorPlan) -> torch.Tensor:
         with _naming(tp):
@@ -326,11 +328,15 @@ def iter_tensors(plan: Plan, *, device: str = "cpu", workers: int | None = None,
             def into(r0: int, r1: int, block: torch.Tensor) -> None:
                 rows[r0:r1].copy_(block.reshape(rows[r0:r1].shape))
 
-            make_task(plan, tp, 0, _rows(tp.shape), device, budget, workers).blend(None, into)
+            make_task(plan, tp, 0, _rows(tp.shape), device, budget, max(workers, 1)).blend(None, into)
             return out
 
-    todo = iter(plan.tensors)
     try:
+        if workers == 0:
+            for tp in plan.tensors:
+                yield tp.name, one(tp)
+            return
+        todo = iter(plan.tensors)
         with ThreadPoolExecutor(workers, thread_name_prefix="darwin-breed") as pool:
             pending = deque((tp.name, pool.submit(one, tp)) for tp in itertools.islice(todo, workers))
             while pending:

@@ -70,11 +70,12 @@ def test_chunking_does_not_change_the_child(pair, tmp_path, method, params, mode
         assert torch.equal(whole[name].view(torch.int16), chunked[name].view(torch.int16)), name
 
 
-def test_iter_tensors_equals_the_child_on_disk(pair, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_iter_tensors_equals_the_child_on_disk(pair, tmp_path, workers):
     dirs, shapes = pair
     plan = _plan(dirs, shapes, "slerp", {"t": 0.7})
     on_disk = _merge(plan, tmp_path / "c", budget=40_000)
-    in_memory = dict(engine.iter_tensors(plan))
+    in_memory = dict(engine.iter_tensors(plan, workers=workers))
     assert in_memory.keys() == on_disk.keys()
     for name, t in in_memory.items():
         assert t.dtype == torch.bfloat16

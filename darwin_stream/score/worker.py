@@ -71,7 +71,9 @@ class BreedWorker:
 
         plan = Plan.from_json(plan_json)
         device = str(getattr(self.model_runner, "device", "cpu"))
-        return self._darwin_feed(engine.iter_tensors(plan, device=device), digests)
+        # Blend in this thread: vLLM binds its OpenMP team to the cores from here, and torch ops run
+        # across that team. A blending thread of our own starts a team of its own on the same cores.
+        return self._darwin_feed(engine.iter_tensors(plan, device=device, workers=0), digests)
 
     def darwin_load_dir(self, path: str, digests: bool = False) -> dict[str, Any]:
         """Load a checkpoint directory by streaming its tensors (works whatever the engine's
