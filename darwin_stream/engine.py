@@ -1,18 +1,18 @@
 """Plan -> dask graph of row-chunk tasks, each bounded in memory, that blend and write the child.
 
-A task reads the same rows of every input, blends them with the tensor's method and writes the rows
-to their final place in the child's shard. Nothing but a chunk ever lives in memory, so the peak is
-`workers x chunk bytes`, which `chunk_rows` keeps under the memory budget.
+A task reads the same rows of every input once (zero-copy for local shards), then walks them in row
+blocks: each block is upcast into this thread's scratch buffers, blended with the tensor's method and
+written to its final place in the child's shard. The peak is `workers x (raw rows + one block of
+scratch)`, which `chunk_rows` and `block_rows` keep under the memory budget; no block allocates
+anything chunk-sized, which is what keeps the kernel from faulting in fresh pages all merge long.
 
-Methods that need a statistic of the whole tensor (slerp, ties, model_stock, ...) get it from a
-streaming pass over the tensor's chunks, run as one task that the tensor's blend tasks depend on.
-When a tensor fits in one chunk, the statistic is computed on that chunk inside its blend task, so
-the parents are read once.
+Methods that need a statistic of the whole tensor (slerp, ties, model_stock, ...) get it from
+streaming passes: one partial task per chunk, folded by one task per pass, which the tensor's blend
+tasks depend on. When a tensor is one task, its statistic is computed inside that task.
 
 `iter_tensors` yields whole child tensors with the same functions: this is what the vLLM worker feeds
 to a live engine, so a child bred in place equals the child merged to disk.
 """
-
 from __future__ import annotations
 
 import contextlib
