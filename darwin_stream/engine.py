@@ -75,6 +75,16 @@ def _row_elems(shape: tuple[int, ...]) -> int:
     return _numel(shape[1:]) if shape else 1
 
 
+def _block_shape(shape: tuple[int, ...], r0: int, r1: int) -> tuple[int, ...]:
+    """Shape of rows [r0, r1) of a tensor of `shape` (a 0-d tensor is its own single row)."""
+    return (r1 - r0, *shape[1:]) if shape else ()
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """`t` as a 2-d view, one row per row of the tensor, so that row ranges can be sliced."""
+    return t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1)
+
+
 def get_parent_info(plan: Plan, ref: SourceRef):
     return get_parent(plan.parents[ref.parent]).info(ref.tensor)
 
@@ -251,10 +261,9 @@ class Task:
         """(r0, r1, chunk) over the task's rows; the chunk's tensors are this thread's scratch."""
         tp, buf = self.tp, scratch()
         base, models = self.read()
-        cols = tuple(tp.shape[1:])
         for r0 in range(self.start, self.stop, self.block):
             r1 = min(r0 + self.block, self.stop)
-            shape = (r1 - r0, *cols) if tp.shape else ()
+            shape = _block_shape(tp.shape, r0, r1)
 
             def filled(slot: str, rows: Rows, shape: tuple[int, ...] = shape, r0: int = r0, r1: int = r1) -> torch.Tensor:
                 return fill(buf.take(slot, shape, dtype, self.device), rows, r0, r1)
@@ -297,7 +306,7 @@ class Task:
             assert self.start == 0 and self.stop == _rows(self.tp.shape)
             state = self.statistic()
         for r0, r1, chunk in self.blocks(torch.float32, with_out=method.inplace):
-            sink(r0, r1, method.blend(chunk, state).reshape(chunk.out.shape if chunk.out is not None else (r1 - r0, *self.tp.shape[1:]) if self.tp.shape else ()))
+            sink(r0, r1, method.blend(chunk, state).reshape(_block_shape(self.tp.shape, r0, r1)))
 
 
 def make_task(plan: Plan, tp: TensorPlan, start: int, stop: int, device: str, budget: int, workers: int) -> Task:
@@ -323,10 +332,10 @@ def iter_tensors(plan: Plan, *, device: str = "cpu", workers: int | None = None,
             if _is_copy(plan, tp):
                 return get_parent(plan.parents[tp.models[0].parent]).read(tp.models[0].tensor).clone()
             out = torch.empty(tp.shape, dtype=dtypes.to_torch(tp.dtype))
-            rows = out.reshape(_rows(tp.shape), -1) if tp.shape else out
+            rows = _as_rows(out)
 
             def into(r0: int, r1: int, block: torch.Tensor) -> None:
-                rows[r0:r1].copy_(block.reshape(rows[r0:r1].shape))
+                rows[r0:r1].copy_(_as_rows(block))
 
             make_task(plan, tp, 0, _rows(tp.shape), device, budget, max(workers, 1)).blend(None, into)
             return out

@@ -207,3 +207,17 @@ def test_cuda_without_a_gpu_is_a_clear_error(pair):
     plan = _plan(dirs, shapes, "slerp", {"t": 0.6})
     with pytest.raises(engine.DarwinError, match="no CUDA device"):
         list(engine.iter_tensors(plan, device="cuda"))
+
+
+def test_a_scalar_tensor_merges_on_disk_and_in_place(tmp_path):
+    dirs = []
+    for k, value in enumerate((1.0, 3.0)):
+        d = tmp_path / f"p{k}"
+        d.mkdir()
+        save_file({"scale": torch.tensor(value, dtype=torch.bfloat16)}, str(d / "model.safetensors"))
+        dirs.append(str(d))
+    plan = _plan(dirs, {"scale": ()}, "linear", {"normalize": True}, ({"weight": 0.75}, {"weight": 0.25}), base=False)
+    on_disk = _merge(plan, tmp_path / "c", budget=2**20)
+    in_memory = dict(engine.iter_tensors(plan, workers=0))
+    assert on_disk["scale"].shape == in_memory["scale"].shape == ()
+    assert on_disk["scale"].item() == in_memory["scale"].item() == 1.5
