@@ -196,7 +196,6 @@ def release_scratch() -> None:
 class Rows:
     """One input's rows [start, stop) as stored (a view of the page cache for local shards)."""
 
-    ref: SourceRef
     data: torch.Tensor | None  # None: the rows lie wholly in the zero padding
     shape: tuple[int, ...]  # the stored tensor's shape
     start: int
@@ -207,7 +206,7 @@ def read_rows(plan: Plan, ref: SourceRef, start: int, stop: int) -> Rows:
     info = parent.info(ref.tensor)
     have = _rows(info.shape)
     data = parent.read_rows(ref.tensor, start, min(stop, have)) if start < have else None
-    return Rows(ref, data, tuple(info.shape), start)
+    return Rows(data, tuple(info.shape), start)
 
 
 def fill(dst: torch.Tensor, rows: Rows, r0: int, r1: int) -> torch.Tensor:
@@ -242,6 +241,9 @@ def _is_copy(plan: Plan, tp: TensorPlan) -> bool:
     return get_parent_info(plan, tp.models[0]).dtype == tp.dtype
 
 
+Inputs = tuple[Rows | None, list[Rows]]  # a task's rows of the base (if any) and of each model
+
+
 @dataclass(frozen=True)
 class Task:
     """One tensor's rows [start, stop), read once, walked in blocks of `block` rows."""
@@ -253,14 +255,14 @@ class Task:
     block: int
     device: str
 
-    def read(self) -> tuple[Rows | None, list[Rows]]:
+    def read(self) -> Inputs:
         base = read_rows(self.plan, self.tp.base, self.start, self.stop) if self.tp.base else None
         return base, [read_rows(self.plan, m, self.start, self.stop) for m in self.tp.models]
 
-    def blocks(self, dtype: torch.dtype, with_out: bool) -> Iterator[tuple[int, int, methods.Chunk]]:
+    def blocks(self, inputs: Inputs, dtype: torch.dtype, with_out: bool) -> Iterator[tuple[int, int, methods.Chunk]]:
         """(r0, r1, chunk) over the task's rows; the chunk's tensors are this thread's scratch."""
         tp, buf = self.tp, scratch()
-        base, models = self.read()
+        base, models = inputs
         for r0 in range(self.start, self.stop, self.block):
             r1 = min(r0 + self.block, self.stop)
             shape = _block_shape(tp.shape, r0, r1)
@@ -280,32 +282,33 @@ class Task:
                 out=buf.take("out", shape, dtype, self.device) if with_out else None,
             )
 
-    def partial(self, state: Any) -> Any:
+    def partial(self, state: Any, inputs: Inputs | None = None) -> Any:
         """This task's share of one pass of the method's statistic, folded over its blocks."""
         stat = methods.get(self.tp.method).statistic
         assert stat is not None
         acc = None
-        for _, _, chunk in self.blocks(stat.dtype, with_out=False):
+        for _, _, chunk in self.blocks(inputs or self.read(), stat.dtype, with_out=False):
             part = stat.partial(chunk, state)
             acc = part if acc is None else stat.combine([acc, part])
         return acc
 
-    def statistic(self) -> Any:
-        """All passes of the statistic, when this task covers the whole tensor."""
+    def statistic(self, inputs: Inputs) -> Any:
+        """All passes of the statistic over rows already read, when this task is the whole tensor."""
         stat = methods.get(self.tp.method).statistic
         state = None
         for _ in range(stat.passes if stat else 0):
-            state = stat.finish(self.partial(state), state)
+            state = stat.finish(self.partial(state, inputs), state)
         return state
 
     def blend(self, state: Any, sink: Callable[[int, int, torch.Tensor], None]) -> None:
         """Blend block by block, handing each block of child rows (float32, scratch) to `sink`."""
         method = methods.get(self.tp.method)
+        inputs = self.read()  # once: for URLs and stores a read is a download
         if method.statistic is not None and state is None:
-            # The whole tensor is this one task: its statistic needs no other reads.
+            # The whole tensor is this one task: its statistic walks the same rows first.
             assert self.start == 0 and self.stop == _rows(self.tp.shape)
-            state = self.statistic()
-        for r0, r1, chunk in self.blocks(torch.float32, with_out=method.inplace):
+            state = self.statistic(inputs)
+        for r0, r1, chunk in self.blocks(inputs, torch.float32, with_out=method.inplace):
             sink(r0, r1, method.blend(chunk, state).reshape(_block_shape(self.tp.shape, r0, r1)))
 
 

@@ -221,3 +221,24 @@ def test_a_scalar_tensor_merges_on_disk_and_in_place(tmp_path):
     in_memory = dict(engine.iter_tensors(plan, workers=0))
     assert on_disk["scale"].shape == in_memory["scale"].shape == ()
     assert on_disk["scale"].item() == in_memory["scale"].item() == 1.5
+
+
+def test_a_one_task_statistic_reads_each_input_once(pair, monkeypatch):
+    """slerp over a whole tensor walks its rows twice (angle, then blend) but reads them once:
+    for a URL or store parent, every read is a download."""
+    from collections import Counter
+
+    from darwin_stream.sources import SafetensorsParent
+
+    dirs, shapes = pair
+    plan = _plan(dirs, shapes, "slerp", {"t": 0.3})
+    reads: Counter = Counter()
+    real = SafetensorsParent.read_rows
+
+    def counting(self, name, start=0, stop=None):
+        reads[name] += 1
+        return real(self, name, start, stop)
+
+    monkeypatch.setattr(SafetensorsParent, "read_rows", counting)
+    dict(engine.iter_tensors(plan, workers=0))
+    assert reads == {name: 2 for name in shapes}  # the base's rows and the other model's, once each
