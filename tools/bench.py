@@ -540,6 +540,19 @@ def geometry_tables(doc: dict, gname: str, targets: list[tuple[str, bool | None,
                 return r
         return None
 
+    def reps_of(method: str, state: str) -> list[int]:
+        return sorted({r["rep"] for r in runs if (r["method"], r["state"]) == (method, state)})
+
+    def median_ratio(method: str, state: str, top: tuple[str, str | None], bottom: tuple[str, str | None],
+                     top_s=lambda r: r["wall_s"]) -> float | None:
+        """Median over repetitions of top's seconds / bottom's wall, each pair from the same repetition."""
+        ratios = []
+        for i in reps_of(method, state):
+            a, b = pick(method, state, *top, i), pick(method, state, *bottom, i)
+            if a and b and top_s(a) is not None:
+                ratios.append(top_s(a) / b["wall_s"])
+        return bc.median(ratios)
+
     head = ["method", "cache", "I/O floor s (read + write)"]
     head += [f"darwin-stream {b} s" for b in budgets]
     head += ["mergekit s"] if has_mk else []
@@ -550,7 +563,7 @@ def geometry_tables(doc: dict, gname: str, targets: list[tuple[str, bool | None,
     states = [s for s in STATES if any(r["state"] == s for r in runs)]
     for method in methods:
         for state in states:
-            reps_ = sorted({r["rep"] for r in runs if (r["method"], r["state"]) == (method, state)})
+            reps_ = reps_of(method, state)
             fl = [pick(method, state, "floor", None, i) for i in reps_]
             row = [method, state, f"{fmt(bc.median(f['wall_s'] for f in fl if f))} "
                    f"({fmt(bc.median(f['read_s'] for f in fl if f))} + {fmt(bc.median(f['write_s'] for f in fl if f))})"]
@@ -559,23 +572,13 @@ def geometry_tables(doc: dict, gname: str, targets: list[tuple[str, bool | None,
             if has_mk:
                 row.append(fmt(bc.median(r["wall_s"] for i in reps_ if (r := pick(method, state, "mergekit", None, i)))))
             for b in budgets:
-                ratios = []
-                for i in reps_:
-                    d, f = pick(method, state, "darwin-stream", b, i), pick(method, state, "floor", None, i)
-                    if d and f:
-                        ratios.append(d["wall_s"] / f["wall_s"])
-                med = bc.median(ratios)
+                med = median_ratio(method, state, ("darwin-stream", b), ("floor", None))
                 row.append(fmt(med, ".2f", "×"))
                 if b == default:
                     targets.append((f"{geom} {method} {state}: darwin-stream wall ≤ 1.3× I/O floor",
                                     None if med is None else med <= 1.3, f"{fmt(med, '.2f', '×')}"))
             if has_mk and default:
-                ratios = []
-                for i in reps_:
-                    d, k = pick(method, state, "darwin-stream", default, i), pick(method, state, "mergekit", None, i)
-                    if d and k:
-                        ratios.append(k["wall_s"] / d["wall_s"])
-                med = bc.median(ratios)
+                med = median_ratio(method, state, ("mergekit", None), ("darwin-stream", default))
                 row.append(fmt(med, ".2f", "×"))
                 if state == "warm":
                     targets.append((f"{geom} {method} warm: ≥ 2× faster than mergekit",
@@ -589,19 +592,16 @@ def geometry_tables(doc: dict, gname: str, targets: list[tuple[str, bool | None,
                 "|---|---|---|---|---|---|"]
         for method in methods:
             for state in states:
-                reps_ = sorted({r["rep"] for r in runs if (r["method"], r["state"]) == (method, state)})
-                walls, calls, ratios = [], [], []
-                for i in reps_:
-                    d, f = pick(method, state, "darwin-stream", default, i), pick(method, state, "floor", None, i)
-                    if d and d.get("report"):
-                        walls.append(d["wall_s"])
-                        calls.append(d["report"]["wall_s"])
-                        if f:
-                            ratios.append(d["report"]["wall_s"] / f["wall_s"])
+                ds = [d for i in reps_of(method, state)
+                      if (d := pick(method, state, "darwin-stream", default, i)) and d.get("report")]
+                walls = [d["wall_s"] for d in ds]
+                calls = [d["report"]["wall_s"] for d in ds]
+                ratio = median_ratio(method, state, ("darwin-stream", default), ("floor", None),
+                                      top_s=lambda r: r["report"]["wall_s"] if r.get("report") else None)
                 if calls:
                     out.append(f"| {method} | {state} | {fmt(bc.median(walls))} | {fmt(bc.median(calls))} | "
                                f"{fmt(bc.median(w - c for w, c in zip(walls, calls, strict=True)))} | "
-                               f"{fmt(bc.median(ratios), '.2f', '×')} |")
+                               f"{fmt(ratio, '.2f', '×')} |")
     out += ["", "CPU time (user + system over the process tree, s; median over runs and cache states). "
             "Unlike wall time it barely depends on how busy the shared cores were:", ""]
     head = ["method", *[f"darwin-stream {b}" for b in budgets], *(["mergekit", f"mergekit / ds {default}"]
