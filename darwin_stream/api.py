@@ -121,6 +121,7 @@ def merge(
     shard_size: int | None = None,
     out_format: str | None = None,
     overwrite: bool = False,
+    direct_io: bool | None = None,
     progress: Callable[[int], None] | None = None,
     on_plan: Callable[[Plan, int], None] | None = None,
 ) -> MergeReport:
@@ -144,7 +145,8 @@ def merge(
         target = out_path if out_format == "safetensors" else out_path.parent / f".{out_path.name}.safetensors"
         if out_format == "zarr" and out_path.exists() and not overwrite:
             raise DarwinError(f"output {out_path} already exists (use --overwrite to replace it)")
-        writer = ChildWriter(target, plan, shard_size, overwrite=overwrite or out_format == "zarr")
+        direct_io = opts.get("direct_io", True) if direct_io is None else direct_io
+        writer = ChildWriter(target, plan, shard_size, overwrite=overwrite or out_format == "zarr", direct=direct_io)
         if on_plan:
             on_plan(plan, plan.nbytes)
         stats = engine.run(plan, writer, budget=budget, client=client, device=device, progress=progress)

@@ -83,7 +83,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     with _Bar("merge", args.quiet) as bar:
         report = api.merge(args.manifest, args.out_dir, client=client, memory_budget=args.memory_budget,
                            device=args.device, shard_size=args.shard_size, out_format=args.format,
-                           overwrite=args.overwrite, progress=bar.callback(),
+                           overwrite=args.overwrite, direct_io=False if args.page_cache else None,
+                           progress=bar.callback(),
                            on_plan=lambda plan, nbytes: bar.start(nbytes))
     if args.json:
         print(json.dumps(report.to_dict()))
@@ -209,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--format", choices=["safetensors", "zarr"])
     m.add_argument("--scheduler", help="address of a dask.distributed scheduler (default: threads)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    m.add_argument("--page-cache", action="store_true",
+                   help="write the child through the page cache, leaving it cached for a following load "
+                        "(default: O_DIRECT where the filesystem allows it)")
     common(m)
     m.set_defaults(func=cmd_merge)
 

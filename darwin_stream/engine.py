@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import functools
 import itertools
+import mmap
 import os
 import threading
 import time
@@ -33,6 +34,7 @@ import torch
 
 from darwin_stream import dtypes, methods
 from darwin_stream.errors import DarwinError
+from darwin_stream.export import PAGE, STAGE_BYTES, staging_buffer
 from darwin_stream.plan import Plan, SourceRef, TensorPlan
 from darwin_stream.sources import Parent, open_parent
 
@@ -115,11 +117,21 @@ def block_bytes_per_elem(plan: Plan, tp: TensorPlan) -> int:
     return fill + 4 + dtypes.itemsize(tp.dtype) + temps
 
 
+def stage_bytes(budget: int, workers: int) -> int:
+    """The writer's staging buffer, per worker: an eighth of its share of the budget, 4 MiB at most."""
+    per_worker = budget // max(workers, 1)
+    return min(STAGE_BYTES, max(2 * PAGE, per_worker // 8 // PAGE * PAGE))
+
+
+def _share(budget: int, workers: int) -> int:
+    """A worker's share of the budget for rows and scratch, its staging buffer set aside."""
+    return max(0, budget // max(workers, 1) - stage_bytes(budget, workers))
+
+
 def block_rows(plan: Plan, tp: TensorPlan, budget: int, workers: int) -> int:
     """Rows a blend handles at once: half of a worker's share of the budget, at least one row."""
     cap = INPLACE_BLOCK if methods.get(tp.method).inplace else HEAP_BLOCK
-    per_worker = budget // max(workers, 1)
-    elems = min(cap, per_worker // 2 // block_bytes_per_elem(plan, tp))
+    elems = min(cap, _share(budget, workers) // 2 // block_bytes_per_elem(plan, tp))
     return max(1, min(_rows(tp.shape), elems // max(_row_elems(tp.shape), 1)))
 
 
@@ -129,17 +141,17 @@ def chunk_rows(plan: Plan, tp: TensorPlan, budget: int, workers: int) -> int:
     of a worker's share."""
     if len(tp.shape) <= 1:
         return _rows(tp.shape)  # norms and biases: small, and some statistics want them whole
-    per_worker = budget // max(workers, 1)
     raw_row = max(1, _inputs_itemsize(plan, tp) * _row_elems(tp.shape))
-    rows = min(per_worker // 2, CHUNK_CAP) // raw_row
+    rows = min(_share(budget, workers) // 2, CHUNK_CAP) // raw_row
     return max(1, min(_rows(tp.shape), rows))
 
 
 def bytes_in_flight(plan: Plan, tp: TensorPlan, budget: int, workers: int) -> int:
-    """What one task of this tensor holds at its peak: its raw rows and one block of scratch."""
+    """What one task of this tensor holds at its peak: its raw rows, one block of scratch and the
+    writer's staging buffer."""
     raw = chunk_rows(plan, tp, budget, workers) * _row_elems(tp.shape) * _inputs_itemsize(plan, tp)
     block = block_rows(plan, tp, budget, workers) * _row_elems(tp.shape) * block_bytes_per_elem(plan, tp)
-    return raw + block
+    return raw + block + stage_bytes(budget, workers)
 
 
 def predicted_peak(plan: Plan, budget: int, workers: int) -> int:
@@ -161,6 +173,7 @@ class Scratch:
 
     def __init__(self) -> None:
         self.buffers: dict[tuple[str, torch.dtype, str], torch.Tensor] = {}
+        self.staging: mmap.mmap | None = None
 
     def take(self, slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Tensor:
         n = _numel(shape)
@@ -168,6 +181,12 @@ class Scratch:
         if buf is None or buf.numel() < n:
             buf = self.buffers[(slot, dtype, device)] = torch.empty(n, dtype=dtype, device=device)
         return buf[:n].view(shape)
+
+    def stage(self, nbytes: int) -> mmap.mmap:
+        """The page-aligned buffer the writer stages this thread's child rows in."""
+        if self.staging is None or len(self.staging) < nbytes:
+            self.staging = staging_buffer(nbytes)
+        return self.staging
 
 
 _scratch: dict[int, Scratch] = {}
@@ -254,6 +273,7 @@ class Task:
     stop: int
     block: int
     device: str
+    stage: int = 2 * PAGE  # bytes of the writer's staging buffer
 
     def read(self) -> Inputs:
         base = read_rows(self.plan, self.tp.base, self.start, self.stop) if self.tp.base else None
@@ -313,7 +333,7 @@ class Task:
 
 
 def make_task(plan: Plan, tp: TensorPlan, start: int, stop: int, device: str, budget: int, workers: int) -> Task:
-    return Task(plan, tp, start, stop, block_rows(plan, tp, budget, workers), device)
+    return Task(plan, tp, start, stop, block_rows(plan, tp, budget, workers), device, stage_bytes(budget, workers))
 
 
 def iter_tensors(plan: Plan, *, device: str = "cpu", workers: int | None = None,
@@ -390,25 +410,21 @@ def _naming(tp: TensorPlan):
 
 def _write_task(task: Task, state: Any, writer, progress) -> int:
     tp = task.tp
-    if _is_copy(task.plan, tp):
-        data = _as_bytes(get_parent(task.plan.parents[tp.models[0].parent]).read_rows(tp.models[0].tensor, task.start, task.stop))
-        writer.write_rows(tp.name, task.start, data)
-        written = len(data)
-    else:
-        out_dtype = dtypes.to_torch(tp.dtype)
-        buf = scratch()
-        written = 0
+    with writer.span(tp.name, task.start, scratch().stage(task.stage)) as span:
+        if _is_copy(task.plan, tp):
+            data = _as_bytes(get_parent(task.plan.parents[tp.models[0].parent]).read_rows(tp.models[0].tensor, task.start, task.stop))
+            span.write(data)
+        else:
+            out_dtype = dtypes.to_torch(tp.dtype)
 
-        def write(r0: int, r1: int, block: torch.Tensor) -> None:
-            nonlocal written
-            if block.dtype != out_dtype or block.device.type != "cpu":
-                block = buf.take("child", tuple(block.shape), out_dtype, "cpu").copy_(block)
-            data = _as_bytes(block)
-            writer.write_rows(tp.name, r0, data)
-            written += len(data)
+            def write(r0: int, r1: int, block: torch.Tensor) -> None:
+                if block.numel():  # rounded to the child's dtype straight into the writer's staging buffer
+                    dst = span.reserve(block.numel() * out_dtype.itemsize)
+                    torch.frombuffer(dst, dtype=out_dtype).view(block.shape).copy_(block)
 
-        with _naming(tp):
-            task.blend(state, write)
+            with _naming(tp):
+                task.blend(state, write)
+        written = span.written
     writer.mark_done(tp.name, task.start)
     if progress:
         progress(written)

@@ -324,6 +324,7 @@ class DarwinSection(Section):
     device: Literal["cpu", "cuda"] = "cpu"
     format: Literal["safetensors", "zarr"] = "safetensors"
     out_dtype: DType = None
+    direct_io: bool = True  # write shards with O_DIRECT where the filesystem allows it
 
 
 class Manifest(Section):

@@ -520,6 +520,7 @@ def build_plan(manifest: Manifest, text: str = "", *, parents: Mapping[str, Pare
             "seed": d.seed,
             "device": d.device,
             "format": d.format,
+            "direct_io": d.direct_io,
             "dtype": manifest.dtype,
         },
     )

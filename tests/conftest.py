@@ -23,3 +23,25 @@ def tiny_parents(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
     root = tmp_path_factory.mktemp("parents")
     return build_model(root / "father", seed=1), build_model(root / "mother", seed=2)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """Two parents with a tensor big enough to need many chunks under a tiny budget."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("pair")
+    g = torch.Generator().manual_seed(0)
+    shapes = {"big.weight": (512, 96), "vec.weight": (96,), "small.weight": (7, 5)}
+    dirs = []
+    for k in range(2):
+        d = root / f"p{k}"
+        d.mkdir()
+        tensors = {n: (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for n, s in shapes.items()}
+        save_file(tensors, str(d / "model.safetensors"))
+        (d / "config.json").write_text(json.dumps({"model_type": "toy"}))
+        dirs.append(str(d))
+    return dirs, shapes

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import save_file
 
 from darwin_stream.cli import main
@@ -191,3 +192,19 @@ def test_merge_json_report(capsys, tmp_path, tiny_parents):
     for key in ("wall_s", "bytes_read", "bytes_written", "peak_anon_bytes"):
         assert report[key] > 0, key
     assert report["memory_budget"] == 2**20
+
+
+def test_page_cache_flag_and_option_give_the_same_child(capsys, tmp_path, tiny_parents):
+    """--page-cache (or `darwin: {direct_io: false}`) only changes how the shards are written."""
+    m = _manifest(tmp_path, *tiny_parents)
+    text = m.read_text()
+    assert main(["merge", str(m), str(tmp_path / "direct"), "--quiet"]) == 0
+    assert main(["merge", str(m), str(tmp_path / "flag"), "--quiet", "--page-cache"]) == 0
+    m.write_text(text + "darwin:\n  direct_io: false\n")
+    assert main(["merge", str(m), str(tmp_path / "option"), "--quiet"]) == 0
+    m.write_text(text + "darwin:\n  direct_io: maybe\n")
+    _fails(capsys, ["merge", str(m), str(tmp_path / "bad")], "direct_io")
+    children = [read_all(tmp_path / name) for name in ("direct", "flag", "option")]
+    for name, tensor in children[0].items():
+        for other in children[1:]:
+            assert tensor.view(-1).view(torch.uint8).equal(other[name].view(-1).view(torch.uint8)), name

@@ -14,23 +14,6 @@ from darwin_stream.export import ChildWriter
 from darwin_stream.plan import Plan, SourceRef, TensorPlan
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    """Two parents with a tensor big enough to need many chunks under a tiny budget."""
-    root = tmp_path_factory.mktemp("pair")
-    g = torch.Generator().manual_seed(0)
-    shapes = {"big.weight": (512, 96), "vec.weight": (96,), "small.weight": (7, 5)}
-    dirs = []
-    for k in range(2):
-        d = root / f"p{k}"
-        d.mkdir()
-        tensors = {n: (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for n, s in shapes.items()}
-        save_file(tensors, str(d / "model.safetensors"))
-        (d / "config.json").write_text(json.dumps({"model_type": "toy"}))
-        dirs.append(str(d))
-    return dirs, shapes
-
-
 def _plan(dirs, shapes, method, params=None, model_params=None, base=True):
     tensors = []
     for name, shape in shapes.items():

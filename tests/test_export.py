@@ -1,0 +1,162 @@
+"""The writer's spans: whole pages by O_DIRECT, partial pages through the cache, neighbours intact."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from darwin_stream import engine
+from darwin_stream.export import PAGE, ChildWriter, Span, staging_buffer
+from darwin_stream.plan import Plan, SourceRef, TensorPlan
+
+SENTINEL = 0xA5
+
+
+def _file(tmp_path: Path, size: int) -> Path:
+    path = tmp_path / "shard"
+    path.write_bytes(bytes([SENTINEL]) * size)
+    return path
+
+
+def _direct_supported(path: Path) -> bool:
+    try:
+        os.close(os.open(path, os.O_WRONLY | getattr(os, "O_DIRECT", 0)))
+    except OSError:
+        return False
+    return hasattr(os, "O_DIRECT")
+
+
+def _write_span(path: Path, lo: int, data: bytes, pieces: list[int], *, direct: bool, buffer_bytes: int) -> None:
+    with Span(path, lo, lo + len(data), direct=direct, buffer=staging_buffer(buffer_bytes)) as span:
+        pos = 0
+        for n in pieces:
+            n = min(n, len(data) - pos)
+            span.reserve(n)[:] = data[pos : pos + n]
+            pos += n
+        span.write(data[pos:])
+        assert span.written == len(data)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize(("lo", "hi"), [(5, 70_001), (0, 3 * PAGE), (PAGE - 1, PAGE + 1), (10, 20), (PAGE, 9 * PAGE + 7)])
+def test_a_span_writes_its_bytes_and_nothing_else(tmp_path, direct, lo, hi):
+    path = _file(tmp_path, 12 * PAGE + 70_000)
+    rng = np.random.default_rng(lo + hi)
+    data = rng.integers(0, 256, hi - lo, dtype=np.uint8).tobytes()
+    # Pieces of odd sizes through a two-page buffer: flushes mid-page, and one piece larger than the buffer.
+    _write_span(path, lo, data, [3, 4096, 1, 3 * PAGE + 5], direct=direct, buffer_bytes=2 * PAGE)
+    got = path.read_bytes()
+    assert got[lo:hi] == data
+    assert set(got[:lo]) <= {SENTINEL} and set(got[hi:]) == {SENTINEL}
+
+
+def test_neighbouring_spans_on_threads_share_their_edge_pages(tmp_path):
+    """Spans that meet inside a page, written at once: the shared pages keep both sides' bytes."""
+    bounds = [0, 100, 5000, 5001, 13_000, 4 * PAGE, 40_000, 40_003, 77_777]
+    path = _file(tmp_path, bounds[-1])
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, bounds[-1], dtype=np.uint8).tobytes()
+    direct = _direct_supported(path)
+
+    def one(lo: int, hi: int) -> None:
+        _write_span(path, lo, data[lo:hi], [1, 999], direct=direct, buffer_bytes=2 * PAGE)
+
+    threads = [threading.Thread(target=one, args=(lo, hi)) for lo, hi in itertools.pairwise(bounds)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert path.read_bytes() == data
+
+
+def test_a_span_refuses_to_write_past_its_tensor(tmp_path):
+    path = _file(tmp_path, 4 * PAGE)
+    with Span(path, 10, 20, direct=False) as span, pytest.raises(AssertionError, match="past the end"):
+        span.reserve(11)
+
+
+def test_a_failed_task_writes_nothing_it_had_staged(tmp_path):
+    path = _file(tmp_path, 4 * PAGE)
+    with pytest.raises(RuntimeError), Span(path, 10, 2000, direct=False) as span:
+        span.reserve(100)[:] = b"x" * 100
+        raise RuntimeError("blend failed")
+    assert set(path.read_bytes()) == {SENTINEL}
+
+
+def _linear_plan(dirs, shapes) -> Plan:
+    tensors = [TensorPlan(name=n, shape=s, dtype="BF16", method="linear",
+                          models=(SourceRef("a", n), SourceRef("b", n)),
+                          model_params=({"weight": 0.6}, {"weight": 0.4})) for n, s in shapes.items()]
+    return Plan(parents={"a": dirs[0], "b": dirs[1]}, tensors=tensors, config_from="a", tokenizer_from="a")
+
+
+def _merge(plan: Plan, out: Path, direct: bool) -> tuple[dict, bool]:
+    writer = ChildWriter(out, plan, shard_size=60_000, direct=direct)
+    engine.run(plan, writer, budget=40_000)
+    final = writer.finish()
+    got = {}
+    for f in sorted(final.glob("*.safetensors")):
+        got.update(load_file(str(f)))
+    return got, writer.direct
+
+
+def test_direct_and_page_cache_children_are_identical(pair, tmp_path):
+    dirs, shapes = pair
+    plan = _linear_plan(dirs, shapes)
+    direct, used_direct = _merge(plan, tmp_path / "direct", direct=True)
+    cached, used_cache = _merge(plan, tmp_path / "cached", direct=False)
+    assert used_direct == _direct_supported(tmp_path / "direct" / "model-00001-of-00002.safetensors")
+    assert not used_cache
+    assert direct.keys() == cached.keys() == shapes.keys()
+    for name in shapes:
+        assert torch.equal(direct[name].view(torch.int16), cached[name].view(torch.int16)), name
+
+
+def test_a_filesystem_without_direct_io_falls_back_to_the_page_cache(pair, tmp_path, monkeypatch):
+    """Some filesystems refuse O_DIRECT when opening, others only when writing: both still give the child."""
+    import errno
+
+    dirs, shapes = pair
+    plan = _linear_plan(dirs, shapes)
+    expected, _ = _merge(plan, tmp_path / "ref", direct=False)
+    real_open, real_pwrite = os.open, os.pwrite
+    direct_fds: set[int] = set()
+
+    def refusing_open(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "O_DIRECT not supported")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    got, used_direct = _merge(plan, tmp_path / "refused-at-open", direct=True)
+    assert not used_direct
+    for name in shapes:
+        assert torch.equal(got[name].view(torch.int16), expected[name].view(torch.int16)), name
+
+    def remembering_open(path, flags, *args):
+        # Opens without O_DIRECT whatever this filesystem supports; its writes are refused instead.
+        fd = real_open(path, flags & ~os.O_DIRECT, *args)
+        if flags & os.O_DIRECT:
+            direct_fds.add(fd)
+        else:
+            direct_fds.discard(fd)
+        return fd
+
+    def refusing_pwrite(fd, data, offset):
+        if fd in direct_fds:
+            raise OSError(errno.EINVAL, "unaligned direct write")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "open", remembering_open)
+    monkeypatch.setattr(os, "pwrite", refusing_pwrite)
+    got, used_direct = _merge(plan, tmp_path / "refused-at-write", direct=True)
+    assert used_direct and direct_fds
+    for name in shapes:
+        assert torch.equal(got[name].view(torch.int16), expected[name].view(torch.int16)), name
