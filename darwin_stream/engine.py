@@ -416,8 +416,10 @@ def _write_task(task: Task, state: Any, writer, progress) -> int:
             span.write(data)
         else:
             out_dtype = dtypes.to_torch(tp.dtype)
+            row_bytes = writer.layout.slots[tp.name].row_bytes
 
             def write(r0: int, r1: int, block: torch.Tensor) -> None:
+                assert span.written == (r0 - task.start) * row_bytes, "blocks must arrive in row order"
                 if block.numel():  # rounded to the child's dtype straight into the writer's staging buffer
                     dst = span.reserve(block.numel() * out_dtype.itemsize)
                     torch.frombuffer(dst, dtype=out_dtype).view(block.shape).copy_(block)
