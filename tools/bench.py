@@ -8,7 +8,7 @@ back to back, repeats, and reports medians.
 
     .venv/bin/python tools/bench.py gen --geometry 0.6b
     .venv/bin/python tools/bench.py run --geometry 0.6b --reps 3 --mergekit .bench/mk/bin/mergekit-yaml --contract
-    .venv/bin/python tools/bench.py run --geometry 4b --reps 1 --mergekit .bench/mk/bin/mergekit-yaml
+    .venv/bin/python tools/bench.py run --geometry 4b --reps 3 --mergekit .bench/mk/bin/mergekit-yaml --mergekit-states warm
     .venv/bin/python tools/bench.py report          # re-render docs/benchmarks.md from .bench/results
 
 Everything generated (parents, manifests, children, logs, raw JSON) lives under .bench/, which git
@@ -735,7 +735,7 @@ def render_section() -> str:
               ".bench/mk/bin/pip install mergekit==0.1.5",
               ".venv/bin/python tools/bench.py run --geometry 0.6b --reps 3 "
               "--mergekit .bench/mk/bin/mergekit-yaml --contract",
-              ".venv/bin/python tools/bench.py run --geometry 4b --reps 1 --mergekit .bench/mk/bin/mergekit-yaml",
+              ".venv/bin/python tools/bench.py run --geometry 4b --reps 3 --mergekit .bench/mk/bin/mergekit-yaml --mergekit-states warm",
               ".venv/bin/python tools/bench.py report   # re-render this section from .bench/results",
               "```", ""]
     return "\n".join(lines)
