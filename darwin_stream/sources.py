@@ -421,12 +421,18 @@ def _open_local_dir(spec: str, root: Path) -> SafetensorsParent:
 
 
 def _open_url(spec: str, storage_options: dict | None) -> Parent:
+    try:
+        return _open_url_unchecked(spec, storage_options)
+    except DarwinError:
+        raise
+    except Exception as e:  # remote backends raise their own types (botocore, aiohttp, ...)
+        raise SourceError(f"parent {spec}: cannot open URL ({type(e).__name__}: {e})") from None
+
+
+def _open_url_unchecked(spec: str, storage_options: dict | None) -> Parent:
     import fsspec
 
-    try:
-        fs, path = fsspec.core.url_to_fs(spec, **(storage_options or {}))
-    except (ValueError, ImportError) as e:
-        raise SourceError(f"parent {spec}: cannot open URL ({e})") from None
+    fs, path = fsspec.core.url_to_fs(spec, **(storage_options or {}))
     url = fs.unstrip_protocol  # full URLs in TensorInfo.file, so reference views find their filesystem
     from darwin_stream.store import api as store_api
 

@@ -81,3 +81,47 @@ def test_s3_parent_ingests_by_copy_by_default(s3, tmp_path):
     assert ref["mode"] == "reference"
     a, b = open_parent(tmp_path / "s.zarr"), open_parent(tmp_path / "s.json", storage_options=s3)
     assert raw(a.read("lm_head.weight")) == raw(b.read("lm_head.weight"))
+
+
+def test_merge_with_a_parent_on_s3(s3, tiny_parents, tmp_path, monkeypatch):
+    """A manifest naming an s3:// parent merges to the same child as the local copy. The endpoint and
+    credentials come from fsspec's own configuration (FSSPEC_S3_* variables or its config files), so
+    that no secret is ever written into a manifest or a child's model card."""
+    import fsspec.config
+
+    from darwin_stream import merge
+    from tests.helpers import read_all
+
+    father, mother = tiny_parents
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"key": s3["key"], "secret": s3["secret"],
+                                                   "endpoint_url": s3["client_kwargs"]["endpoint_url"]})
+    text = "merge_method: slerp\nbase_model: {a}\nmodels:\n  - model: {a}\n  - model: {b}\nparameters:\n  t: 0.3\ndtype: bfloat16\n"
+    remote, local = tmp_path / "remote.yaml", tmp_path / "local.yaml"
+    remote.write_text(text.format(a="s3://darwin/parents/father", b=mother))
+    local.write_text(text.format(a=father, b=mother))
+    a = merge(remote, tmp_path / "from-s3", memory_budget=2**20)
+    b = merge(local, tmp_path / "from-disk", memory_budget=2**20)
+    assert a.bytes_read == b.bytes_read > 0
+    got, expected = read_all(a.out), read_all(b.out)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert raw(got[name]) == raw(expected[name]), name
+
+
+def test_an_s3_parent_without_credentials_is_a_one_line_error(s3, tiny_parents, tmp_path, monkeypatch, capsys):
+    from darwin_stream.cli import main
+
+    _, mother = tiny_parents
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    m = tmp_path / "m.yaml"
+    m.write_text(f"merge_method: linear\nmodels:\n  - model: s3://darwin/parents/father\n    parameters: {{weight: 1}}\n"
+                 f"  - model: {mother}\n    parameters: {{weight: 1}}\ndtype: bfloat16\n")
+    assert main(["merge", str(m), str(tmp_path / "child")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "s3://darwin/parents/father" in err and "cannot open URL" in err, err
+    assert not (tmp_path / "child").exists()
