@@ -14,6 +14,7 @@ when complete. A journal of finished chunks there lets an interrupted merge resu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import mmap
@@ -121,7 +122,10 @@ class Span:
         self.buf = buffer if buffer is not None else staging_buffer(min(end - offset + PAGE, STAGE_BYTES))
         self.view = memoryview(self.buf)
         self.fd = os.open(path, os.O_WRONLY)
-        self.dfd = os.open(path, os.O_WRONLY | _O_DIRECT) if direct else None
+        self.dfd: int | None = None
+        if direct:
+            with contextlib.suppress(OSError):  # refused: whole pages go through the cache as well
+                self.dfd = os.open(path, os.O_WRONLY | _O_DIRECT)
         self.base = offset - offset % PAGE
         self.lead = self.fill = offset % PAGE  # buf[:lead] belongs to the neighbour before us
 
@@ -244,7 +248,8 @@ class ChildWriter:
                 os.close(fd)
 
     def _direct_supported(self) -> bool:
-        """Whether the shards' filesystem takes O_DIRECT (tmpfs, for one, refuses it at open)."""
+        """Whether the shards' filesystem takes O_DIRECT (some refuse it at open, others at the first
+        write, which `Span` handles)."""
         if not _O_DIRECT or not self.layout.shards:
             return False
         try:
@@ -258,10 +263,6 @@ class ChildWriter:
         slot = self.layout.slots[name]
         return Span(self.tmp / slot.shard, slot.offset + start_row * slot.row_bytes, slot.offset + slot.nbytes,
                     direct=self.direct, buffer=buffer)
-
-    def write_rows(self, name: str, start_row: int, data: bytes | memoryview) -> None:
-        with self.span(name, start_row) as span:
-            span.write(data)
 
     def mark_done(self, name: str, start_row: int) -> None:
         # One O_APPEND write per line: atomic, so threads and workers need no lock.
