@@ -689,7 +689,9 @@ def render_section() -> str:
              "Wall time and peak memory are sampled every 20 ms over the whole process tree "
              "(RssAnon = private memory, what a RAM limit bites on; RSS also counts mapped file pages). "
              "The I/O floor is measured in the same run and page-cache state: a 16 MiB-buffer read of "
-             "both parents plus a write of the child's size with fsync (darwin-stream fsyncs its shards). "
+             "both parents plus a write of the child's size with fsync (darwin-stream fsyncs its shards), "
+             "through the page cache as `cp` or `dd` would write; darwin-stream writes whole pages with "
+             "O_DIRECT (see \"Writer\" above). "
              "Cold = parents evicted with `posix_fadvise(DONTNEED)` after `sync`; warm = parents "
              "read once beforehand. Ratios are computed per repetition, then the median is taken.", ""]
     if not docs:
