@@ -108,13 +108,14 @@ def _inputs_itemsize(plan: Plan, tp: TensorPlan) -> int:
 
 def block_bytes_per_elem(plan: Plan, tp: TensorPlan) -> int:
     """Scratch and temporaries one element of a block costs: float32 (or float64, for a statistic)
-    copies of every input, the result and its child-dtype copy, plus a method's own intermediates."""
+    copies of every input and the result, plus a method's own intermediates. The child-dtype copy
+    goes into the writer's staging buffer, counted once per worker by `stage_bytes`."""
     n = len(tp.sources())
     method = methods.get(tp.method)
     stat = method.statistic
     fill = 4 * n + (stat.dtype.itemsize * n if stat and stat.dtype != torch.float32 else 0)
     temps = 0 if method.inplace else 8 * (n + 3)  # deltas, masks, int64 keys, accumulators
-    return fill + 4 + dtypes.itemsize(tp.dtype) + temps
+    return fill + 4 + temps
 
 
 def stage_bytes(budget: int, workers: int) -> int:
