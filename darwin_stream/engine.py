@@ -274,7 +274,7 @@ class Task:
     stop: int
     block: int
     device: str
-    stage: int = 2 * PAGE  # bytes of the writer's staging buffer
+    stage: int  # bytes of the writer's staging buffer
 
     def read(self) -> Inputs:
         base = read_rows(self.plan, self.tp.base, self.start, self.stop) if self.tp.base else None

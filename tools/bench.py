@@ -274,18 +274,9 @@ def clean_children() -> None:
 
 
 def prepare(state: str, parents: list[Path]) -> float:
-    """Put the page cache into `state` for the parents; returns their resident fraction after.
-
-    Dirty pages of the previous child are flushed first (os.sync) so no run pays for its
-    predecessor's write-back.
-    """
+    """No children left, parents in `state`; returns their resident fraction after."""
     clean_children()
-    os.sync()
-    if state == "cold":
-        bc.evict(parents)
-    elif bc.resident_fraction(parents) < 0.98:
-        bc.warm(parents)
-    return bc.resident_fraction(parents)
+    return bc.cache_state(state, parents)
 
 
 def finish_run(rec: dict) -> dict:

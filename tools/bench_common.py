@@ -164,6 +164,19 @@ def warm(paths: Iterable[Path]) -> float:
     return read_files(paths)[0]
 
 
+def cache_state(state: str, paths: list[Path]) -> float:
+    """Put the files into `state` ("cold" or "warm"); returns their resident fraction after.
+
+    Dirty pages are flushed first (os.sync), so that no run pays for its predecessor's write-back.
+    """
+    os.sync()
+    if state == "cold":
+        evict(paths)
+    elif resident_fraction(paths) < 0.98:
+        warm(paths)
+    return resident_fraction(paths)
+
+
 # --- the I/O floor -------------------------------------------------------------------------------
 
 

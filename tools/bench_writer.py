@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -30,11 +29,7 @@ MODES = {"O_DIRECT": [], "page cache": ["--page-cache"]}
 def one(manifest: Path, parents: list[Path], state: str, flags: list[str]) -> dict:
     out = BENCH / "children" / "writer-bench"
     shutil.rmtree(out, ignore_errors=True)
-    os.sync()
-    if state == "cold":
-        bc.evict(parents)
-    else:
-        bc.warm(parents)
+    resident = bc.cache_state(state, parents)
     m = bc.measure([CLI, "merge", str(manifest), str(out), "--quiet", "--json", *flags],
                    log=BENCH / "logs" / "writer-bench")
     if m.rc != 0:
@@ -42,7 +37,7 @@ def one(manifest: Path, parents: list[Path], state: str, flags: list[str]) -> di
     report = json.loads(m.stdout.strip().splitlines()[-1])
     shutil.rmtree(out, ignore_errors=True)
     return {"wall_s": m.wall_s, "merge_s": report["wall_s"], "cpu_s": m.cpu_s, "sys_s": m.sys_s,
-            "load_before": m.load_before}
+            "load_before": m.load_before, "resident_before": resident}
 
 
 def main() -> None:
