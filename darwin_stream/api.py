@@ -33,6 +33,7 @@ class MergeReport:
     chunks: int
     resumed_chunks: int
     format: str = "safetensors"
+    direct_io: bool = False  # whole pages were written with O_DIRECT (asked for, and the filesystem took it)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -168,6 +169,7 @@ def merge(
         chunks=stats.chunks,
         resumed_chunks=stats.skipped_chunks,
         format=out_format,
+        direct_io=writer.direct,
         notes=list(plan.notes),
     )
 

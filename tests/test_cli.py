@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from darwin_stream.api import load_plan as plan_of_manifest
 from darwin_stream.cli import main
 from tests.helpers import read_all
 
@@ -196,12 +197,20 @@ def test_merge_json_report(capsys, tmp_path, tiny_parents):
 
 def test_page_cache_flag_and_option_give_the_same_child(capsys, tmp_path, tiny_parents):
     """--page-cache (or `darwin: {direct_io: false}`) only changes how the shards are written."""
+    from darwin_stream.export import ChildWriter
+
     m = _manifest(tmp_path, *tiny_parents)
     text = m.read_text()
-    assert main(["merge", str(m), str(tmp_path / "direct"), "--quiet"]) == 0
-    assert main(["merge", str(m), str(tmp_path / "flag"), "--quiet", "--page-cache"]) == 0
+
+    def merge(name: str, *flags: str) -> bool:
+        assert main(["merge", str(m), str(tmp_path / name), "--quiet", "--json", *flags]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["direct_io"]
+
+    probe = ChildWriter(tmp_path / "probe", plan_of_manifest(m), shard_size=10**9)
+    assert merge("direct") == probe.direct  # O_DIRECT wherever this filesystem takes it
+    assert merge("flag", "--page-cache") is False
     m.write_text(text + "darwin:\n  direct_io: false\n")
-    assert main(["merge", str(m), str(tmp_path / "option"), "--quiet"]) == 0
+    assert merge("option") is False
     m.write_text(text + "darwin:\n  direct_io: maybe\n")
     _fails(capsys, ["merge", str(m), str(tmp_path / "bad")], "direct_io")
     children = [read_all(tmp_path / name) for name in ("direct", "flag", "option")]
