@@ -24,3 +24,7 @@ class PlanError(DarwinError):
 
 class StoreError(DarwinError):
     """A zarr layer store is missing, corrupt, or would be written outside its root."""
+
+
+class EvolveError(DarwinError):
+    """An evolution cannot start or resume: a gene that names nothing, a run dir of another manifest."""
