@@ -280,8 +280,15 @@ class ChildWriter:
         return False
 
     def _prepare(self, plan: Plan, extra_bytes: int) -> None:
+        reuse = self.tmp.is_dir() and not self.tmp.is_symlink() and self._reuse(plan)
+        have = 0  # bytes the partial child already holds on disk (its shards are sparse until written)
+        for fname in self.layout.shards if reuse else ():
+            with contextlib.suppress(OSError):
+                have += os.stat(self.tmp / fname).st_blocks * 512
+        outputs.check_free_space(self.final.parent, self.layout.nbytes + extra_bytes - have,
+                                 f"the child ({self.final.name})")
         journal = self.tmp / ".darwin-journal"
-        if self.tmp.is_dir() and not self.tmp.is_symlink() and self._reuse(plan):
+        if reuse:
             if journal.exists():
                 for line in journal.read_text().splitlines():
                     parts = line.rsplit(" ", 2)
@@ -291,11 +298,6 @@ class ChildWriter:
             outputs.clear_temporary(self.tmp)
             self.tmp.mkdir(parents=True)
             (self.tmp / outputs.STAMP).write_text(json.dumps(self.fingerprint))
-        have = 0
-        for fname in self.layout.shards:
-            with contextlib.suppress(OSError):
-                have += os.stat(self.tmp / fname).st_blocks * 512
-        outputs.check_free_space(self.tmp, self.layout.nbytes + extra_bytes - have, f"the child ({self.final.name})")
         for fname, (head, size) in self.layout.shards.items():
             fd = os.open(self.tmp / fname, os.O_RDWR | os.O_CREAT, 0o644)
             try:

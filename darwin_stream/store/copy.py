@@ -9,9 +9,9 @@ Resume: after a shard is written, the CRC-32 of its source bytes is recorded in 
 attributes (`done`). A re-run reads the parent again (it has to, for the tensor checksum), compares
 each shard's digest with the recorded one, and skips writing shards that match. An array whose
 `complete` attribute is set, with the same shape, dtype and chunking, is skipped outright, but only
-when the store was made from a source of the same identity (`source_identity`: header bytes, size
-and mtime of local shards, ETags of URLs, checksums of stores); from any other source it is checked
-shard by shard. The root's `complete` flag is set last, so an interrupted ingest is visible as such
+when it was completed from a source of the same identity (its `source_identity` attribute: header
+bytes, size and mtime of local shards, ETags of URLs, checksums of stores); from any other source it
+is checked shard by shard. The root's `complete` flag is set last, so an interrupted ingest is visible as such
 and export and merge refuse it.
 
 Writing is pipelined: the next shard is read and hashed while a writer thread stores the previous
@@ -117,8 +117,9 @@ def copy_ingest(
 ) -> dict:
     """Copy every tensor of `parent` into a zarr v3 store at `store`, resuming a previous run.
 
-    `source_identity` (identity.parent_identity) decides what a re-run may trust: arrays already
-    complete are skipped outright only when the store was made from a source of the same identity.
+    `source_identity` (identity.parent_identity) decides what a re-run may trust: an array already
+    complete is skipped outright only when it was completed from a source of the same identity
+    (recorded per array: an interrupted re-ingest of another source leaves arrays of both).
     Otherwise every array is checked shard by shard against the new source and rewritten where it
     differs, so a second parent of the same geometry never inherits the first one's bytes.
     """
@@ -137,7 +138,6 @@ def copy_ingest(
     old = root.attrs.get(layout.ROOT_ATTR)
     if old is not None and old.get("mode") != "copy":
         raise StoreError(f"store {store}: is a {old.get('mode')} store, not a copy store")
-    trusted = old is not None and source_identity is not None and old.get("source_identity") == source_identity
     paths = layout.store_paths(list(parent.tensors))
     meta: dict[str, Any] = {
         "format": layout.FORMAT_VERSION,
@@ -161,6 +161,7 @@ def copy_ingest(
         for name, t in parent.tensors.items():
             cr, sr = _geometry(t, chunk_bytes, shard_bytes)
             arr = _open_or_create(root, paths[name], name, t, cr, sr, compressor)
+            trusted = source_identity is not None and arr.attrs.get("source_identity") == source_identity
             if trusted and arr.attrs.get("complete") and arr.attrs.get("checksum"):
                 meta["tensors"][name]["checksum"] = arr.attrs["checksum"]
                 skipped += t.nbytes
@@ -190,7 +191,7 @@ def copy_ingest(
             if pending is not None:
                 pending.result()
             checksum = layout.checksum_string(h)
-            arr.update_attributes({"checksum": checksum, "complete": True, "done": done})
+            arr.update_attributes({"checksum": checksum, "complete": True, "done": done, "source_identity": source_identity})
             meta["tensors"][name]["checksum"] = checksum
 
     aux = parent.read_aux()
