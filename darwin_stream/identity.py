@@ -5,8 +5,8 @@ copied; both must notice a parent that changed in place in between, or the resul
 new bytes with exit 0. Paths alone do not tell, so `parent_identity` digests what is cheap to read
 and changes whenever the content does:
 
-  * local safetensors: each shard's header bytes, size and mtime_ns (one stat and one header read
-    per shard, bytes already in the page cache from opening the parent);
+  * local safetensors: each shard's header bytes, size, mtime_ns, ctime_ns and inode (one stat and
+    one header read per shard, bytes already in the page cache from opening the parent);
   * URLs: each shard's ETag / version id / modification time and size as the filesystem reports
     them, plus the tensor table parsed from the headers;
   * stores: the root index with its per-tensor checksums, and for a reference store the size and
@@ -42,7 +42,11 @@ def _local_shard(path: str) -> list:
         head = f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else 0
         body = f.read(min(n, MAX_HEADER_BYTES))
-    return [path, st.st_size, st.st_mtime_ns, hashlib.blake2b(head + body, digest_size=16).hexdigest()]
+    # ctime and inode too: a write with the old mtime put back (`touch -d`, a restore) still moves
+    # ctime, and a file renamed over the shard is another inode. Both move on a chmod as well,
+    # which costs a needless restart, the safe way round.
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    return [path, *stamp, hashlib.blake2b(head + body, digest_size=16).hexdigest()]
 
 
 def _url_shard(parent: SafetensorsParent, url: str) -> list:
