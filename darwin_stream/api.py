@@ -146,7 +146,10 @@ def merge(
         target = paths.final if out_format == "safetensors" else paths.final.parent / f".{paths.final.name}.safetensors"
         # Nothing is written before every path this merge may write is known not to be a parent.
         writes = paths.all() + (outputs.output_paths(target).all() if out_format == "zarr" else [])
-        outputs.check_not_input(writes, identity.plan_locations(plan, engine.get_parent))
+        inputs = identity.plan_locations(plan, engine.get_parent)
+        if isinstance(manifest, os.PathLike) or (isinstance(manifest, str) and "\n" not in manifest and os.path.isfile(manifest)):
+            inputs.add(os.fspath(manifest))  # `merge m.yaml m.yaml --overwrite` would delete the manifest
+        outputs.check_not_input(writes, inputs)
         if out_format == "zarr" and paths.final.exists() and not overwrite:
             raise DarwinError(f"output {paths.final} already exists (use --overwrite to replace it)")
         direct_io = opts.get("direct_io", True) if direct_io is None else direct_io

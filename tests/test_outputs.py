@@ -59,16 +59,19 @@ def fails(capsys, argv, *needles) -> str:
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "zarr"])
-@pytest.mark.parametrize("where", ["parent dir", "parent shard", "inside parent", "above parent", "link to parent"])
+@pytest.mark.parametrize("where", ["parent dir", "parent shard", "inside parent", "above parent", "link to parent",
+                                   "manifest"])
 def test_merge_never_writes_over_a_parent(capsys, toy, tmp_path, where, fmt):
     a, b, m = toy
     before = snapshot(a, b)
+    text = m.read_text()
     out = {"parent dir": b, "parent shard": b / "model.safetensors", "inside parent": b / "child",
-           "above parent": tmp_path, "link to parent": tmp_path / "link"}[where]
+           "above parent": tmp_path, "link to parent": tmp_path / "link", "manifest": m}[where]
     if where == "link to parent":
         out.symlink_to(b)
     fails(capsys, ["merge", str(m), str(out), "--overwrite", "--format", fmt, "--quiet"], "input")
     assert snapshot(a, b) == before, "a parent changed"
+    assert m.read_text() == text
     assert not list(tmp_path.glob(".*.partial")) and not list(b.glob(".*"))
 
 
@@ -135,6 +138,26 @@ def test_a_second_writer_is_refused_naming_the_holder(capsys, toy, tmp_path):
     assert main(["merge", str(m), str(out), "--quiet"]) == 0, "a dead holder's lock is taken over"
     assert read_all(out).keys() == {"model.layers.0.mlp.up_proj.weight", "model.norm.weight"}
     assert not (tmp_path / ".child.lock").exists() and not partial.exists()
+
+
+def test_a_second_ingest_or_export_into_the_same_output_is_refused(toy, tmp_path):
+    from darwin_stream.store import export_store, ingest
+
+    a, _, _ = toy
+    ingest(a, tmp_path / "s.zarr", mode="copy")
+    for out, write in ((tmp_path / "t.zarr", lambda o: ingest(a, o, mode="copy")),
+                       (tmp_path / "ref.json", lambda o: ingest(a, o, mode="reference")),
+                       (tmp_path / "out", lambda o: export_store(tmp_path / "s.zarr", o))):
+        holder = _hold(out)
+        try:
+            with pytest.raises(OutputError, match=f"being written by process {holder.pid}"):
+                write(out)
+            assert not out.exists()
+        finally:
+            os.kill(holder.pid, signal.SIGKILL)
+            holder.wait()
+        write(out)  # the dead holder's lock is taken over
+        assert out.exists()
 
 
 def test_a_directory_in_the_temporary_s_place_that_is_not_ours_is_kept(capsys, toy, tmp_path):
