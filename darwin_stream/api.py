@@ -144,12 +144,7 @@ def merge(
         engine.check_device(device)
         paths = outputs.output_paths(out)
         target = paths.final if out_format == "safetensors" else paths.final.parent / f".{paths.final.name}.safetensors"
-        # Nothing is written before every path this merge may write is known not to be a parent.
-        writes = paths.all() + (outputs.output_paths(target).all() if out_format == "zarr" else [])
-        inputs = identity.plan_locations(plan, engine.get_parent)
-        if isinstance(manifest, os.PathLike) or (isinstance(manifest, str) and "\n" not in manifest and os.path.isfile(manifest)):
-            inputs.add(os.fspath(manifest))  # `merge m.yaml m.yaml --overwrite` would delete the manifest
-        outputs.check_not_input(writes, inputs)
+        _check_outputs(manifest, plan, paths, target)
         if out_format == "zarr" and paths.final.exists() and not overwrite:
             raise DarwinError(f"output {paths.final} already exists (use --overwrite to replace it)")
         direct_io = opts.get("direct_io", True) if direct_io is None else direct_io
@@ -181,6 +176,15 @@ def merge(
         direct_io=writer.direct,
         notes=list(plan.notes) + ([writer.restarted] if writer.restarted else []),
     )
+
+
+def _check_outputs(manifest: str | os.PathLike | Plan, plan: Plan, paths: outputs.OutputPaths, target: Path) -> None:
+    """Refuse, before anything is written, a merge that would write any path over one it reads."""
+    writes = paths.all() + (outputs.output_paths(target).all() if target != paths.final else [])
+    inputs = identity.plan_locations(plan, engine.get_parent)
+    if isinstance(manifest, os.PathLike) or (isinstance(manifest, str) and "\n" not in manifest and os.path.isfile(manifest)):
+        inputs.add(os.fspath(manifest))  # `merge m.yaml m.yaml --overwrite` would delete the manifest
+    outputs.check_not_input(writes, inputs)
 
 
 def _to_store(child_dir: Path, out: outputs.OutputPaths, *, overwrite: bool) -> Path:
