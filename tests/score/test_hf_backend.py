@@ -161,3 +161,14 @@ def test_until_and_cut():
     assert until([5, 6], {0}) == [5, 6]
     assert cut("abc. def", [".", "z"]) == "abc"
     assert cut("abc", ["", "z"]) == "abc"
+
+
+def test_gen_batches(monkeypatch):
+    from darwin_stream.score import hf_backend
+
+    monkeypatch.setattr(hf_backend, "GEN_BATCH", 3)
+    monkeypatch.setattr(hf_backend, "GEN_TOKENS", 38)  # [4, 5, 9] would hold 3 x (9 + 4) = 39
+    lengths = [5, 1, 9, 2, 30, 3, 4, 50]
+    got = hf_backend.gen_batches(lengths, 4)
+    assert sorted(i for b in got for i in b) == list(range(len(lengths)))
+    assert [[lengths[i] for i in b] for b in got] == [[1, 2, 3], [4, 5], [9], [30], [50]]
