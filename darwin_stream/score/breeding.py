@@ -8,6 +8,8 @@ in-place backends (transformers today; vLLM once its reload takes a partial set 
 
 from __future__ import annotations
 
+import copy
+
 from darwin_stream.plan import Plan, TensorPlan
 
 
@@ -28,3 +30,14 @@ def changed_tensors(old: Plan | None, new: Plan) -> list[TensorPlan]:
         return list(new.tensors)
     before = {tp.name: tp for tp in old.tensors}
     return [tp for tp in new.tensors if tp.name not in before or not same_blend(old, new, before[tp.name], tp)]
+
+
+def snapshot(plan: Plan) -> Plan:
+    """A copy of `plan` that later edits of `plan` cannot reach, to diff the next child against.
+
+    A TensorPlan is frozen but its `params` and `model_params` dicts are not: a template that
+    writes each genome into the same dicts would otherwise make the live child's plan equal to
+    every next one, and nothing would be bred again. Copying a 0.6B-geometry plan (310 tensors)
+    costs a few milliseconds against seconds of breeding.
+    """
+    return copy.deepcopy(plan)

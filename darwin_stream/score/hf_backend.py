@@ -10,8 +10,10 @@ loaded with `from_pretrained`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -19,7 +21,7 @@ import torch
 from darwin_stream.errors import PlanError
 from darwin_stream.plan import Plan
 from darwin_stream.score.backend import Child, plan_config, resolve_dtype
-from darwin_stream.score.breeding import changed_tensors
+from darwin_stream.score.breeding import changed_tensors, snapshot
 
 BATCH = 16
 
@@ -79,18 +81,22 @@ class HfBackend:
         todo = [tp for tp in changed_tensors(self._bred, plan) if tp.name in self._targets]
         self._bred = None  # a copy that fails half-way leaves a model of two children
         self._copy_in(dataclasses.replace(plan, tensors=todo))
-        self._bred = plan
+        self._bred = snapshot(plan)
         return {"bred": len(todo), "skipped": len(plan.tensors) - len(todo)}
 
     def _build(self, config: dict[str, Any], names: tuple[str, ...]) -> None:
-        """A model with the child's architecture and shapes (its random weights are all overwritten)."""
+        """A model with the child's architecture and shapes, its weights left uninitialised: every
+        one is overwritten by the breed that follows, and random init was most of a first load
+        (0.6B geometry: 16-42 s in float32/bf16 on the busy 2 cores)."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self._forget()
         # for_model only instantiates transformers' own config classes: it cannot run remote code
         # (and a trust_remote_code keyword would become a config attribute).
         cfg = AutoConfig.for_model(**config)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=self.dtype, trust_remote_code=False)
+        with skipped_init():
+            model = AutoModelForCausalLM.from_config(cfg, dtype=self.dtype, trust_remote_code=False)
+        model.tie_weights()  # post_init ties inside the init that was skipped
         model = model.to(self.device).eval()
         self._targets = targets(model, names)
         self.model, self._config, self._names = model, config, names
@@ -101,11 +107,12 @@ class HfBackend:
 
         # Blended on the CPU, whatever the model's device: the same arithmetic as a disk merge, so
         # the bred child is the disk child bit for bit; the copy casts to the model's dtype.
-        for name, t in engine.iter_tensors(plan):
-            target = self._targets[name]
-            if tuple(target.shape) != tuple(t.shape):
-                raise PlanError(f"{name}: the plan makes shape {tuple(t.shape)}, the model expects {tuple(target.shape)}")
-            target.copy_(t)
+        with single_threaded_torch():
+            for name, t in engine.iter_tensors(plan):
+                target = self._targets[name]
+                if tuple(target.shape) != tuple(t.shape):
+                    raise PlanError(f"{name}: the plan makes shape {tuple(t.shape)}, the model expects {tuple(target.shape)}")
+                target.copy_(t)
 
     @torch.no_grad()
     def token_logprobs(self, seqs: list[list[int]]) -> list[list[float]]:
@@ -167,6 +174,29 @@ def gen_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
         else:
             rows.append(i)
     return out
+
+
+@contextlib.contextmanager
+def single_threaded_torch() -> Iterator[None]:
+    """One intra-op thread while iter_tensors' pool threads blend, as in a disk merge (where dask
+    runs one task per core). Measured on the 0.6B geometry, the 2 cores shared with other jobs
+    (load average 7-11): a child blended in 24-63 s with torch's 2 threads per op, 4.5-5.5 s with 1."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def skipped_init() -> contextlib.AbstractContextManager:
+    """transformers' context that skips weight initialisation (buffers such as rotary frequencies
+    are still computed by their modules); none where this transformers lacks the (internal) API."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        return contextlib.nullcontext()
+    return no_init_weights()
 
 
 def until(tokens: list[int], eos: set[int]) -> list[int]:

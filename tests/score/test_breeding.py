@@ -49,3 +49,13 @@ def test_same_key_naming_another_parent_is_a_change():
 
 def test_a_tensor_new_to_the_plan_is_bred():
     assert _names(changed_tensors(_plan({"x": 0.1}), _plan({"x": 0.1, "w": 0.5}))) == ["w"]
+
+
+def test_a_snapshot_does_not_follow_edits_in_place():
+    from darwin_stream.score.breeding import snapshot
+
+    live = _plan({"x": 0.1, "y": 0.2})
+    old = snapshot(live)
+    live.tensors[1].params["t"] = 0.9  # a template writing the next genome into the same dicts
+    assert _names(changed_tensors(old, live)) == ["y"]
+    assert changed_tensors(live, live) == []  # what diffing against the live object itself would say

@@ -66,17 +66,21 @@ def _ids(backend, texts):
     return [backend.tokenizer(t)["input_ids"] for t in texts]
 
 
-@pytest.fixture(scope="module")
-def tied_plan(tmp_path_factory) -> Plan:
-    """Two tiny Gemma-3 parents: tied embeddings (the checkpoint has no lm_head.weight)."""
+def _pair_plan(work, arch: str) -> Plan:
+    """A slerp of two tiny `arch` parents, planned as `darwin-stream merge` would."""
     from darwin_stream.api import load_plan
     from darwin_stream.demo import build_model
 
-    work = tmp_path_factory.mktemp("tied")
-    a, b = build_model(work / "a", "gemma3", seed=1), build_model(work / "b", "gemma3", seed=2)
+    a, b = build_model(work / "a", arch, seed=1), build_model(work / "b", arch, seed=2)
     manifest = work / "slerp.yaml"
     manifest.write_text(SLERP.format(a=a, b=b))
     return load_plan(manifest)
+
+
+@pytest.fixture(scope="module")
+def tied_plan(tmp_path_factory) -> Plan:
+    """Two tiny Gemma-3 parents: tied embeddings (the checkpoint has no lm_head.weight)."""
+    return _pair_plan(tmp_path_factory.mktemp("tied"), "gemma3")
 
 
 @pytest.mark.slow
@@ -90,6 +94,18 @@ def test_child_bred_in_place_is_the_disk_child(plan, merged_child):
     assert (info["bred"], info["skipped"]) == (len(plan.tensors), 0)
     disk = AutoModelForCausalLM.from_pretrained(merged_child, dtype=torch.float32, trust_remote_code=False).eval()
     _assert_same_model(hf.model, disk, _ids(hf, PROMPTS))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "gemma4", "qwen3_5"])
+def test_other_architectures_bred_in_place(arch, tmp_path):
+    """The model is built without random init; every architecture's buffers (rotary frequencies,
+    Gemma-4's per-layer inputs, Qwen3.5's linear attention) still match from_pretrained's."""
+    plan = _pair_plan(tmp_path, arch)
+    hf = open_backend("hf", _with_t(plan, 0.1), dtype="float32")
+    model = hf.model
+    assert hf.load(plan)["bred"] == len(plan.tensors) and hf.model is model
+    _assert_same_model(hf.model, _disk(plan, tmp_path / "child"), _ids(hf, PROMPTS))
 
 
 @pytest.mark.slow
@@ -172,3 +188,16 @@ def test_gen_batches(monkeypatch):
     got = hf_backend.gen_batches(lengths, 4)
     assert sorted(i for b in got for i in b) == list(range(len(lengths)))
     assert [[lengths[i] for i in b] for b in got] == [[1, 2, 3], [4, 5], [9], [30], [50]]
+
+
+@pytest.mark.slow
+def test_a_plan_edited_in_place_is_bred_again(plan, tmp_path):
+    """A template may write the next genome into the same params dicts: the live plan is a copy."""
+    live = _with_t(plan, 0.5)
+    hf = open_backend("hf", live, dtype="float32")
+    for tp in live.tensors:
+        if tp.layer == 1:
+            tp.params["t"] = 0.7
+    info = hf.load(live)
+    assert info["bred"] == sum(tp.layer == 1 for tp in live.tensors) > 0
+    _assert_same_model(hf.model, _disk(live, tmp_path / "edited"), _ids(hf, PROMPTS))
