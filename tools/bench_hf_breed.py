@@ -57,7 +57,9 @@ def one_layer(plan, layer: int, t: float):
 
 
 def run(args: argparse.Namespace, dtype: str) -> dict:
+    from darwin_stream import engine
     from darwin_stream.api import merge
+    from darwin_stream.score import hf_backend as hb
     from darwin_stream.score.backend import open_backend
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-hf-breed-"))
@@ -87,6 +89,14 @@ def run(args: argparse.Namespace, dtype: str) -> dict:
         info = hf.load(live)
         same.append((info["seconds"], info["bred"]))
 
+    blend = []  # the same children through iter_tensors alone: what the copy into the model adds
+    for plan in plans[1:]:
+        a = time.perf_counter()
+        with hb.single_threaded_torch():
+            for _ in engine.iter_tensors(plan):
+                pass
+        blend.append(time.perf_counter() - a)
+
     child = work / "child"
     merges, disk = [], []
     for plan in plans[1:]:
@@ -111,6 +121,8 @@ def run(args: argparse.Namespace, dtype: str) -> dict:
         "same_child_s": median([x for x, _ in same]), "same_child_bred": same[0][1],
         "from_pretrained_s": median(disk), "from_pretrained_all_s": [sig(x) for x in disk],
         "merge_to_disk_s": median(merges),
+        "blend_only_s": median(blend),
+        "disk_route_s": sig(statistics.median([a + b for a, b in zip(merges, disk, strict=True)])),
         "inplace_over_from_pretrained": round(statistics.median(inplace) / statistics.median(disk), 2),
     }
 
@@ -148,8 +160,21 @@ def table(results: list[dict]) -> str:
         row("in place: one layer's t changed", "one_layer_s", None),
         row("in place: the same child again", "same_child_s", None),
         row("**from_pretrained** of the same child from disk", "from_pretrained_s", "all", bold=True),
-        row("(its merge to disk, before from_pretrained)", "merge_to_disk_s", "all"),
+        row("its merge to disk, before from_pretrained", "merge_to_disk_s", "all"),
+        row("merge + from_pretrained (the disk route per child)", "disk_route_s", "all"),
+        row("blend only (iter_tensors, nothing copied)", "blend_only_s", "all"),
         "| in place / from_pretrained | " + " | ".join(f"**{x['inplace_over_from_pretrained']}×**" for x in results) + " | |",
+        "",
+        "Reading it: breeding in place costs what blending the parents costs (the copy into the",
+        "parameters adds " + ", ".join(f"{x['inplace_s'] - x['blend_only_s']:+.2f} s in {x['dtype']}" for x in results)
+        + "), while from_pretrained of a child already on disk is a copy",
+        "from the page cache (plus a cast in float32). A child reaches from_pretrained only after its merge,",
+        "so per candidate the disk route costs " + ", ".join(f"{x['disk_route_s']} s in {x['dtype']}" for x in results)
+        + " against " + ", ".join(f"{x['inplace_s']} s" for x in results) + " in place;",
+        "a genome step that moves one layer re-breeds " + str(r["one_layer_bred"]) + " of " + str(r["tensors"])
+        + " tensors (" + ", ".join(f"{x['one_layer_s']} s" for x in results) + ").",
+        "The first load is the noisiest row: it includes, once per process, importing transformers'",
+        "model code, the first touch of the model's fresh memory, and reading parents that were not cached.",
         "",
         "Each child, in place / from_pretrained: " + "; ".join(
             f"{x['dtype']} {x['inplace_all_s']} / {x['from_pretrained_all_s']}" for x in results) + ".",

@@ -87,7 +87,7 @@ class HfBackend:
     def _build(self, config: dict[str, Any], names: tuple[str, ...]) -> None:
         """A model with the child's architecture and shapes, its weights left uninitialised: every
         one is overwritten by the breed that follows, and random init was most of a first load
-        (0.6B geometry: 16-42 s in float32/bf16 on the busy 2 cores)."""
+        (0.6B geometry in float32, one thread: from_config 15.3 s with init, 0.22 s without)."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self._forget()
