@@ -77,8 +77,7 @@ class HfBackend:
         names = tuple(tp.name for tp in plan.tensors)
         if self.model is None or config != self._config or names != self._names:
             self._build(config, names)
-        # A tied copy (lm_head of tied embeddings) has no target of its own: it is its source.
-        todo = [tp for tp in changed_tensors(self._bred, plan) if tp.name in self._targets]
+        todo = changed_tensors(self._bred, plan)
         self._bred = None  # a copy that fails half-way leaves a model of two children
         self._copy_in(dataclasses.replace(plan, tensors=todo))
         self._bred = snapshot(plan)
@@ -218,21 +217,38 @@ def targets(model: Any, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
 
     Checkpoint names are the model's own state-dict keys for the dense Qwen3, Llama and Gemma
     families in transformers 5; other names go through transformers' own load-time renamings
-    (a missing `model.` prefix, legacy multimodal layouts). A tied copy (lm_head of tied
-    embeddings, whose checkpoint usually omits it) is left out when its source is in the plan:
-    from_pretrained ties it to the source, so the source's values win there too.
+    (a missing `model.` prefix, legacy multimodal layouts). Tied weights follow from_pretrained:
+    a tied copy that the plan lacks (lm_head of tied embeddings: the checkpoints omit it) shares
+    its source; one that the plan has too is untied (untie_filled).
     """
     state = model.state_dict(keep_vars=True)
-    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})  # target -> source, when tied
     key = renamer(model, state)
     keys = {name: name if name in state else key(name) for name in names}
     filled = set(keys.values())
+    tied = untie_filled(model, filled)
+    state = model.state_dict(keep_vars=True)
     unexpected = [name for name, k in keys.items() if k not in state]
     missing = [k for k in state if k not in filled and tied.get(k) not in filled]
     if missing or unexpected:
         raise PlanError(f"the plan does not fit its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
                         f" ({len(missing)} and {len(unexpected)} in all)")
-    return {name: state[k].data for name, k in keys.items() if tied.get(k) not in filled}
+    return {name: state[k].data for name, k in keys.items()}
+
+
+def untie_filled(model: Any, filled: set[str]) -> dict[str, str]:
+    """Give a tied weight whose both halves the plan fills a parameter of its own; return the ties
+    left (target -> source). from_pretrained (transformers 5.19) does not tie a pair that a
+    checkpoint holds with different values, and a bred pair may differ; an equal pair computes
+    the same untied."""
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    for target, source in list(tied.items()):
+        if target in filled and source in filled:
+            module_name, _, attr = target.rpartition(".")
+            module = model.get_submodule(module_name)
+            setattr(module, attr, torch.nn.Parameter(torch.empty_like(getattr(module, attr))))
+            del tied[target]
+            model.all_tied_weights_keys.pop(target, None)
+    return tied
 
 
 def renamer(model: Any, state: dict[str, Any]):

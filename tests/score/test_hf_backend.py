@@ -149,6 +149,34 @@ def test_tied_embeddings_and_a_new_architecture(plan, tied_plan, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_tied_pair_that_the_plan_fills_twice(tmp_path):
+    """Parents whose config ties lm_head to the embeddings but whose checkpoints hold both, with
+    different values: from_pretrained then leaves them untied, and so must breeding in place."""
+    from safetensors.torch import load_file, save_file
+
+    from darwin_stream.api import load_plan
+    from darwin_stream.demo import build_model
+
+    parents = []
+    for seed in (1, 2):
+        d = build_model(tmp_path / f"p{seed}", "qwen3", seed=seed, overrides={"tie_word_embeddings": True},
+                        max_shard_size="100MB")
+        (shard,) = d.glob("*.safetensors")
+        sd = load_file(shard)
+        sd["lm_head.weight"] = (torch.randn(sd["model.embed_tokens.weight"].shape) * 0.02).to(torch.bfloat16)
+        save_file(sd, shard, metadata={"format": "pt"})
+        parents.append(d)
+    manifest = tmp_path / "slerp.yaml"
+    manifest.write_text(SLERP.format(a=parents[0], b=parents[1]))
+    plan = load_plan(manifest)
+    assert "lm_head.weight" in {tp.name for tp in plan.tensors}
+    hf = open_backend("hf", _with_t(plan, 0.1), dtype="float32")
+    assert hf.load(plan)["bred"] == len(plan.tensors)
+    assert hf.model.lm_head.weight.data_ptr() != hf.model.model.embed_tokens.weight.data_ptr()
+    _assert_same_model(hf.model, _disk(plan, tmp_path / "child"), _ids(hf, PROMPTS))
+
+
+@pytest.mark.slow
 def test_a_plan_that_does_not_fit_its_config(plan):
     short = dataclasses.replace(plan, tensors=[tp for tp in plan.tensors if tp.name != "model.norm.weight"])
     with pytest.raises(PlanError, match=r"missing \['model.norm.weight'\]"):
