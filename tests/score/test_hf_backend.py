@@ -109,6 +109,30 @@ def test_other_architectures_bred_in_place(arch, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_breed_child_bred_in_place(tmp_path):
+    """Gemma-4 father x Qwen3.5 mother (the FFN padded to the mother's width, the config
+    overridden): moving the FFN genes re-breeds exactly the FFN tensors, and the child is the disk one."""
+    from darwin_stream.api import load_plan
+    from darwin_stream.demo import build_model
+
+    f, m = build_model(tmp_path / "f", "gemma4", seed=1), build_model(tmp_path / "m", "qwen3_5", seed=2)
+
+    def breed(lo: float, hi: float) -> Plan:
+        path = tmp_path / f"breed-{lo}.yaml"
+        path.write_text(f"breed:\n  father: {f}\n  mother: {m}\n  blend:\n"
+                        f"    mlp: {{method: linear, t: {{gradient: [{lo}, {hi}]}}}}\n")
+        return load_plan(path)
+
+    first, plan = breed(0.0, 0.5), breed(0.3, 0.9)
+    hf = open_backend("hf", first, dtype="float32")
+    ffn = [tp.name for tp in plan.tensors if tp.name.split(".")[-2] in ("gate_proj", "up_proj", "down_proj")]
+    assert len(ffn) == 3 * 6
+    info = hf.load(plan)
+    assert (info["bred"], info["skipped"]) == (len(ffn), len(plan.tensors) - len(ffn))
+    _assert_same_model(hf.model, _disk(plan, tmp_path / "child"), _ids(hf, PROMPTS))
+
+
+@pytest.mark.slow
 def test_unchanged_tensors_are_skipped(plan, tmp_path):
     hf = open_backend("hf", plan, dtype="float32")
     assert hf.load(plan)["bred"] == 0
