@@ -109,13 +109,16 @@ def test_other_architectures_bred_in_place(arch, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_breed_child_bred_in_place(tmp_path):
-    """Gemma-4 father x Qwen3.5 mother (the FFN padded to the mother's width, the config
-    overridden): moving the FFN genes re-breeds exactly the FFN tensors, and the child is the disk one."""
+@pytest.mark.parametrize("multimodal", [False, True], ids=["text", "multimodal-father"])
+def test_a_breed_child_bred_in_place(multimodal, tmp_path):
+    """Gemma-4 father (text, or with its vision tower) x Qwen3.5 mother (the FFN padded to the
+    mother's width, the config overridden): moving the FFN genes re-breeds exactly the FFN tensors,
+    and the child is the disk one."""
     from darwin_stream.api import load_plan
-    from darwin_stream.demo import build_model
+    from darwin_stream.demo import build_model, build_multimodal_model
 
-    f, m = build_model(tmp_path / "f", "gemma4", seed=1), build_model(tmp_path / "m", "qwen3_5", seed=2)
+    f = (build_multimodal_model if multimodal else build_model)(tmp_path / "f", "gemma4", seed=1)
+    m = build_model(tmp_path / "m", "qwen3_5", seed=2)
 
     def breed(lo: float, hi: float) -> Plan:
         path = tmp_path / f"breed-{lo}.yaml"
