@@ -375,11 +375,16 @@ def _finish(tpl: Template, text: str, run: RunDir, refs: dict[str, Any], best: C
         heldout=heldout, generations=gens, evaluations=len(loop.history), run_dir=str(run.path),
         child_dir=str(child_dir), genome=best.genome,
         fitness={"child": child_fit["fitness"], **{n: r["fitness"]["fitness"] for n, r in refs.items()}},
-        scored_evaluations=loop.scored, seconds={k: round(v, 3) for k, v in seconds.items()}, subset=subset_info)
+        scored_evaluations=loop.scored, seconds={k: round(v, 3) for k, v in seconds.items()}, subset=subset_info,
+        tables={"fitness": _plain(fit_rows), "heldout": _plain(held_rows)})
     (run.path / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     (run.path / "scores.md").write_text("## Fitness split\n\n" + rep.score_table(fit_rows) + "\n\n## Held-out split\n\n"
                                         + (rep.score_table(held_rows) if held_rows else "(none)") + "\n")
     return report
+
+
+def _plain(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {name: {"tasks": r["tasks"], "fitness": r["fitness"]} for name, r in rows.items()}
 
 
 def _genome_text(cols: list[str], rows: list[list[float]]) -> str:
