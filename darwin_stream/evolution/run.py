@@ -88,6 +88,24 @@ def _stop_on_sigint() -> Iterator[dict[str, bool]]:
         yield flag
 
 
+class torch_threads:  # noqa: N801 (used like a context, closed in a finally)
+    """Set torch's intra-op thread count for the run, and put it back."""
+
+    def __init__(self, n: int | None):
+        import torch
+
+        self.old = torch.get_num_threads()
+        self.n = n
+        if n:
+            torch.set_num_threads(n)
+
+    def close(self) -> None:
+        import torch
+
+        if self.n:
+            torch.set_num_threads(self.old)
+
+
 def threading_main() -> bool:
     import threading
 
@@ -290,6 +308,7 @@ def evolve(manifest: str | os.PathLike, run_dir: str | os.PathLike | None = None
     opts: dict[str, Any] = {"dtype": sec.backend.dtype}
     if sec.backend.max_model_len and (backend or sec.backend.name) == "vllm":
         opts["max_model_len"] = sec.backend.max_model_len
+    threads = torch_threads(sec.backend.threads)
     t_engine = time.perf_counter()
     scorer = fit.Scorer(open_backend(backend or sec.backend.name, tpl.apply(x0), **opts))
     seconds = {"engine_start": time.perf_counter() - t_engine}
@@ -321,6 +340,7 @@ def evolve(manifest: str | os.PathLike, run_dir: str | os.PathLike | None = None
         child_held = _score(scorer, held) if held else None
     finally:
         scorer.close()
+        threads.close()
     if subset_info is not None:
         pairs = [(c.fitness, c.full_fitness) for c in {tuple(c.genome): c for c in loop.history}.values()
                  if c.full_fitness is not None]
