@@ -35,6 +35,15 @@ Progress = Callable[[dict[str, Any]], None]
 REFS_FILE = "refs.json"
 
 
+def _check_extras() -> None:
+    """Before any work: the plots need matplotlib, which only the evolve extra installs."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise EvolveError("evolve needs matplotlib for its plots: pip install -e '.[evolve]' (from a clone) "
+                          "or pip install 'darwin-stream[evolve]'")
+
+
 def default_run_dir(manifest: str | os.PathLike) -> Path:
     """`manifests/demo.yaml` -> `./demo.run`: derived from the manifest's name, in the working directory."""
     return Path(Path(manifest).stem + ".run")
@@ -284,6 +293,7 @@ def evolve(manifest: str | os.PathLike, run_dir: str | os.PathLike | None = None
            progress: Progress | None = None, backend: str | None = None) -> rep.EvolveReport:
     """Run (or resume) the evolution a manifest's `evolve:` section describes; see docs/evolution.md."""
     t_start = time.perf_counter()
+    _check_extras()
     m, text = load_manifest(manifest)
     if m.evolve is None:
         raise EvolveError("manifest: evolve: this manifest has no evolve section (see docs/evolution.md)")
