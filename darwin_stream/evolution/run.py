@@ -97,7 +97,7 @@ def _stop_on_sigint() -> Iterator[dict[str, bool]]:
         yield flag
 
 
-class torch_threads:  # noqa: N801 (used like a context, closed in a finally)
+class TorchThreads:
     """Set torch's intra-op thread count for the run, and put it back."""
 
     def __init__(self, n: int | None):
@@ -318,7 +318,7 @@ def evolve(manifest: str | os.PathLike, run_dir: str | os.PathLike | None = None
     opts: dict[str, Any] = {"dtype": sec.backend.dtype}
     if sec.backend.max_model_len and (backend or sec.backend.name) == "vllm":
         opts["max_model_len"] = sec.backend.max_model_len
-    threads = torch_threads(sec.backend.threads)
+    threads = TorchThreads(sec.backend.threads)
     t_engine = time.perf_counter()
     scorer = fit.Scorer(open_backend(backend or sec.backend.name, tpl.apply(x0), **opts))
     seconds = {"engine_start": time.perf_counter() - t_engine}
