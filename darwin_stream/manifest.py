@@ -419,6 +419,9 @@ class BackendSection(Section):
     name: Literal["hf", "vllm"] = "hf"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     max_model_len: int | None = None
+    # torch intra-op threads while scoring (hf); None keeps torch's default. On 2 shared cores one
+    # thread ran the demo's tiny models 17x faster than two (../shared/notes/evolution-demo.md).
+    threads: int | None = None
 
 
 class EvolveSection(Section):
