@@ -273,7 +273,11 @@ class ChildWriter:
             os.close(fd)
 
     def write_file(self, name: str, data: bytes) -> None:
-        (self.tmp / name).write_bytes(data)
+        path = self.tmp / name
+        path.write_bytes(data)
+        mode = getattr(data, "mode", None)  # sources.AuxBytes: no wider than the parent's own file
+        if mode is not None:
+            os.chmod(path, mode & path.stat().st_mode & 0o777)
 
     def finish(self, index_metadata: dict | None = None) -> Path:
         """fsync, write the index, drop the journal and rename into place."""

@@ -247,7 +247,7 @@ def test_index_shard_outside_checkpoint(tmp_path):
 
 def test_garbled_index(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text("{not json")
-    with pytest.raises(SourceError, match="not a valid safetensors index"):
+    with pytest.raises(SourceError, match="index.json is not valid JSON"):
         open_parent(tmp_path)
 
 
