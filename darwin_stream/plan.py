@@ -538,6 +538,7 @@ def build_plan(manifest: Manifest, text: str = "", *, parents: Mapping[str, Pare
             "device": d.device,
             "format": d.format,
             "direct_io": d.direct_io,
+            "allow_nonfinite": d.allow_nonfinite,
             "dtype": manifest.dtype,
         },
     )
