@@ -100,9 +100,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def _client(address: str | None):
     if not address:
         return None
-    from dask.distributed import Client
+    from dask.distributed import Client  # optional and heavy: only with --scheduler
 
-    return Client(address)
+    try:
+        return Client(address)
+    except (ValueError, TypeError, OSError) as e:  # a malformed address, an unknown scheme, no answer
+        raise DarwinError(f"--scheduler {address}: cannot connect to a dask scheduler ({e})") from None
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -182,8 +185,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    tok = AutoTokenizer.from_pretrained(report.out)
-    model = AutoModelForCausalLM.from_pretrained(report.out)
+    tok = AutoTokenizer.from_pretrained(report.out, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(report.out, trust_remote_code=False)
     ids = tok("the quick brown fox", return_tensors="pt").input_ids
     gen = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     print(f"generate: {tok.decode(gen[0])!r} (random tiny parents: the words are noise, the mechanics are real)")
