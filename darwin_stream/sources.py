@@ -127,7 +127,7 @@ def read_safetensors_header(path: str, data: bytes | memoryview, file_size: int)
         raise SourceError(f"{path}: safetensors header of {n} bytes exceeds the {MAX_HEADER_BYTES} byte limit")
     if 8 + n > file_size:
         raise SourceError(f"{path}: truncated shard (header says {n} bytes, file has {file_size})")
-    header = load_json(bytes(data[8 : 8 + n]), f"{path}: corrupt safetensors header:")
+    header = load_json(bytes(data[8 : 8 + n]), f"{path}: corrupt safetensors header, which")
     if not isinstance(header, dict):
         raise SourceError(f"{path}: corrupt safetensors header (not a JSON object)")
     base = 8 + n
