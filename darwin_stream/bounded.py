@@ -100,20 +100,36 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _depth(value: Any, limit: int) -> int:
-    """Nesting depth of parsed JSON, stopping as soon as it exceeds `limit`."""
+def _walk(value: Any, limit: int) -> tuple[int, bool]:
+    """(nesting depth, whether a string holds a lone surrogate) of parsed JSON, stopping as soon as
+    the depth exceeds `limit`. JSON's "\\ud800" escape parses to a string no UTF-8 stream can
+    print: the error naming it would itself fail to print."""
     todo = [(value, 1)]
     deepest = 0
     while todo:
         v, d = todo.pop()
         deepest = max(deepest, d)
         if deepest > limit:
-            return deepest
+            return deepest, False
         if isinstance(v, dict):
+            if any(_surrogate(k) for k in v):
+                return deepest, True
             todo += [(x, d + 1) for x in v.values()]
         elif isinstance(v, list):
             todo += [(x, d + 1) for x in v]
-    return deepest
+        elif isinstance(v, str) and _surrogate(v):
+            return deepest, True
+    return deepest, False
+
+
+def _surrogate(s: str) -> bool:
+    if s.isascii():
+        return False
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def load_json(raw: bytes, what: str, *, depth: int = MAX_JSON_DEPTH) -> Any:
@@ -128,6 +144,9 @@ def load_json(raw: bytes, what: str, *, depth: int = MAX_JSON_DEPTH) -> Any:
         raise SourceError(f"{what} is not valid JSON ({e.msg} at line {e.lineno})") from None
     except ValueError as e:  # a duplicate key
         raise SourceError(f"{what} is not valid JSON ({e})") from None
-    if _depth(value, depth) > depth:
+    deepest, surrogate = _walk(value, depth)
+    if deepest > depth:
         raise SourceError(f"{what} is nested more than {depth} levels deep")
+    if surrogate:
+        raise SourceError(f"{what} is not valid JSON (a string holds a lone UTF-16 surrogate)")
     return value

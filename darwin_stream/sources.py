@@ -177,6 +177,33 @@ def _storage_view(code: str) -> np.dtype:
     return np.dtype(np.int16) if code == "BF16" else dtypes.to_numpy(code)
 
 
+_STR, _INT, _LIST = (str,), (int,), (list,)
+# The config keys darwin-stream itself reads (arch adapters, breed, plan, model card), with their JSON
+# types; null is allowed for each, as transformers allows it. Anything else is transformers' business.
+CONFIG_TYPES: dict[str, tuple[type, ...]] = {
+    "model_type": _STR, "architectures": _LIST, "text_config": (dict,), "layer_types": _LIST,
+    "hidden_act": _STR, "hidden_activation": _STR, "torch_dtype": _STR, "dtype": _STR,
+    "num_hidden_layers": _INT, "hidden_size": _INT, "intermediate_size": _INT, "vocab_size": _INT,
+    "max_position_embeddings": _INT, "num_attention_heads": _INT, "num_key_value_heads": _INT,
+}
+
+
+def _check_config(spec: str, config: dict, prefix: str = "") -> None:
+    """A config.json whose keys have the types darwin-stream relies on: a `model_type` that is a
+    list, say, must be one line naming the key, not a TypeError deep in the arch adapters."""
+    for key, types in CONFIG_TYPES.items():
+        v = config.get(key)
+        if v is None:
+            continue
+        ok = isinstance(v, types) and not (isinstance(v, bool) and types == _INT)
+        if ok and types == _INT:
+            ok = v >= 0
+        if ok and key == "architectures":
+            ok = all(isinstance(a, str) for a in v)
+        if not ok:
+            raise SourceError(f"parent {spec}: config.json: {prefix}{key} has the wrong type, got {show(v)}")
+
+
 class AuxBytes(bytes):
     """An inherited file's bytes, with the permission bits of the parent's file: the child's copy
     must not be readable by more users than the original (a 0600 tokenizer stays 0600)."""
@@ -207,6 +234,10 @@ class Parent:
         config = load_json(raw, f"parent {self.spec}: config.json")
         if not isinstance(config, dict):
             raise SourceError(f"parent {self.spec}: config.json holds a JSON {type(config).__name__}, not an object")
+        _check_config(self.spec, config)
+        text = config.get("text_config")
+        if isinstance(text, dict):
+            _check_config(self.spec, text, "text_config.")
         return config
 
     def require_config(self) -> dict:
