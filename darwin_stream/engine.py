@@ -302,6 +302,22 @@ def _refuse_child(tp: TensorPlan, r0: int, r1: int) -> DarwinError:
     )
 
 
+class NonFiniteBlock(Exception):
+    """Raised by a sink whose child rows [r0, r1) are not finite; `Task.blend` finds out why."""
+
+    def __init__(self, r0: int, r1: int):
+        super().__init__(r0, r1)
+        self.r0, self.r1 = r0, r1
+
+
+def _rows_finite(rows: Rows, r0: int, r1: int) -> bool:
+    """Whether an input's raw rows [r0, r1) (as stored, before any upcast) are finite."""
+    if rows.data is None:
+        return True
+    lo, hi = r0 - rows.start, min(r1, _rows(rows.shape)) - rows.start
+    return finite(rows.data if not rows.shape else rows.data[lo : max(lo, hi)])
+
+
 def check_finite(plan: Plan) -> bool:
     """Whether this plan's inputs and outputs are checked for NaN/Inf (darwin.allow_nonfinite)."""
     return not (plan.options or {}).get("allow_nonfinite", False)
@@ -329,12 +345,15 @@ class Task:
     def blocks(self, inputs: Inputs, dtype: torch.dtype, with_out: bool) -> Iterator[tuple[int, int, methods.Chunk]]:
         """(r0, r1, chunk) over the task's rows; the chunk's tensors are this thread's scratch.
 
-        Each input block is checked for NaN/Inf as it lands in scratch (unless the plan allows
-        them): a single NaN in a parent makes a whole slerp or model_stock tensor NaN.
+        For a method that may drop elements (ties, dare, breadcrumbs) or mixes them (model_stock),
+        each input block is checked for NaN/Inf as it lands in scratch, unless the plan allows
+        them. An inplace method (linear, slerp, task_arithmetic, passthrough) is pure arithmetic,
+        through which a NaN or Inf always reaches the output (0 * Inf is NaN): its inputs are
+        checked only when its output is not finite (`blend`), which halves the cost of the checks.
         """
         tp, buf = self.tp, scratch()
         base, models = inputs
-        check = check_finite(self.plan)
+        check = check_finite(self.plan) and not methods.get(tp.method).inplace
         for r0 in range(self.start, self.stop, self.block):
             r1 = min(r0 + self.block, self.stop)
             shape = _block_shape(tp.shape, r0, r1)
@@ -384,8 +403,20 @@ class Task:
             # The whole tensor is this one task: its statistic walks the same rows first.
             assert self.start == 0 and self.stop == _rows(self.tp.shape)
             state = self.statistic(inputs)
-        for r0, r1, chunk in self.blocks(inputs, torch.float32, with_out=method.inplace):
-            sink(r0, r1, method.blend(chunk, state).reshape(_block_shape(self.tp.shape, r0, r1)))
+        try:
+            for r0, r1, chunk in self.blocks(inputs, torch.float32, with_out=method.inplace):
+                sink(r0, r1, method.blend(chunk, state).reshape(_block_shape(self.tp.shape, r0, r1)))
+        except NonFiniteBlock as e:
+            raise self.why_not_finite(inputs, e.r0, e.r1) from None
+
+    def why_not_finite(self, inputs: Inputs, r0: int, r1: int) -> DarwinError:
+        """The error for child rows [r0, r1) that came out NaN/Inf: a parent's, if one holds them."""
+        base, models = inputs
+        pairs = ([(self.tp.base, base)] if self.tp.base is not None and base is not None else [])
+        for ref, rows in pairs + list(zip(self.tp.models, models, strict=True)):
+            if not _rows_finite(rows, r0, r1):
+                return _refuse_parent(self.plan, ref, r0, r1)
+        return _refuse_child(self.tp, r0, r1)
 
 
 def make_task(plan: Plan, tp: TensorPlan, start: int, stop: int, device: str, budget: int, workers: int) -> Task:
@@ -423,7 +454,7 @@ def iter_tensors(plan: Plan, *, device: str = "cpu", workers: int | None = None,
             def into(r0: int, r1: int, block: torch.Tensor) -> None:
                 rows[r0:r1].copy_(_as_rows(block))
                 if check and not finite(rows[r0:r1]):
-                    raise _refuse_child(tp, r0, r1)
+                    raise NonFiniteBlock(r0, r1)
 
             make_task(plan, tp, 0, _rows(tp.shape), device, budget, max(workers, 1)).blend(None, into)
             return out
@@ -493,7 +524,7 @@ def _write_task(task: Task, state: Any, writer, progress) -> int:
                     staged = torch.frombuffer(dst, dtype=out_dtype).view(block.shape).copy_(block)
                     # Checked in the child's dtype: a finite float32 result over 65504 is Inf in float16.
                     if check and not finite(staged):
-                        raise _refuse_child(tp, r0, r1)
+                        raise NonFiniteBlock(r0, r1)
 
             with _naming(tp):
                 task.blend(state, write)
