@@ -273,6 +273,8 @@ def _check_slice(sl: _Slice, method: Any) -> None:
         raise PlanError(f"{sl.where}: slerp blends exactly 2 models (base_model and one other), got {n}")
     if method.name == "passthrough" and n != 1:
         raise PlanError(f"{sl.where}: passthrough takes exactly 1 model per slice, got {n}")
+    if method.name == "model_stock" and n < 3:  # found only mid-merge, after .partial, before
+        raise PlanError(f"{sl.where}: model_stock needs the base_model and at least 2 other models, got {n} inputs")
     if method.needs_base:
         if sl.base is None:
             raise PlanError(f"base_model: {method.name} needs a base_model, and none is given")

@@ -261,3 +261,9 @@ def test_merge_child_is_finite(capsys, tmp_path, toys):
     assert code == 0, err
     for name, t in load_file(str(out / "model.safetensors")).items():
         assert t.numel() == 0 or all(math.isfinite(x) for x in t.float().flatten().tolist()), name
+
+
+def test_model_stock_with_one_model_is_refused_by_plan(capsys, tmp_path, toys):
+    a, b = toys
+    text = f"merge_method: model_stock\nbase_model: {a}\nmodels:\n  - model: {b}\n"
+    fails(capsys, tmp_path, text, "at least 2 other models", command="plan")
