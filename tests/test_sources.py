@@ -522,3 +522,37 @@ def test_shard_truncated_after_open_is_refused_not_sigbus(tmp_path):
     r = subprocess.run([sys.executable, "-c", _TRUNCATE_MID_MERGE, str(d)], capture_output=True, text=True, env=env)
     assert r.returncode == 0, (r.returncode, r.stderr[-500:])
     assert r.stdout.startswith("refused:") and "was truncated while in use" in r.stdout, r.stdout
+
+
+def test_url_parents_bound_their_small_files_too(tmp_path, monkeypatch):
+    """Over fsspec the size comes from the listing, so an oversized index or config is refused unread."""
+    import fsspec
+
+    from darwin_stream import sources
+
+    monkeypatch.setattr(sources, "MAX_FILE_BYTES", 1000)
+    mem = fsspec.filesystem("memory")
+    h, data = good_header()
+    write_shard(tmp_path / "model.safetensors", h, data)
+    mem.pipe_file("/bounded/p/model.safetensors", (tmp_path / "model.safetensors").read_bytes())
+    config = json.dumps({"model_type": "toy", "pad": "x" * 2000}).encode()
+    mem.pipe_file("/bounded/p/config.json", config)
+    with pytest.raises(SourceError, match=f"config.json is {len(config)} bytes, over the 1000 byte limit") as e:
+        _ = open_parent("memory://bounded/p").config
+    one_line(e)
+    mem.pipe_file("/bounded/p/model.safetensors.index.json", json.dumps({"weight_map": {"w": "model.safetensors"}, "pad": "x" * 2000}).encode())
+    with pytest.raises(SourceError, match=r"index.json is \d+ bytes, over the 1000 byte limit") as e:
+        open_parent("memory://bounded/p")
+    one_line(e)
+
+
+def test_file_url_parents_confine_symlinks(tmp_path):
+    d = tmp_path / "p"
+    d.mkdir()
+    h, data = good_header()
+    write_shard(d / "model.safetensors", h, data)
+    (tmp_path / "secret").write_text("{}")
+    (d / "config.json").symlink_to(tmp_path / "secret")
+    with pytest.raises(SourceError, match="outside the parent") as e:
+        _ = open_parent(f"file://{d}").config
+    one_line(e)
