@@ -345,15 +345,18 @@ class Task:
     def blocks(self, inputs: Inputs, dtype: torch.dtype, with_out: bool) -> Iterator[tuple[int, int, methods.Chunk]]:
         """(r0, r1, chunk) over the task's rows; the chunk's tensors are this thread's scratch.
 
-        For a method that may drop elements (ties, dare, breadcrumbs) or mixes them (model_stock),
-        each input block is checked for NaN/Inf as it lands in scratch, unless the plan allows
-        them. An inplace method (linear, slerp, task_arithmetic, passthrough) is pure arithmetic,
-        through which a NaN or Inf always reaches the output (0 * Inf is NaN): its inputs are
-        checked only when its output is not finite (`blend`), which halves the cost of the checks.
+        Each input block is checked for NaN/Inf as it lands in scratch, unless the plan allows
+        them, for a method that may drop elements (ties, dare, breadcrumbs) or has a tensor-wide
+        statistic (slerp, model_stock: one NaN anywhere makes the whole tensor NaN, so the chunk
+        that holds it must be the one that says so). An inplace method without a statistic
+        (linear, task_arithmetic, passthrough) is elementwise arithmetic, through which a NaN or
+        Inf always reaches the same element of the output (0 * Inf is NaN): its inputs are looked
+        at only when its output is not finite (`blend`), which halves the cost of the checks.
         """
         tp, buf = self.tp, scratch()
         base, models = inputs
-        check = check_finite(self.plan) and not methods.get(tp.method).inplace
+        method = methods.get(tp.method)
+        check = check_finite(self.plan) and (not method.inplace or method.statistic is not None)
         for r0 in range(self.start, self.stop, self.block):
             r1 = min(r0 + self.block, self.stop)
             shape = _block_shape(tp.shape, r0, r1)

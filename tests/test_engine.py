@@ -256,3 +256,18 @@ def test_a_nan_in_a_sparsified_input_is_found_even_where_the_mask_drops_it(pair,
         _merge(plan, tmp_path / "c", budget=2**20)
     with pytest.raises(engine.DarwinError, match=r"tensor 'small.weight' holds NaN or Inf"):
         dict(engine.iter_tensors(plan, workers=0))
+
+
+def test_a_nan_in_one_chunk_of_a_slerp_is_blamed_on_its_parent(pair, tmp_path):
+    """slerp's angle spans the tensor: a NaN in one chunk makes every chunk NaN, and the error must
+    still name the parent, not a child that "comes out NaN from finite parents"."""
+    dirs, shapes = pair
+    poisoned = tmp_path / "poisoned"
+    poisoned.mkdir()
+    tensors = load_file(str(Path(dirs[1]) / "model.safetensors"))
+    tensors["big.weight"][500, 3] = float("nan")  # the last chunk under a small budget
+    save_file(tensors, str(poisoned / "model.safetensors"))
+    plan = _plan([dirs[0], str(poisoned)], {"big.weight": shapes["big.weight"]}, "slerp", {"t": 0.5})
+    assert engine.chunk_rows(plan, plan.tensors[0], 40_000, workers=2) < 500
+    with pytest.raises(engine.DarwinError, match=r"parent .*poisoned: tensor 'big.weight' holds NaN or Inf"):
+        _merge(plan, tmp_path / "c", budget=40_000)

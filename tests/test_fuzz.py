@@ -340,4 +340,4 @@ def test_fuzzed_inputs_meet_the_contract(corpus, tmp_path, capsys):
         signal.signal(signal.SIGALRM, old)
     print(f"fuzz seed {SEED}: {outcomes}")  # shown with -s
     # Both outcomes must occur, or the fuzzer tests nothing: all refused means the corpus is broken.
-    assert outcomes["ok"] >= CASES // 10 and outcomes["refused"] >= CASES // 10, outcomes
+    assert outcomes["ok"] >= CASES // 20 and outcomes["refused"] >= CASES // 20, outcomes
