@@ -99,9 +99,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def _client(address: str | None):
     if not address:
         return None
-    from dask.distributed import Client
+    from dask.distributed import Client  # optional and heavy: only with --scheduler
 
-    return Client(address)
+    try:
+        return Client(address)
+    except (ValueError, TypeError, OSError) as e:  # a malformed address, an unknown scheme, no answer
+        raise DarwinError(f"--scheduler {address}: cannot connect to a dask scheduler ({e})") from None
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -285,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):
+        # Names from untrusted files may hold characters the terminal cannot encode: print them
+        # escaped rather than fail while printing the very error that names them.
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         return int(args.func(args) or 0)
     except DarwinError as e:

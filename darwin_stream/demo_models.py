@@ -435,7 +435,7 @@ def _save_model(model: Any, dest: Path) -> None:
 def _load_model(path: Path) -> Any:
     from transformers import Qwen3ForCausalLM
 
-    return Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False).eval()
 
 
 def _read_record(root: Path) -> dict[str, Any]:
