@@ -54,7 +54,9 @@ class Chunk:
 
 @dataclass(frozen=True)
 class Statistic:
-    passes: int
+    # A number, or (tensor shape, resolved params) -> number when it depends on the tensor: della
+    # ranks a 1-D tensor in an extra pass, sce's top-k selection costs two passes only when asked for.
+    passes: int | Callable[[tuple[int, ...], Params], int]
     partial: Callable[[Chunk, Any], Any]
     combine: Callable[[Sequence[Any]], Any]
     finish: Callable[[Any, Any], Any]
@@ -76,6 +78,17 @@ class MergeMethod:
     # A default of REQUIRED means the manifest must give it (per-model: for every non-base model).
     model_param_defaults: Mapping[str, Any] = field(default_factory=dict)
     param_defaults: Mapping[str, Any] = field(default_factory=dict)
+    # How many non-base models a slice may hold (mergekit's InputContract min/max_non_base).
+    non_base: tuple[int, int | None] = (0, None)
+    # mergekit's BasePolicy.OPTIONAL: a base_model, when given, is the base (nuslerp, multislerp).
+    base_optional: bool = False
+    # mergekit's BasePolicy.IGNORED with the base appended to the inputs: a base_model is one more
+    # ordinary model (karcher averages it with the others).
+    base_is_input: bool = False
+
+    def uses_base(self, given: bool) -> bool:
+        """Whether the plan hands this method a separate base tensor when a base_model is `given`."""
+        return self.needs_base or (self.base_optional and given)
 
 
 REGISTRY: dict[str, MergeMethod] = {}
@@ -101,11 +114,12 @@ def names() -> list[str]:
 
 def _load_all() -> None:
     # Importing a method module registers it; kept lazy so `import darwin_stream` stays cheap.
-    from darwin_stream.methods import (  # noqa: F401
+    from darwin_stream.methods import (  # noqa: F401  # noqa: F401
         breadcrumbs,
         dare,
         linear,
         model_stock,
+        nearswap,
         passthrough,
         slerp,
         task_arithmetic,
@@ -113,12 +127,20 @@ def _load_all() -> None:
     )
 
 
+def pass_count(stat: Statistic | None, shape: tuple[int, ...], params: Params) -> int:
+    """Streaming passes `stat` makes over a tensor of `shape` with resolved `params`."""
+    if stat is None:
+        return 0
+    return stat.passes if isinstance(stat.passes, int) else int(stat.passes(shape, params))
+
+
 def run_statistic(method: MergeMethod, chunks: Callable[[], Sequence[Chunk]]) -> Any:
     """Reference driver: all passes of `method.statistic` over `chunks()` (called once per pass)."""
     if method.statistic is None:
         return None
     state = None
-    for _ in range(method.statistic.passes):
+    first = chunks()[0]
+    for _ in range(pass_count(method.statistic, first.shape, first.params)):
         parts = [method.statistic.partial(c, state) for c in chunks()]
         state = method.statistic.finish(method.statistic.combine(parts), state)
     return state

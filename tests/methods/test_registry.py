@@ -1,5 +1,8 @@
 from darwin_stream.methods import REQUIRED, get, names
 
+# mergekit 0.1.5's other methods, as they land (tests/methods/test_<name>.py for each).
+MERGEKIT_0_1_5_MORE = ["nearswap"]
+
 
 def test_all_methods_registered_with_mergekit_parameters():
     assert names() == sorted(
@@ -14,6 +17,7 @@ def test_all_methods_registered_with_mergekit_parameters():
             "breadcrumbs_ties",
             "model_stock",
             "passthrough",
+            *MERGEKIT_0_1_5_MORE,
         ]
     )
     assert get("linear").param_defaults == {"normalize": True}

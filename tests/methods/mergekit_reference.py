@@ -1,0 +1,67 @@
+"""Whole-tensor float64 references for mergekit 0.1.5's nearswap, nuslerp, multislerp, karcher, della,
+sce, arcee_fusion and ram methods, each written straight from mergekit's algorithm (not from ours),
+plus a driver that cuts 1-D tensors into element blocks as the engine's blocks do."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from darwin_stream.methods import Chunk, get, pass_count
+
+F64 = torch.float64
+
+
+def run_blocks(
+    name: str,
+    base: torch.Tensor | None,
+    models: Sequence[torch.Tensor],
+    model_params: Sequence[dict[str, Any]] = (),
+    params: dict[str, Any] | None = None,
+    rows: int | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Like methods_reference.run_method, but `rows` also cuts a 1-D tensor (into `rows` elements)."""
+    method = get(name)
+    params = {**method.param_defaults, **(params or {})}
+    model_params = [{**method.model_param_defaults, **mp} for mp in model_params] or [
+        dict(method.model_param_defaults) for _ in models
+    ]
+    like = base if base is not None else models[0]
+    n = like.shape[0] if like.dim() else 1
+    rows = rows or n
+    per_row = like.numel() // max(n, 1)
+    chunks = []
+    for r0 in range(0, n, rows):
+
+        def cut(x: torch.Tensor, r0: int = r0) -> torch.Tensor:
+            return x[r0 : r0 + rows] if x.dim() else x
+
+        chunks.append(
+            Chunk(
+                models=[cut(m).clone() for m in models],
+                model_params=model_params,
+                params=params,
+                base=None if base is None else cut(base).clone(),
+                offset=r0 * per_row,
+                numel=like.numel(),
+                shape=tuple(like.shape),
+                seed=seed,
+            )
+        )
+    stat = method.statistic
+    state = None
+    for _ in range(pass_count(stat, tuple(like.shape), params)):
+        assert stat is not None
+        parts = [stat.partial(c, state) for c in chunks]
+        state = stat.finish(stat.combine(parts), state)
+    out = [method.blend(c, state) for c in chunks]
+    return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def ref_nearswap(t: float, base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    a, b = base.to(F64), other.to(F64)
+    w = (t / (a - b).abs().clamp(min=1e-6)).clamp(0, 1)
+    return w * b + (1 - w) * a
