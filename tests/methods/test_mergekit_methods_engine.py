@@ -72,5 +72,5 @@ def test_arity_is_checked_at_plan_time(trio):
     from darwin_stream.errors import PlanError
 
     text = "merge_method: nearswap\nbase_model: {a}\nmodels:\n  - model: {b}\n  - model: {c}\nparameters: {{t: 0.1}}\n"
-    with pytest.raises(PlanError, match="nearswap takes exactly 1 model\(s\) besides the base, got 2"):
+    with pytest.raises(PlanError, match=r"nearswap takes exactly 1 model\(s\) besides the base, got 2"):
         darwin_stream.api.load_plan(text.format(**trio))
