@@ -114,12 +114,13 @@ def names() -> list[str]:
 
 def _load_all() -> None:
     # Importing a method module registers it; kept lazy so `import darwin_stream` stays cheap.
-    from darwin_stream.methods import (  # noqa: F401  # noqa: F401
+    from darwin_stream.methods import (  # noqa: F401
         breadcrumbs,
         dare,
         linear,
         model_stock,
         nearswap,
+        nuslerp,
         passthrough,
         slerp,
         task_arithmetic,

@@ -65,3 +65,39 @@ def ref_nearswap(t: float, base: torch.Tensor, other: torch.Tensor) -> torch.Ten
     a, b = base.to(F64), other.to(F64)
     w = (t / (a - b).abs().clamp(min=1e-6)).clamp(0, 1)
     return w * b + (1 - w) * a
+
+
+def _nuslerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int, flatten: bool) -> torch.Tensor:
+    """mergekit's nuslerp() in float64 (its colinearity test is on float32 cos, as mergekit runs)."""
+    shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif dim != -1:
+        v0, v1 = v0.transpose(dim, -1), v1.transpose(dim, -1)
+    u0 = v0 / v0.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    u1 = v1 / v1.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = (u0 * u1).sum(-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.float().square()) <= 1e-16
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    res = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+    res = torch.where(colinear, (1 - t) * v0 + t * v1, res)
+    if dim != -1 and not flatten:
+        res = res.transpose(dim, -1)
+    return res.reshape(shape)
+
+
+def ref_nuslerp(
+    base: torch.Tensor | None,
+    models: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    row_wise: bool = False,
+    flatten: bool = True,
+) -> torch.Tensor:
+    total = sum(weights)
+    t = 0.5 if abs(total) < 1e-6 else weights[1] / total
+    m0, m1 = (m.to(F64) for m in models)
+    dim = 0 if row_wise else -1
+    if base is None:
+        return _nuslerp_vectors(t, m0, m1, dim, flatten)
+    b = base.to(F64)
+    return b + _nuslerp_vectors(t, m0 - b, m1 - b, dim, flatten)

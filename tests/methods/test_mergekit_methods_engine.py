@@ -30,6 +30,11 @@ CASES: dict[str, tuple[str, Ref]] = {
         "base_model: {a}\nmodels:\n  - model: {b}\nparameters: {{t: 0.01}}\n",
         lambda b, ms: R.ref_nearswap(0.01, b, ms[0]),
     ),
+    "nuslerp": (
+        "base_model: {a}\nmodels:\n  - model: {b}\n    parameters: {{weight: 0.3}}\n"
+        "  - model: {c}\n    parameters: {{weight: 0.7}}\n",
+        lambda b, ms: R.ref_nuslerp(b, ms, [0.3, 0.7]),
+    ),
 }
 
 
