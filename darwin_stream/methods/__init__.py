@@ -119,6 +119,7 @@ def _load_all() -> None:
         dare,
         linear,
         model_stock,
+        multislerp,
         nearswap,
         nuslerp,
         passthrough,

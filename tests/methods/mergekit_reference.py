@@ -101,3 +101,36 @@ def ref_nuslerp(
         return _nuslerp_vectors(t, m0, m1, dim, flatten)
     b = base.to(F64)
     return b + _nuslerp_vectors(t, m0 - b, m1 - b, dim, flatten)
+
+
+def ref_multislerp(
+    base: torch.Tensor | None,
+    models: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    normalize_weights: bool = True,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """mergekit's multislerp step by step (tangent space and exponential map included), in float64."""
+    if len(models) == 1:
+        return models[0].to(F64)
+    xs = torch.stack([m.to(F64) for m in models])
+    if base is not None:
+        xs = xs - base.to(F64)
+    flat = xs.reshape(xs.shape[0], -1)
+    w = torch.tensor(weights, dtype=F64)
+    if normalize_weights:
+        w = w / w.sum()
+    norms = flat.norm(dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * w.view(-1, 1)).sum(0)
+    if mean.norm() < eps:
+        assert len(models) == 2
+        res = (xs[0] * w[0] + xs[1] * w[1])
+        return res + base.to(F64) if base is not None else res
+    mean = mean / mean.norm()
+    dots = (units * mean).sum(-1, keepdim=True)
+    tangent = ((units - dots * mean) * w.view(-1, 1)).sum(0)
+    tn = tangent.norm() + eps
+    res = mean * torch.cos(tn) + tangent * (torch.sin(tn) / tn)
+    res = (res * (norms.squeeze(-1) * w).sum()).reshape(xs.shape[1:])
+    return res + base.to(F64) if base is not None else res

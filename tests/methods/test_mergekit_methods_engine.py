@@ -35,6 +35,11 @@ CASES: dict[str, tuple[str, Ref]] = {
         "  - model: {c}\n    parameters: {{weight: 0.7}}\n",
         lambda b, ms: R.ref_nuslerp(b, ms, [0.3, 0.7]),
     ),
+    "multislerp": (
+        "base_model: {a}\nmodels:\n  - model: {b}\n    parameters: {{weight: 0.5}}\n"
+        "  - model: {c}\n    parameters: {{weight: 0.3}}\n",
+        lambda b, ms: R.ref_multislerp(b, ms, [0.5, 0.3]),
+    ),
 }
 
 

@@ -46,7 +46,7 @@ def test_nuslerp_chunking_changes_nothing(row_wise, flatten):
 
 
 def test_nuslerp_weights_zero_sum_is_midpoint_and_colinear_is_lerp():
-    base, models = make_inputs((30, 10), 2, seed=54, delta_std=0.01)
+    _, models = make_inputs((30, 10), 2, seed=54, delta_std=0.01)
     a = run_blocks("nuslerp", None, models, [{"weight": 1.0}, {"weight": -1.0}])
     b = run_blocks("nuslerp", None, models, [{"weight": 1.0}, {"weight": 1.0}])
     assert torch.equal(a, b)
