@@ -56,6 +56,7 @@ CASES: dict[str, tuple[str, bool]] = {
         False,
     ),
     "karcher": ("models:\n  - model: {a}\n  - model: {b}\n  - model: {c}\n", False),
+    "karcher_base": ("base_model: {a}\nmodels:\n  - model: {b}\n  - model: {c}\n", False),  # base appended
     "della": (
         "base_model: {a}\nmodels:\n  - model: {b}\n    parameters: {{weight: 0.6, density: 0.5, epsilon: 0.1}}\n"
         "  - model: {c}\n    parameters: {{weight: 0.4, density: 0.4, epsilon: 0.2}}\n",

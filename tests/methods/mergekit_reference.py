@@ -134,3 +134,38 @@ def ref_multislerp(
     res = mean * torch.cos(tn) + tangent * (torch.sin(tn) / tn)
     res = (res * (norms.squeeze(-1) * w).sum()).reshape(xs.shape[1:])
     return res + base.to(F64) if base is not None else res
+
+
+def ref_karcher(models: Sequence[torch.Tensor], max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
+    """mergekit's karcher_merge_tensors on whole tensors, in float64, equal weights."""
+    xs = [m.to(F64) for m in models]
+    if len(xs) == 1:
+        return xs[0]
+    alphas = [1.0 / len(xs)] * len(xs)
+    norms = [x.norm() for x in xs]
+    units = [torch.zeros_like(x) if float(n) == 0 else x / n for x, n in zip(xs, norms, strict=True)]
+    valid = [i for i, n in enumerate(norms) if float(n) > tol]
+    if not valid:
+        return torch.zeros_like(xs[0])
+    va = [alphas[i] for i in valid]
+    na = [a / sum(va) for a in va]
+    vu = [units[i] for i in valid]
+    mean = sum(a * u for a, u in zip(na, vu, strict=True))
+    mn = mean.norm()
+    mean = vu[0].clone() if float(mn) < tol else mean / mn
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for a, u in zip(na, vu, strict=True):
+            dot = torch.clamp((mean * u).sum(), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if float(theta) < tol:
+                continue
+            tangent += a * (theta / torch.sin(theta)) * (u - dot * mean)
+        tn = tangent.norm()
+        if float(tn) < tol:
+            break
+        mean = torch.cos(tn) * mean + torch.sin(tn) * (tangent / tn)
+        un = mean.norm()
+        if float(un) > tol:
+            mean = mean / un
+    return sum(a * n for a, n in zip(alphas, norms, strict=True)) * mean

@@ -40,6 +40,8 @@ CASES: dict[str, tuple[str, Ref]] = {
         "  - model: {c}\n    parameters: {{weight: 0.3}}\n",
         lambda b, ms: R.ref_multislerp(b, ms, [0.5, 0.3]),
     ),
+    # base_model is one more input to average, as mergekit appends it
+    "karcher": ("base_model: {a}\nmodels:\n  - model: {b}\n  - model: {c}\n", lambda b, ms: R.ref_karcher([*ms, b])),
 }
 
 
