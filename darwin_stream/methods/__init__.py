@@ -117,6 +117,7 @@ def _load_all() -> None:
     from darwin_stream.methods import (  # noqa: F401
         breadcrumbs,
         dare,
+        della,
         karcher,
         linear,
         model_stock,

@@ -4,12 +4,14 @@ plus a driver that cuts 1-D tensors into element blocks as the engine's blocks d
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from darwin_stream.methods import Chunk, get, pass_count
+from darwin_stream.methods._sparsify import uniform_bits
 
 F64 = torch.float64
 
@@ -169,3 +171,24 @@ def ref_karcher(models: Sequence[torch.Tensor], max_iter: int = 10, tol: float =
         if float(un) > tol:
             mean = mean / un
     return sum(a * n for a, n in zip(alphas, norms, strict=True)) * mean
+
+
+def magprune_mask(delta: torch.Tensor, density: float, epsilon: float, u: torch.Tensor) -> torch.Tensor:
+    """mergekit's della_magprune keep mask, given uniforms `u` in place of torch.bernoulli's draws.
+
+    Ranks by |delta| along dim 1 (a 1-D tensor is one row), equal magnitudes in position order."""
+    x = delta.to(F64)
+    if x.dim() < 2:
+        x, u = x.reshape(1, -1), u.reshape(1, -1)
+    order = torch.argsort(x.abs(), dim=1, stable=True)
+    ranks = order.argsort(dim=1).to(F64) + 1
+    lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    rank_norm = ((ranks - lo) / (hi - lo).clamp(min=1)).clamp(0, 1)
+    probs = (density - epsilon) + rank_norm * 2 * epsilon
+    return (u.to(F64) < probs).reshape(delta.shape)
+
+
+def hashed_uniforms(seed: int, model: int, shape: Sequence[int]) -> torch.Tensor:
+    """The engine's counter-based uniforms in [0, 1) for a whole tensor (what mergekit's bernoulli draws)."""
+    n = math.prod(shape)
+    return (uniform_bits(seed, model, 0, n).to(F64) / 2.0**32).reshape(tuple(shape))

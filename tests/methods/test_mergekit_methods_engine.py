@@ -18,30 +18,46 @@ import darwin_stream.api
 from darwin_stream import demo, engine
 from tests.helpers import read_all
 from tests.methods import mergekit_reference as R
-from tests.methods.methods_reference import assert_bf16_close
+from tests.methods.methods_reference import assert_bf16_close, ref_gta
 
 SMALL = 20_000  # bytes: every statistic split across tasks, 1-D tensors across blocks
 CHECKED = ("model.layers.1.mlp.up_proj.weight", "model.layers.2.input_layernorm.weight")
-Ref = Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor]
+Ref = Callable[[torch.Tensor, list[torch.Tensor], int], torch.Tensor]  # (base, models, tensor seed)
 
-# method -> (YAML body after merge_method, reference(base, [models]) on float tensors)
+DELLA_BODY = (
+    "base_model: {a}\nmodels:\n  - model: {b}\n    parameters: {{weight: 0.75, density: 0.5, epsilon: 0.125}}\n"
+    "  - model: {c}\n    parameters: {{weight: 0.5, density: 0.25, epsilon: 0.0625}}\n"
+)
+
+
+def _della(base, models, seed, consensus, normalize):
+    masks = [
+        R.magprune_mask(m - base, d, e, R.hashed_uniforms(seed, i, base.shape))
+        for i, (m, d, e) in enumerate(zip(models, (0.5, 0.25), (0.125, 0.0625), strict=True))
+    ]
+    return ref_gta(base, models, [0.75, 0.5], masks=masks, consensus=consensus, normalize=normalize, rescale=True)
+
+
+# method -> (YAML body after merge_method, reference(base, [models], seed) on float tensors)
 CASES: dict[str, tuple[str, Ref]] = {
     "nearswap": (
         "base_model: {a}\nmodels:\n  - model: {b}\nparameters: {{t: 0.01}}\n",
-        lambda b, ms: R.ref_nearswap(0.01, b, ms[0]),
+        lambda b, ms, seed: R.ref_nearswap(0.01, b, ms[0]),
     ),
     "nuslerp": (
         "base_model: {a}\nmodels:\n  - model: {b}\n    parameters: {{weight: 0.3}}\n"
         "  - model: {c}\n    parameters: {{weight: 0.7}}\n",
-        lambda b, ms: R.ref_nuslerp(b, ms, [0.3, 0.7]),
+        lambda b, ms, seed: R.ref_nuslerp(b, ms, [0.3, 0.7]),
     ),
     "multislerp": (
         "base_model: {a}\nmodels:\n  - model: {b}\n    parameters: {{weight: 0.5}}\n"
         "  - model: {c}\n    parameters: {{weight: 0.3}}\n",
-        lambda b, ms: R.ref_multislerp(b, ms, [0.5, 0.3]),
+        lambda b, ms, seed: R.ref_multislerp(b, ms, [0.5, 0.3]),
     ),
+    "della": (DELLA_BODY, lambda b, ms, seed: _della(b, ms, seed, consensus=True, normalize=True)),
+    "della_linear": (DELLA_BODY, lambda b, ms, seed: _della(b, ms, seed, consensus=False, normalize=False)),
     # base_model is one more input to average, as mergekit appends it
-    "karcher": ("base_model: {a}\nmodels:\n  - model: {b}\n  - model: {c}\n", lambda b, ms: R.ref_karcher([*ms, b])),
+    "karcher": ("base_model: {a}\nmodels:\n  - model: {b}\n  - model: {c}\n", lambda b, ms, seed: R.ref_karcher([*ms, b])),
 }
 
 
@@ -77,7 +93,8 @@ def test_merges_through_the_engine(trio, tmp_path, name):
     for k in CHECKED:
         base = parents[base_key][k].float()
         models = [parents[key][k].float() for key in listed]
-        assert_bf16_close(got[k].float(), ref(base, models))
+        seed = next(tp.seed for tp in plan.tensors if tp.name == k)
+        assert_bf16_close(got[k].float(), ref(base, models, seed))
 
 
 def test_arity_is_checked_at_plan_time(trio):
