@@ -62,7 +62,7 @@ def test_magprune_keeps_by_magnitude_rank_in_distribution():
 
 def test_della_parameter_checks_and_edges():
     base, models = make_inputs((10, 8), 1, seed=84)
-    with pytest.raises(ValueError, match="epsilon 0.3 must keep density 0.8"):
+    with pytest.raises(ValueError, match=r"epsilon 0\.3 must keep density 0\.8"):
         run_blocks("della", base, models, [{"weight": 1.0, "density": 0.8, "epsilon": 0.3}])
     same = run_blocks("della", base, models, [{"weight": 1.0, "density": 1.0}])
     assert torch.equal(same, run_blocks("ties", base, models, [{"weight": 1.0, "density": 1.0}]))
