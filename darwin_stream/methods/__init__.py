@@ -125,6 +125,7 @@ def _load_all() -> None:
         nearswap,
         nuslerp,
         passthrough,
+        sce,
         slerp,
         task_arithmetic,
         ties,

@@ -192,3 +192,28 @@ def hashed_uniforms(seed: int, model: int, shape: Sequence[int]) -> torch.Tensor
     """The engine's counter-based uniforms in [0, 1) for a whole tensor (what mergekit's bernoulli draws)."""
     n = math.prod(shape)
     return (uniform_bits(seed, model, 0, n).to(F64) / 2.0**32).reshape(tuple(shape))
+
+
+def ref_sce(base: torch.Tensor, models: Sequence[torch.Tensor], select_topk: float = 1.0) -> torch.Tensor:
+    """mergekit's sce_merge in float64, but for the selection: the variance is taken in float32, as
+    mergekit runs it, and every element tied with the k-th largest is kept (our tie rule)."""
+    b = base.to(F64)
+    tvs = torch.stack([m.to(F64) - b for m in models])
+    if select_topk < 1:
+        if select_topk <= 0:
+            mask = torch.zeros_like(b)
+        else:
+            var = torch.var(tvs.float(), dim=0, unbiased=False)
+            k = int(torch.count_nonzero(var) * select_topk)
+            if k == 0:
+                mask = torch.zeros_like(b)
+            else:
+                kth = torch.sort(var.reshape(-1), descending=True).values[k - 1]
+                mask = (var >= kth).to(F64)
+        tvs = tvs * mask.unsqueeze(0)
+    majority = torch.where(tvs.sum(0) >= 0, 1.0, -1.0).to(F64)
+    erase = (tvs.sign() == majority).to(F64)
+    w = tvs.square().reshape(tvs.shape[0], -1).mean(1)
+    w = torch.ones_like(w) / w.numel() if abs(float(w.sum())) < 1e-6 else w / w.sum()
+    ew = w.reshape(-1, *([1] * b.dim())) * erase
+    return b + (tvs * ew).sum(0) / ew.sum(0).clamp(min=1e-6)

@@ -56,6 +56,10 @@ CASES: dict[str, tuple[str, Ref]] = {
     ),
     "della": (DELLA_BODY, lambda b, ms, seed: _della(b, ms, seed, consensus=True, normalize=True)),
     "della_linear": (DELLA_BODY, lambda b, ms, seed: _della(b, ms, seed, consensus=False, normalize=False)),
+    "sce": (
+        "base_model: {a}\nmodels:\n  - model: {b}\n  - model: {c}\nparameters: {{select_topk: 0.3}}\n",
+        lambda b, ms, seed: R.ref_sce(b, ms, 0.3),
+    ),
     # base_model is one more input to average, as mergekit appends it
     "karcher": ("base_model: {a}\nmodels:\n  - model: {b}\n  - model: {c}\n", lambda b, ms, seed: R.ref_karcher([*ms, b])),
 }
