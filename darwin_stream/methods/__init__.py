@@ -115,6 +115,7 @@ def names() -> list[str]:
 def _load_all() -> None:
     # Importing a method module registers it; kept lazy so `import darwin_stream` stays cheap.
     from darwin_stream.methods import (  # noqa: F401
+        arcee_fusion,
         breadcrumbs,
         dare,
         della,

@@ -217,3 +217,20 @@ def ref_sce(base: torch.Tensor, models: Sequence[torch.Tensor], select_topk: flo
     w = torch.ones_like(w) / w.numel() if abs(float(w.sum())) < 1e-6 else w / w.sum()
     ew = w.reshape(-1, *([1] * b.dim())) * erase
     return b + (tvs * ew).sum(0) / ew.sum(0).clamp(min=1e-6)
+
+
+def ref_arcee_fusion(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """mergekit's arcee_fusion with exact quantiles (no sampling). The importance, which only selects,
+    is computed in float32 as mergekit runs it; the result in float64."""
+    b32, x32 = base.float(), other.float()
+    if b32.dim() == 0:
+        b32, x32 = b32.reshape(1), x32.reshape(1)
+    p = torch.softmax(x32, dim=-1) + 1e-8
+    q = torch.softmax(b32, dim=-1) + 1e-8
+    kl = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    imp = (x32 - b32).abs() * kl
+    flat = torch.sort(imp.reshape(-1)).values
+    idx = (torch.tensor([0.25, 0.5, 0.75]) * (flat.numel() - 1)).long()
+    q1, med, q3 = flat[idx]
+    mask = (imp >= med + 1.5 * (q3 - q1)).reshape(base.shape)
+    return base.to(F64) + (other.to(F64) - base.to(F64)) * mask

@@ -60,6 +60,7 @@ CASES: dict[str, tuple[str, Ref]] = {
         "base_model: {a}\nmodels:\n  - model: {b}\n  - model: {c}\nparameters: {{select_topk: 0.3}}\n",
         lambda b, ms, seed: R.ref_sce(b, ms, 0.3),
     ),
+    "arcee_fusion": ("base_model: {a}\nmodels:\n  - model: {b}\n", lambda b, ms, seed: R.ref_arcee_fusion(b, ms[0])),
     # base_model is one more input to average, as mergekit appends it
     "karcher": ("base_model: {a}\nmodels:\n  - model: {b}\n  - model: {c}\n", lambda b, ms, seed: R.ref_karcher([*ms, b])),
 }
