@@ -126,6 +126,7 @@ def _load_all() -> None:
         nearswap,
         nuslerp,
         passthrough,
+        ram,
         sce,
         slerp,
         task_arithmetic,

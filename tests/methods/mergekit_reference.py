@@ -234,3 +234,28 @@ def ref_arcee_fusion(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     q1, med, q3 = flat[idx]
     mask = (imp >= med + 1.5 * (q3 - q1)).reshape(base.shape)
     return base.to(F64) + (other.to(F64) - base.to(F64)) * mask
+
+
+def ref_ram(
+    base: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    epsilon: float = 1e-5,
+    plus: bool = False,
+    r: float = 0.1,
+    alpha: float = 0.2,
+) -> torch.Tensor:
+    """mergekit's ram_merge / ramplus_tl_merge in float64 (the counting test on float32 deltas)."""
+    b = base.to(F64)
+    tv = torch.stack([m.to(F64) - b for m in models]).reshape(len(models), -1)
+    nz = torch.stack([(m.float() - base.float()).abs() > epsilon for m in models]).reshape(len(models), -1)
+    counts = nz.sum(0, keepdim=True)
+    overlap, unique = counts > 1, counts == 1
+    tvz = tv * nz
+    if plus:
+        shared_c = (nz & overlap).sum(1).to(F64)
+        unique_c = (nz & unique).sum(1).to(F64).clamp(min=epsilon)
+        lam = 1 + r * (shared_c / unique_c).clamp(0, alpha)
+    else:
+        lam = torch.ones(len(models), dtype=F64)
+    merged = (tvz * unique * lam.unsqueeze(-1) + tvz * overlap / counts.clamp(min=1)).sum(0)
+    return b + merged.reshape(b.shape)

@@ -61,6 +61,14 @@ CASES: dict[str, tuple[str, Ref]] = {
         lambda b, ms, seed: R.ref_sce(b, ms, 0.3),
     ),
     "arcee_fusion": ("base_model: {a}\nmodels:\n  - model: {b}\n", lambda b, ms, seed: R.ref_arcee_fusion(b, ms[0])),
+    "ram": (
+        "base_model: {a}\nmodels:\n  - model: {b}\n  - model: {c}\nparameters: {{epsilon: 0.02}}\n",
+        lambda b, ms, seed: R.ref_ram(b, ms, 0.02),
+    ),
+    "ramplus_tl": (
+        "base_model: {a}\nmodels:\n  - model: {b}\n  - model: {c}\nparameters: {{epsilon: 0.02, r: 0.5, alpha: 0.3}}\n",
+        lambda b, ms, seed: R.ref_ram(b, ms, 0.02, True, 0.5, 0.3),
+    ),
     # base_model is one more input to average, as mergekit appends it
     "karcher": ("base_model: {a}\nmodels:\n  - model: {b}\n  - model: {c}\n", lambda b, ms, seed: R.ref_karcher([*ms, b])),
 }

@@ -1,7 +1,7 @@
 from darwin_stream.methods import REQUIRED, get, names
 
 # mergekit 0.1.5's other methods, as they land (tests/methods/test_<name>.py for each).
-MERGEKIT_0_1_5_MORE = ["nearswap", "nuslerp", "multislerp", "karcher", "della", "della_linear", "sce", "arcee_fusion"]
+MERGEKIT_0_1_5_MORE = ["nearswap", "nuslerp", "multislerp", "karcher", "della", "della_linear", "sce", "arcee_fusion", "ram", "ramplus_tl"]
 
 
 def test_all_methods_registered_with_mergekit_parameters():
