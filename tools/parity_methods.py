@@ -71,6 +71,7 @@ CASES: dict[str, tuple[str, bool]] = {
         "base_model: {a}\nmodels:\n  - model: {b}\n  - model: {c}\n  - model: {d}\nparameters: {{select_topk: 0.3}}\n",
         False,
     ),
+    "sce_all": ("base_model: {a}\nmodels:\n  - model: {b}\n  - model: {c}\n  - model: {d}\n", False),
     "arcee_fusion": ("base_model: {a}\nmodels:\n  - model: {b}\n", False),
     "ram": ("base_model: {a}\nmodels:\n  - model: {b}\n  - model: {c}\n  - model: {d}\nparameters: {{epsilon: 0.002}}\n", False),
     "ramplus_tl": (
@@ -144,49 +145,102 @@ def compare(mk: dict[str, torch.Tensor], ds: dict[str, torch.Tensor], base: dict
     return out
 
 
+def sce_ties(mk: dict, ds: dict, parents: dict[str, dict[str, torch.Tensor]], topk: float) -> dict:
+    """Of the elements more than one ulp apart, how many tie with sce's variance threshold (where
+    mergekit's topk keeps an arbitrary k of the tied and we keep them all), and how many of the rest
+    nearly cancel (|out| < 1e-2 |b|: the weights, shifted ~1e-4 relative by those ties, decide them)."""
+    apart = tied = cancelled = 0
+    for name, x in mk.items():
+        bad = (ordered(x.float()) - ordered(ds[name].float())).abs() > 1
+        if not bad.any():
+            continue
+        b = parents["a"][name].float()
+        var = torch.var(torch.stack([parents[k][name].float() - b for k in "bcd"]), dim=0, unbiased=False)
+        k = int(torch.count_nonzero(var) * topk)
+        tie = var == torch.sort(var.reshape(-1), descending=True).values[k - 1]
+        apart += int(bad.sum())
+        tied += int((bad & tie).sum())
+        cancelled += int((bad & ~tie & (x.float().abs() < 1e-2 * b.abs())).sum())
+    return {"apart": apart, "tied": tied, "cancelled": cancelled}
+
+
+def fraction_apart(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Fraction of all elements more than one bf16 ulp apart."""
+    bad = sum(int(((ordered(a[k].float()) - ordered(b[k].float())).abs() > 1).sum()) for k in a)
+    return bad / max(sum(x.numel() for x in a.values()), 1)
+
+
+def mergekit(cli: str, yaml: Path, out: Path) -> str | None:
+    """Run mergekit; its last error line, or None."""
+    shutil.rmtree(out, ignore_errors=True)
+    run = subprocess.run([cli, str(yaml), str(out)], capture_output=True, text=True)
+    return ("mergekit: " + (run.stderr.strip().splitlines() or ["failed"])[-1]) if run.returncode else None
+
+
+def run_case(case: str, parents: dict[str, str], work: Path, cli: str, bf16: bool) -> dict:
+    body, random = CASES[case]
+    method = case.split("_base")[0].split("_rows")[0].split("_all")[0]
+    text = f"merge_method: {method}\n" + body.format(**parents) + "out_dtype: bfloat16\n"
+    yaml = work / f"{case}.yaml"
+    yaml.write_text(text + "dtype: float32\n")
+    mk_out, ds_out = work / f"mk-{case}", work / f"ds-{case}"
+    error = mergekit(cli, yaml, mk_out)
+    if error:
+        return {"case": case, "error": error}
+    shutil.rmtree(ds_out, ignore_errors=True)
+    try:
+        darwin_stream.merge(yaml, ds_out)
+    except Exception as e:  # a parity script reports every case, failing or not
+        return {"case": case, "error": f"darwin-stream: {e}"}
+    mk, ds = read(mk_out), read(ds_out)
+    row = {"case": case, **compare(mk, ds, read(Path(parents["a"])), random)}
+    if case == "sce":
+        row |= sce_ties(mk, ds, {k: read(Path(p)) for k, p in parents.items()}, 0.3)
+    if bf16 and not random:
+        # mergekit rounding every step in bf16, against its own float32 child; ours computes in float32
+        yaml16 = work / f"{case}-bf16.yaml"
+        yaml16.write_text(text + "dtype: bfloat16\n")
+        error = mergekit(cli, yaml16, work / f"mk16-{case}")
+        if error is None:
+            row |= {"bf16_mk": fraction_apart(read(work / f"mk16-{case}"), mk), "bf16_ds": fraction_apart(ds, mk)}
+    return row
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| case | tensors | worst tensor: fraction > 1 bf16 ulp | max ulp | bf16 run: mergekit / ours, fraction > 1 ulp from mergekit's float32 child | result |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['case']} | | | | | error: {r['error']} |")
+            continue
+        bf16 = f"{r['bf16_mk']:.2e} / {r['bf16_ds']:.2e}" if "bf16_mk" in r else ""
+        if "kept_mk" in r:
+            ok = abs(r["kept_ds"] - r["kept_mk"]) < 0.005 and abs(r["l1_ratio"] - 1) < 0.02 and not r["missing"]
+            cell = f"random: kept {r['kept_ds']:.4f} vs mergekit {r['kept_mk']:.4f}, task-vector L1 ratio {r['l1_ratio']:.4f}"
+            print(f"| {r['case']} | {r['tensors']} | {cell} | | | {'ok' if ok else 'DIFFERS'} |")
+            continue
+        ok = r["frac_gt_1ulp"] <= 1e-4 and not r["missing"] and r.get("bf16_ds", 0) <= r.get("bf16_mk", 1)
+        note = ""
+        if "tied" in r:
+            note = f"; of {r['apart']} elements > 1 ulp, {r['tied']} tie at the threshold, {r['cancelled']} nearly cancel"
+        print(f"| {r['case']} | {r['tensors']} | {r['frac_gt_1ulp']:.2e} ({r['worst']}) | {r['max_ulp']} | {bf16} | "
+              f"{'ok' if ok else 'DIFFERS'}{note} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mergekit", default="mergekit-yaml", help="mergekit's CLI in its own environment")
     ap.add_argument("--work", default=None, help="where parents and children go (default: a temp dir)")
+    ap.add_argument("--bf16", action="store_true", help="also run mergekit with dtype: bfloat16")
     ap.add_argument("methods", nargs="*", default=sorted(CASES))
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="parity-"))
-    parents = family(work / "parents") if not (work / "parents" / "d").exists() else {
-        k: str(work / "parents" / k) for k in "abcd"
-    }
-    rows = []
-    for case in args.methods:
-        body, random = CASES[case]
-        method = case.split("_base")[0].split("_rows")[0]
-        text = f"merge_method: {method}\n" + body.format(**parents) + "dtype: float32\nout_dtype: bfloat16\n"
-        yaml = work / f"{case}.yaml"
-        yaml.write_text(text)
-        mk_out, ds_out = work / f"mk-{case}", work / f"ds-{case}"
-        for d in (mk_out, ds_out):
-            shutil.rmtree(d, ignore_errors=True)
-        run = subprocess.run([args.mergekit, str(yaml), str(mk_out)], capture_output=True, text=True)
-        if run.returncode:
-            rows.append({"case": case, "error": "mergekit: " + run.stderr.strip().splitlines()[-1]})
-            continue
-        try:
-            darwin_stream.merge(yaml, ds_out)
-        except Exception as e:  # a parity script reports every case, failing or not
-            rows.append({"case": case, "error": f"darwin-stream: {e}"})
-            continue
-        rows.append({"case": case, **compare(read(mk_out), read(ds_out), read(Path(parents["a"])), random)})
-    print("| case | tensors | worst fraction > 1 bf16 ulp | max ulp | result |")
-    print("| --- | --- | --- | --- | --- |")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['case']} | | | | error: {r['error']} |")
-        elif "kept_mk" in r:
-            ok = abs(r["kept_ds"] - r["kept_mk"]) < 0.005 and abs(r["l1_ratio"] - 1) < 0.02 and not r["missing"]
-            print(f"| {r['case']} | {r['tensors']} | random: kept {r['kept_ds']:.4f} vs mergekit {r['kept_mk']:.4f}, "
-                  f"task-vector L1 ratio {r['l1_ratio']:.4f} | | {'ok' if ok else 'DIFFERS'} |")
-        else:
-            ok = r["frac_gt_1ulp"] <= 1e-4 and not r["missing"]
-            print(f"| {r['case']} | {r['tensors']} | {r['frac_gt_1ulp']:.2e} ({r['worst']}) | {r['max_ulp']} | "
-                  f"{'ok' if ok else 'DIFFERS'} |")
+    if (work / "parents" / "d").exists():
+        parents = {k: str(work / "parents" / k) for k in "abcd"}
+    else:
+        parents = family(work / "parents")
+    rows = [run_case(case, parents, work, args.mergekit, args.bf16) for case in args.methods]
+    print_table(rows)
     (work / "parity.json").write_text(json.dumps(rows, indent=1))
 
 

@@ -49,6 +49,10 @@ CASES: dict[str, tuple[str, Ref]] = {
         "  - model: {c}\n    parameters: {{weight: 0.7}}\n",
         lambda b, ms, seed: R.ref_nuslerp(b, ms, [0.3, 0.7]),
     ),
+    "nuslerp:no_base": (  # mergekit's optional base: without one, the models themselves are slerped
+        "models:\n  - model: {a}\n    parameters: {{weight: 0.6}}\n  - model: {b}\n    parameters: {{weight: 0.4}}\n",
+        lambda b, ms, seed: R.ref_nuslerp(None, ms, [0.6, 0.4]),
+    ),
     "multislerp": (
         "base_model: {a}\nmodels:\n  - model: {b}\n    parameters: {{weight: 0.5}}\n"
         "  - model: {c}\n    parameters: {{weight: 0.3}}\n",
@@ -84,7 +88,7 @@ def trio(tmp_path_factory, tiny_parents) -> dict[str, str]:
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_merges_through_the_engine(trio, tmp_path, name):
     body, ref = CASES[name]
-    text = f"merge_method: {name}\n" + body.format(**trio) + "dtype: bfloat16\n"
+    text = f"merge_method: {name.split(':')[0]}\n" + body.format(**trio) + "dtype: bfloat16\n"
     full = darwin_stream.api.load_plan(text)
     # Only the checked tensors: the whole path, in a fraction of the time of the full child.
     plan = dataclasses.replace(full, tensors=[tp for tp in full.tensors if tp.name in CHECKED])
@@ -102,7 +106,8 @@ def test_merges_through_the_engine(trio, tmp_path, name):
         assert torch.equal(got[k].view(torch.int16), split[k].view(torch.int16)), k
     parents = {key: read_all(path) for key, path in trio.items()}
     base_key = "a"
-    listed = [key for key in ("b", "c") if "{" + key + "}" in body]
+    based = "base_model: {a}" in body
+    listed = [key for key in ("a", "b", "c") if "{" + key + "}" in body and not (based and key == "a")]
     for k in CHECKED:
         base = parents[base_key][k].float()
         models = [parents[key][k].float() for key in listed]
