@@ -1,5 +1,5 @@
-"""Parity with mergekit for the methods darwin-stream took from mergekit 0.1.5: the same YAML, the same
-tiny parents, both children compared tensor by tensor.
+"""Parity with mergekit 0.1.5 for every merge method: the same YAML, the same tiny parents, both
+children compared tensor by tensor.
 
 mergekit is not a dependency: install it in a side environment and point `--mergekit` at its CLI, e.g.
 
@@ -33,8 +33,22 @@ sys.path.insert(0, str(ROOT))
 import darwin_stream  # noqa: E402
 from darwin_stream import demo  # noqa: E402
 
-# method -> (YAML body in mergekit's form, random?)
+W2 = "  - model: {b}\n    parameters: {{weight: 0.6, density: 0.5}}\n  - model: {c}\n    parameters: {{weight: 0.4, density: 0.3}}\n"
+
+# case -> (YAML body in mergekit's form, random?); the method is the case name up to a _variant suffix
 CASES: dict[str, tuple[str, bool]] = {
+    # the ten methods darwin-stream had before these
+    "linear": ("models:\n  - model: {a}\n    parameters: {{weight: 0.3}}\n  - model: {b}\n    parameters: {{weight: 0.7}}\n", False),
+    "slerp": ("base_model: {a}\nmodels:\n  - model: {a}\n  - model: {b}\nparameters: {{t: 0.4}}\n", False),
+    "task_arithmetic": ("base_model: {a}\nmodels:\n" + W2, False),
+    "ties": ("base_model: {a}\nmodels:\n" + W2, False),
+    "dare_linear": ("base_model: {a}\nmodels:\n" + W2, True),
+    "dare_ties": ("base_model: {a}\nmodels:\n" + W2, True),
+    "breadcrumbs": ("base_model: {a}\nmodels:\n" + W2, False),
+    "breadcrumbs_ties": ("base_model: {a}\nmodels:\n" + W2, False),
+    "model_stock": ("base_model: {a}\nmodels:\n  - model: {b}\n  - model: {c}\n  - model: {d}\n", False),
+    "passthrough": ("models:\n  - model: {b}\n", False),
+    # mergekit 0.1.5's other ten
     "nearswap": ("base_model: {a}\nmodels:\n  - model: {b}\nparameters: {{t: 0.001}}\n", False),
     "nuslerp": (
         "models:\n  - model: {b}\n    parameters: {{weight: 0.3}}\n  - model: {c}\n    parameters: {{weight: 0.7}}\n",
@@ -179,7 +193,7 @@ def mergekit(cli: str, yaml: Path, out: Path) -> str | None:
 
 def run_case(case: str, parents: dict[str, str], work: Path, cli: str, bf16: bool) -> dict:
     body, random = CASES[case]
-    method = case.split("_base")[0].split("_rows")[0].split("_all")[0]
+    method = case.removesuffix("_base").removesuffix("_rows").removesuffix("_all")
     text = f"merge_method: {method}\n" + body.format(**parents) + "out_dtype: bfloat16\n"
     yaml = work / f"{case}.yaml"
     yaml.write_text(text + "dtype: float32\n")
