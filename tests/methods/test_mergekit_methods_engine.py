@@ -121,3 +121,18 @@ def test_arity_is_checked_at_plan_time(trio):
     text = "merge_method: nearswap\nbase_model: {a}\nmodels:\n  - model: {b}\n  - model: {c}\nparameters: {{t: 0.1}}\n"
     with pytest.raises(PlanError, match=r"nearswap takes exactly 1 model\(s\) besides the base, got 2"):
         darwin_stream.api.load_plan(text.format(**trio))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_yaml_parameters_are_checked_by_name(trio, name):
+    from darwin_stream.errors import ManifestError
+    from darwin_stream.manifest import parse_manifest
+
+    body, _ = CASES[name]
+    text = f"merge_method: {name.split(':')[0]}\n" + body.format(**trio)
+    parse_manifest(text)  # mergekit's spelling of every parameter is accepted
+    # a typo in the first parameters mapping (per-model or top-level), or a new top-level one
+    typo = text.replace("parameters: {", "parameters: {no_such_knob: 1, ", 1)
+    typo = typo if typo != text else text + "parameters: {no_such_knob: 1}\n"
+    with pytest.raises(ManifestError, match=rf"parameters\.no_such_knob: unknown parameter for {name.split(':')[0]}"):
+        parse_manifest(typo)
