@@ -226,7 +226,8 @@ def _slices(manifest: Manifest, method: Any, ps: _Parents) -> list[_Slice]:
         srcs = [_Source(im.model, 0, im.parameters, f"models[{i}]") for i, im in enumerate(manifest.models)]
         _no_duplicates([(s.spec, None) for s in srcs], "models")
         base = manifest.base_model
-        if method.needs_base and base and not any(_same(s.spec, base) for s in srcs):
+        wants_base = method.uses_base(True) or method.base_is_input
+        if wants_base and base and not any(_same(s.spec, base) for s in srcs):
             srcs.append(_Source(base, 0, None, "base_model"))
         counts = [ps.index(s.spec).num_layers for s in srcs]
         for s, n in zip(srcs, counts, strict=True):
@@ -275,13 +276,18 @@ def _check_slice(sl: _Slice, method: Any) -> None:
         raise PlanError(f"{sl.where}: passthrough takes exactly 1 model per slice, got {n}")
     if method.name == "model_stock" and n < 3:  # found only mid-merge, after .partial, before
         raise PlanError(f"{sl.where}: model_stock needs the base_model and at least 2 other models, got {n} inputs")
-    if method.needs_base:
+    if method.needs_base or (method.base_optional and sl.base is not None):
         if sl.base is None:
             raise PlanError(f"base_model: {method.name} needs a base_model, and none is given")
         if not any(_same(s.spec, sl.base) for s in sl.sources):
             raise PlanError(
                 f"{sl.where}: base_model {sl.base} is not among the inputs, and {method.name} needs it"
             )
+    lo, hi = method.non_base
+    k = n - int(method.uses_base(sl.base is not None) and any(_same(s.spec, sl.base) for s in sl.sources))
+    if k < lo or (hi is not None and k > hi):
+        want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo} to {hi}"
+        raise PlanError(f"{sl.where}: {method.name} takes {want} model(s) besides the base, got {k}")
 
 
 def _resolve(
@@ -401,7 +407,7 @@ class _Builder:
         base: SourceRef | None = None
         models: list[tuple[_Source, str]] = []
         for s, nm in zip(sl.sources, names, strict=True):
-            if self.method.needs_base and base is None and _same(s.spec, sl.base):
+            if self.method.uses_base(sl.base is not None) and base is None and _same(s.spec, sl.base):
                 base = SourceRef(self.key(s.spec), nm)
             else:
                 models.append((s, nm))
