@@ -39,6 +39,10 @@ class HfBackend:
     name = "hf"
 
     def __init__(self, first: Child, *, dtype: torch.dtype | str = "auto", device: str | None = None):
+        from transformers.utils import logging as hf_logging
+
+        # A bar per checkpoint load ("Loading weights: 47/47") would scroll an evolution's display away.
+        hf_logging.disable_progress_bar()
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if isinstance(dtype, str):
             dtype = getattr(torch, resolve_dtype(dtype, first, on_gpu=self.device.startswith("cuda")))
