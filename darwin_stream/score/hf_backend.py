@@ -20,8 +20,8 @@ import torch
 
 from darwin_stream.errors import PlanError
 from darwin_stream.plan import Plan
-from darwin_stream.score.backend import Child, plan_config, resolve_dtype
 from darwin_stream.score.breeding import changed_tensors, snapshot
+from darwin_stream.score.child import Child, plan_config, resolve_dtype
 
 BATCH = 16
 
