@@ -75,17 +75,22 @@ def test_merge_never_writes_over_a_parent(capsys, toy, tmp_path, where, fmt):
     assert not list(tmp_path.glob(".*.partial")) and not list(b.glob(".*"))
 
 
-def test_plan_locations_cover_a_hub_snapshot_and_its_blobs(tmp_path):
+def test_plan_locations_cover_a_hub_snapshot_and_its_blobs(tmp_path, monkeypatch):
     """A hub parent's shards are links into blobs/: an output over the blobs is an output over it."""
     from darwin_stream.identity import parent_locations
     from darwin_stream.sources import open_parent
 
-    blobs, snap = tmp_path / "blobs", tmp_path / "snap"
+    # The layout of a Hugging Face cache: snapshot files link into the repo's blobs/.
+    repo = tmp_path / "hub" / "models--org--toy"
+    blobs, snap = repo / "blobs", repo / "snapshots" / ("a" * 40)
     build_toy(blobs, 3)
-    snap.mkdir()
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
     for f in blobs.iterdir():
         (snap / f.name).symlink_to(f)
-    with open_parent(str(snap)) as p:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with open_parent("org/toy") as p:
         where = parent_locations(p)
     with pytest.raises(OutputError, match="contains input"):
         outputs.check_not_input([blobs], where)
