@@ -142,6 +142,7 @@ def merge(
         if out_format not in ("safetensors", "zarr"):
             raise DarwinError(f"format: expected safetensors or zarr, got {out_format!r}")
         engine.check_device(device)
+        engine.check_budget(plan, budget, engine.worker_count(client))
         out_path = Path(out)
         target = out_path if out_format == "safetensors" else out_path.parent / f".{out_path.name}.safetensors"
         if out_format == "zarr" and out_path.exists() and not overwrite:
