@@ -291,7 +291,9 @@ def _is_copy(plan: Plan, tp: TensorPlan) -> bool:
     """A passthrough whose bytes can go to the child unchanged."""
     if tp.method != "passthrough" or tp.base or len(tp.models) != 1 or tp.models[0].pad_to:
         return False
-    if float(tp.params.get("scale", 1.0)) != 1.0 or float(tp.model_params[0].get("scale", 1.0) if tp.model_params else 1.0) != 1.0:
+    # passthrough's per-model `scale` defaults to None (no scaling): a shipped manifest crashed on it
+    scales = [tp.params.get("scale"), tp.model_params[0].get("scale") if tp.model_params else None]
+    if any(s is not None and float(s) != 1.0 for s in scales):
         return False
     return get_parent_info(plan, tp.models[0]).dtype == tp.dtype
 
