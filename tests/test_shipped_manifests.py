@@ -1,5 +1,6 @@
 """Every shipped manifest runs as it is, from the repository root, once `darwin-stream demo` has
-built its parents in demo-out/ (base, parent_a, parent_b: tiny Qwen3 models)."""
+built its parents in demo-out/ (base, parent_a, parent_b: tiny Qwen3 models; breed-tiny.yaml also
+a tiny Gemma-4 in demo-out/gemma4, which its comment says how to build)."""
 
 from __future__ import annotations
 
@@ -28,11 +29,12 @@ def root(tmp_path_factory, tiny_parents):
     shutil.copytree(tiny_parents[0], r / "demo-out" / "base")
     shutil.copytree(tiny_parents[1], r / "demo-out" / "parent_a")
     build_model(r / "demo-out" / "parent_b", seed=3)
+    build_model(r / "demo-out" / "gemma4", "gemma4", seed=4)  # breed-tiny.yaml's mother
     return r
 
 
 def test_the_list_is_not_empty():
-    assert {"linear.yaml", "slerp.yaml", "ties.yaml"} <= set(SHIPPED)
+    assert {"linear.yaml", "slerp.yaml", "ties.yaml", "breed-tiny.yaml"} <= set(SHIPPED)
 
 
 @pytest.mark.slow
