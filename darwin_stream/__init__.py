@@ -8,12 +8,17 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from darwin_stream.api import MergeReport, load_plan, merge
+    from darwin_stream.evolution import EvolveReport, evolve
 
-__all__ = ["MergeReport", "load_plan", "merge"]
+__all__ = ["EvolveReport", "MergeReport", "evolve", "load_plan", "merge"]
 
 
 def __getattr__(name: str):
     # Lazy: `import darwin_stream` must not pay for torch and dask until a merge is asked for.
+    if name in ("evolve", "EvolveReport"):
+        from darwin_stream import evolution as evo
+
+        return getattr(evo, name)
     if name in __all__:
         from darwin_stream import api
 

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from darwin_stream import engine
+from darwin_stream import engine, identity, outputs
 from darwin_stream.errors import DarwinError
 from darwin_stream.export import ChildWriter
 from darwin_stream.plan import Plan
@@ -143,20 +143,24 @@ def merge(
             raise DarwinError(f"format: expected safetensors or zarr, got {out_format!r}")
         engine.check_device(device)
         engine.check_budget(plan, budget, engine.worker_count(client))
-        out_path = Path(out)
-        target = out_path if out_format == "safetensors" else out_path.parent / f".{out_path.name}.safetensors"
-        if out_format == "zarr" and out_path.exists() and not overwrite:
-            raise DarwinError(f"output {out_path} already exists (use --overwrite to replace it)")
+        paths = outputs.output_paths(out)
+        target = paths.final if out_format == "safetensors" else paths.final.parent / f".{paths.final.name}.safetensors"
+        _check_outputs(manifest, plan, paths, target)
+        if out_format == "zarr" and paths.final.exists() and not overwrite:
+            raise DarwinError(f"output {paths.final} already exists (use --overwrite to replace it)")
         direct_io = opts.get("direct_io", True) if direct_io is None else direct_io
-        writer = ChildWriter(target, plan, shard_size, overwrite=overwrite or out_format == "zarr", direct=direct_io)
-        if on_plan:
-            on_plan(plan, plan.nbytes)
-        stats = engine.run(plan, writer, budget=budget, client=client, device=device, progress=progress)
-        for name, data in child_files(plan).items():
-            writer.write_file(name, data)
-        final = writer.finish()
-        if out_format == "zarr":
-            final = _to_store(final, out_path, overwrite=overwrite)
+        with outputs.lock(paths, out):
+            writer = ChildWriter(target, plan, shard_size, overwrite=overwrite or out_format == "zarr",
+                                 direct=direct_io, identities=identity.plan_identities(plan, engine.get_parent),
+                                 extra_bytes=plan.nbytes if out_format == "zarr" else 0)
+            if on_plan:
+                on_plan(plan, plan.nbytes)
+            stats = engine.run(plan, writer, budget=budget, client=client, device=device, progress=progress)
+            for name, data in child_files(plan).items():
+                writer.write_file(name, data)
+            final = writer.finish()
+            if out_format == "zarr":
+                final = _to_store(final, paths, overwrite=overwrite)
     return MergeReport(
         out=str(final),
         wall_s=round(engine.now() - start, 3),
@@ -171,20 +175,43 @@ def merge(
         resumed_chunks=stats.skipped_chunks,
         format=out_format,
         direct_io=writer.direct,
-        notes=list(plan.notes),
+        notes=list(plan.notes) + ([writer.restarted] if writer.restarted else []),
     )
 
 
-def _to_store(child_dir: Path, out: Path, *, overwrite: bool) -> Path:
-    """A --format zarr child: the safetensors child, copied into a zarr store, then removed."""
+def _check_outputs(manifest: str | os.PathLike | Plan, plan: Plan, paths: outputs.OutputPaths, target: Path) -> None:
+    """Refuse, before anything is written, a merge that would write any path over one it reads."""
+    writes = paths.all() + (outputs.output_paths(target).all() if target != paths.final else [])
+    inputs = identity.plan_locations(plan, engine.get_parent)
+    if isinstance(manifest, os.PathLike) or (isinstance(manifest, str) and "\n" not in manifest and os.path.isfile(manifest)):
+        inputs.add(os.fspath(manifest))  # `merge m.yaml m.yaml --overwrite` would delete the manifest
+    outputs.check_not_input(writes, inputs)
+
+
+def _to_store(child_dir: Path, out: outputs.OutputPaths, *, overwrite: bool) -> Path:
+    """A --format zarr child: the safetensors child, copied into a zarr store, then removed.
+
+    The store is built in `.OUT.partial`; one left there by a killed run (of this manifest or
+    another) is removed first, so that none of its arrays can survive into this child.
+    """
     import shutil
 
     from darwin_stream import store
 
-    tmp = out.parent / f".{out.name}.partial"
+    tmp = out.tmp
+    if store.is_store(tmp):
+        outputs.remove(tmp)
+    else:
+        outputs.clear_temporary(tmp)  # refuses a directory that is not ours
     store.ingest(str(child_dir), str(tmp), mode="copy")
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
-    tmp.rename(out)
+    if out.final.exists() or out.final.is_symlink():
+        if not overwrite:
+            raise DarwinError(f"output {out.final} already exists (use --overwrite to replace it)")
+        outputs.remove(out.old)
+        out.final.rename(out.old)
+        tmp.rename(out.final)
+        outputs.remove(out.old)
+    else:
+        tmp.rename(out.final)
     shutil.rmtree(child_dir)
-    return out
+    return out.final

@@ -133,7 +133,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
           f"predicted peak memory {_human(peak)} above baseline (budget {_human(budget)}, {workers} workers)")
     for note in plan.notes:
         print(f"note: {note}")
+    _print_genome(args.manifest, plan)
     return 0
+
+
+def _print_genome(manifest: str, plan) -> None:
+    """An evolve manifest's genome: its length and which coordinates each gene holds."""
+    from darwin_stream.manifest import load_manifest
+
+    m, _ = load_manifest(manifest)
+    if m.evolve is not None:
+        from darwin_stream.evolution.genome import Template
+
+        print(Template(plan, m).format_layout())
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -301,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, module, help_ in (("inspect", "darwin_stream.arch.cli", "print a model's layers and roles"),
                                 ("score", "darwin_stream.score.cli", "score models on tasks"),
+                                ("evolve", "darwin_stream.evolution.cli",
+                                 "search a merge's per-layer genome with CMA-ES, scoring children in a live engine"),
                                 ("methods", "darwin_stream.methods_cli",
                                  "list the merge methods and their parameters")):
         try:

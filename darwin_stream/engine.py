@@ -465,7 +465,7 @@ def _write_task(task: Task, state: Any, writer, progress) -> int:
             with _naming(tp):
                 task.blend(state, write)
         written = span.written
-    writer.mark_done(tp.name, task.start)
+    writer.mark_done(tp.name, task.start, task.stop)
     if progress:
         progress(written)
     return written
@@ -495,7 +495,7 @@ def build_graph(plan: Plan, writer, *, budget: int, workers: int, device: str, p
         total = _rows(tp.shape)
         rows = chunk_rows(plan, tp, budget, workers)
         tasks = [make_task(plan, tp, s, min(s + rows, total), device, budget, workers) for s in range(0, total, rows)]
-        todo = [t for t in tasks if (tp.name, t.start) not in writer.done]
+        todo = [t for t in tasks if not writer.is_done(tp.name, t.start, t.stop)]
         if not todo:
             continue
         layer = "other" if tp.layer is None else f"layer-{tp.layer}"

@@ -24,3 +24,11 @@ class PlanError(DarwinError):
 
 class StoreError(DarwinError):
     """A zarr layer store is missing, corrupt, or would be written outside its root."""
+
+
+class OutputError(DarwinError):
+    """An output would overwrite or contain an input, is held by another writer, or has no room."""
+
+
+class EvolveError(DarwinError):
+    """An evolution cannot start or resume: a gene that names nothing, a run dir of another manifest."""

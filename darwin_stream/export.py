@@ -19,18 +19,19 @@ import hashlib
 import json
 import mmap
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from darwin_stream import dtypes
+from darwin_stream import dtypes, outputs
 from darwin_stream.errors import DarwinError
+from darwin_stream.identity import plan_identities
 from darwin_stream.plan import Plan
 
 _ALIGN = 8
 PAGE = 4096  # O_DIRECT alignment of offsets, lengths and buffers (a multiple of any block size in use)
 STAGE_BYTES = 4 * 2**20  # largest staging buffer: enough for the disk, small beside any budget
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
+INDEX_NAME = "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)
@@ -96,9 +97,37 @@ def layout(plan: Plan, shard_size: int) -> Layout:
     return Layout(shards, slots)
 
 
-def plan_fingerprint(plan: Plan) -> str:
-    """Identifies a plan, so that a resumed merge never mixes chunks of two different plans."""
-    return hashlib.blake2b(plan.to_json().encode(), digest_size=16).hexdigest()
+def _digest(obj: object) -> str:
+    return hashlib.blake2b(json.dumps(obj, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+def plan_fingerprint(plan: Plan, layout: Layout, identities: dict[str, str]) -> dict[str, str]:
+    """What a partial child's chunks depend on, part by part, so a resume never mixes two children.
+
+    It covers the plan's tensors (sources, methods, resolved parameters, dtypes), the shard layout
+    (which `shard_size` decides: a journalled chunk is a byte range of one shard), and each parent's
+    content (`identity.parent_identity`). It leaves out what does not change a byte of the weights:
+    the manifest's text and comments, notes, and run options (memory budget, device, direct_io).
+    The budget and worker count change the chunking, which the journal records per chunk extent.
+    """
+    d = json.loads(plan.to_json())
+    for key in ("manifest", "notes", "options"):
+        d.pop(key, None)
+    parts = {"plan": _digest(d), "layout": _digest({k: [v[0].hex(), v[1]] for k, v in layout.shards.items()})}
+    parts.update({f"parent {k}": identities.get(k, "") for k in plan.parents})
+    return parts
+
+
+def _changed(old: dict, new: dict, plan: Plan) -> str:
+    """Which part of a partial child's fingerprint changed, in words for the report's notes."""
+    if not isinstance(old, dict):
+        return "it was made by another version of darwin-stream"
+    parents = [k.split(" ", 1)[1] for k in new if k.startswith("parent ") and old.get(k) != new[k]]
+    if parents:
+        return "parent " + ", ".join(f"{plan.parents[k]}" for k in parents) + " changed since it was made"
+    if old.get("plan") != new["plan"]:
+        return "it was made from a different plan"
+    return "its shard layout differs (another shard_size)"
 
 
 def staging_buffer(nbytes: int) -> mmap.mmap:
@@ -181,9 +210,9 @@ class Span:
         while lo < hi:
             try:
                 n = os.pwrite(fd, self.view[lo:hi], self.base + lo)
-            except OSError:
-                if fd == self.fd:
-                    raise
+            except OSError as e:
+                if fd == self.fd:  # a full disk, a quota: name the file, which pwrite's error does not
+                    raise DarwinError(f"cannot write {self.path}: {e.strerror or e}") from None
                 fd = self.fd  # the filesystem refused a direct write after all: go through the cache
                 continue
             lo += n
@@ -206,38 +235,69 @@ class Span:
 
 
 class ChildWriter:
-    """A child checkpoint under construction in `.<name>.partial`, next to its final path."""
+    """A child checkpoint under construction in `.<name>.partial`, next to its final path.
+
+    The output is resolved first (a symlinked OUT_DIR is written at its target and the link kept).
+    The caller holds the output's lock (`outputs.OutputLock`, taken by `api.merge`) and has checked
+    that no output path is an input. `identities` are the parents' content digests
+    (`identity.plan_identities`); by default the parents are opened here to compute them. When a
+    stale partial child is discarded, `restarted` says why, for the report's notes.
+    """
 
     def __init__(self, out_dir: str | os.PathLike, plan: Plan, shard_size: int, *, overwrite: bool = False,
-                 direct: bool = True):
-        self.final = Path(out_dir).absolute()
+                 direct: bool = True, identities: dict[str, str] | None = None, extra_bytes: int = 0):
+        self.paths = outputs.output_paths(out_dir)
+        self.final = self.paths.final
         if self.final.exists() and not overwrite and (not self.final.is_dir() or any(self.final.iterdir())):
             raise DarwinError(f"output {self.final} already exists (use --overwrite to replace it)")
-        self.tmp = self.final.parent / f".{self.final.name}.partial"
+        self.tmp = self.paths.tmp
         self.layout = layout(plan, shard_size)
-        self.fingerprint = plan_fingerprint(plan)
-        self.done: set[tuple[str, int]] = set()
+        ids = identities if identities is not None else plan_identities(plan)
+        self.fingerprint = plan_fingerprint(plan, self.layout, ids)
+        self.done: set[tuple[str, int, int]] = set()
+        self.restarted: str | None = None
         self.final.parent.mkdir(parents=True, exist_ok=True)
-        self._prepare()
+        self._prepare(plan, extra_bytes)
         self.direct = direct and self._direct_supported()
 
     def __getstate__(self) -> dict:
         # Tasks on dask.distributed workers carry the writer: it holds paths only, no open files.
         return {**self.__dict__, "done": set()}
 
-    def _prepare(self) -> None:
-        stamp = self.tmp / ".darwin-plan"
+    def _reuse(self, plan: Plan) -> bool:
+        """Whether the partial child in `tmp` was made from this very plan, layout and parents."""
+        stamp = self.tmp / outputs.STAMP
+        if not stamp.is_file():
+            return False
+        try:
+            old = json.loads(stamp.read_text())
+        except (OSError, ValueError):
+            old = None
+        if old == self.fingerprint:
+            return True
+        self.restarted = (f"discarded the partial child in {self.tmp}: {_changed(old, self.fingerprint, plan)}; "
+                          "the merge restarted from scratch")
+        return False
+
+    def _prepare(self, plan: Plan, extra_bytes: int) -> None:
+        reuse = self.tmp.is_dir() and not self.tmp.is_symlink() and self._reuse(plan)
+        have = 0  # bytes the partial child already holds on disk (its shards are sparse until written)
+        for fname in self.layout.shards if reuse else ():
+            with contextlib.suppress(OSError):
+                have += os.stat(self.tmp / fname).st_blocks * 512
+        outputs.check_free_space(self.final.parent, self.layout.nbytes + extra_bytes - have,
+                                 f"the child ({self.final.name})")
         journal = self.tmp / ".darwin-journal"
-        if self.tmp.exists() and stamp.exists() and stamp.read_text() == self.fingerprint:
+        if reuse:
             if journal.exists():
                 for line in journal.read_text().splitlines():
-                    name, _, start = line.rpartition(" ")
-                    if name:
-                        self.done.add((name, int(start)))
+                    parts = line.rsplit(" ", 2)
+                    if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+                        self.done.add((parts[0], int(parts[1]), int(parts[2])))
         else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            outputs.clear_temporary(self.tmp)
             self.tmp.mkdir(parents=True)
-            stamp.write_text(self.fingerprint)
+            (self.tmp / outputs.STAMP).write_text(json.dumps(self.fingerprint))
         for fname, (head, size) in self.layout.shards.items():
             fd = os.open(self.tmp / fname, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -246,6 +306,10 @@ class ChildWriter:
                 os.pwrite(fd, head, 0)
             finally:
                 os.close(fd)
+
+    def is_done(self, name: str, start_row: int, stop_row: int) -> bool:
+        """Whether a killed run of this plan already wrote rows [start_row, stop_row) of `name`."""
+        return (name, start_row, stop_row) in self.done
 
     def _direct_supported(self) -> bool:
         """Whether the shards' filesystem takes O_DIRECT (some refuse it at open, others at the first
@@ -264,15 +328,19 @@ class ChildWriter:
         return Span(self.tmp / slot.shard, slot.offset + start_row * slot.row_bytes, slot.offset + slot.nbytes,
                     direct=self.direct, buffer=buffer)
 
-    def mark_done(self, name: str, start_row: int) -> None:
-        # One O_APPEND write per line: atomic, so threads and workers need no lock.
+    def mark_done(self, name: str, start_row: int, stop_row: int) -> None:
+        # One O_APPEND write per line: atomic, so threads and workers need no lock. The extent is
+        # recorded, not just the start: another budget or worker count chunks a tensor differently.
         fd = os.open(self.tmp / ".darwin-journal", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, f"{name} {start_row}\n".encode())
+            os.write(fd, f"{name} {start_row} {stop_row}\n".encode())
         finally:
             os.close(fd)
 
     def write_file(self, name: str, data: bytes) -> None:
+        """An inherited file of the child; never one of its weights files or the writer's own."""
+        if "/" in name or "\\" in name or name.startswith(".") or name in self.layout.shards or name == INDEX_NAME:
+            raise DarwinError(f"output {self.final}: refusing to write an inherited file named {name!r}")
         (self.tmp / name).write_bytes(data)
 
     def finish(self, index_metadata: dict | None = None) -> Path:
@@ -288,15 +356,15 @@ class ChildWriter:
                 "metadata": {"total_size": sum(s.nbytes for s in self.layout.slots.values()), **(index_metadata or {})},
                 "weight_map": {s.name: s.shard for s in self.layout.slots.values()},
             }
-            self.write_file("model.safetensors.index.json", json.dumps(index, indent=2).encode())
+            (self.tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
         (self.tmp / ".darwin-journal").unlink(missing_ok=True)
-        (self.tmp / ".darwin-plan").unlink(missing_ok=True)
-        if self.final.exists():
-            trash = self.final.parent / f".{self.final.name}.old"
-            shutil.rmtree(trash, ignore_errors=True)
+        (self.tmp / outputs.STAMP).unlink(missing_ok=True)
+        if self.final.exists() or self.final.is_symlink():
+            trash = self.paths.old
+            outputs.remove(trash)
             self.final.rename(trash)
             self.tmp.rename(self.final)
-            shutil.rmtree(trash, ignore_errors=True)
+            outputs.remove(trash)
         else:
             self.tmp.rename(self.final)
         return self.final

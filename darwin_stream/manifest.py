@@ -327,6 +327,124 @@ class DarwinSection(Section):
     direct_io: bool = True  # write shards with O_DIRECT where the filesystem allows it
 
 
+class GeneSection(Section):
+    """One gene: a numeric merge or breed parameter that the search sets, at some granularity.
+
+    `param` names a parameter of the template (a model's `weight` or `density`, slerp's `t`, a breed
+    blend's `t`); `model` picks the model for a per-model parameter; `filter` restricts the gene to
+    the tensors mergekit's filter rule selects (a substring, role or group: self_attn, mlp, embed).
+    """
+
+    name: str | None = None
+    param: str
+    model: str | None = None
+    filter: list[str] | str | None = None
+    granularity: Literal["global", "role", "layer", "block"] = "global"
+    block: int | None = None
+    bounds: tuple[float, float] = (0.0, 1.0)
+    init: float | list[float] | None = None
+    tie: str | None = None
+    negate: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> GeneSection:
+        lo, hi = self.bounds
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise _fail("bounds must be finite", "bounds")
+        if lo >= hi:
+            raise _fail(f"bounds are inverted or empty: [{lo}, {hi}] (expected [low, high] with low < high)", "bounds")
+        if self.granularity == "block" and (self.block is None or self.block < 1):
+            raise _fail("granularity block needs block: k (k >= 1 consecutive layers per value)", "block")
+        if self.granularity != "block" and self.block is not None:
+            raise _fail("block: k applies only to granularity: block", "block")
+        if self.granularity == "role" and not self.filters:
+            raise _fail("granularity role needs filter: a list of roles or groups, one value each", "filter")
+        if self.negate and self.tie is None:
+            raise _fail("negate applies only to a tied gene (tie: NAME)", "negate")
+        inits = self.init if isinstance(self.init, list) else [] if self.init is None else [self.init]
+        for v in inits:
+            if not (math.isfinite(v) and lo <= v <= hi):
+                raise _fail(f"initial value {v} lies outside bounds [{lo}, {hi}]", "init")
+        return self
+
+    @property
+    def filters(self) -> tuple[str, ...]:
+        if self.filter is None:
+            return ()
+        return (self.filter,) if isinstance(self.filter, str) else tuple(self.filter)
+
+
+class SearchSection(Section):
+    """CMA-ES settings. The loop enforces the caps itself (cma checks maxfevals per generation)."""
+
+    popsize: int = 8
+    sigma0: float = 0.25
+    max_generations: int = 12
+    max_evaluations: int | None = None
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchSection:
+        if self.popsize < 2:
+            raise _fail(f"popsize must be at least 2 (CMA-ES ranks candidates), got {self.popsize}", "popsize")
+        if not (math.isfinite(self.sigma0) and self.sigma0 > 0):
+            raise _fail(f"sigma0 must be a positive number, got {self.sigma0}", "sigma0")
+        if self.max_generations < 1:
+            raise _fail(f"max_generations must be at least 1, got {self.max_generations}", "max_generations")
+        if self.max_evaluations is not None and self.max_evaluations < 1:
+            raise _fail(f"max_evaluations must be at least 1, got {self.max_evaluations}", "max_evaluations")
+        return self
+
+
+class SubsetSection(Section):
+    """Cheap fitness: score candidates on a few items that separate the parents (docs/evolution.md)."""
+
+    items: int = 20  # per task
+    rescore_top: int = 4  # best candidates rescored on the full fitness set before the winner is chosen
+
+
+class FitnessSection(Section):
+    tasks: list[str]
+    heldout: list[str] = []
+    subset: SubsetSection | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> FitnessSection:
+        if not self.tasks:
+            raise _fail("expected at least one task file", "tasks")
+        return self
+
+
+class BackendSection(Section):
+    name: Literal["hf", "vllm"] = "hf"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    max_model_len: int | None = None
+
+
+class EvolveSection(Section):
+    """`evolve:` beside a merge or a breed section, which is the template that genes fill."""
+
+    genes: list[GeneSection]
+    search: SearchSection = SearchSection()
+    fitness: FitnessSection
+    backend: BackendSection = BackendSection()
+
+    @model_validator(mode="after")
+    def _check(self) -> EvolveSection:
+        if not self.genes:
+            raise _fail("expected at least one gene", "genes")
+        names = [g.name for g in self.genes if g.name]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise _fail(f"gene names must be unique, {dup[0]!r} is used twice", "genes")
+        for i, g in enumerate(self.genes):
+            if g.tie is not None and g.tie not in names:
+                raise _fail(f"tie: no gene is named {g.tie!r}", f"genes[{i}].tie")
+            if g.tie is not None and g.tie == g.name:
+                raise _fail("a gene cannot be tied to itself", f"genes[{i}].tie")
+        return self
+
+
 class Manifest(Section):
     merge_method: str | None = None
     base_model: ModelRef | None = None
@@ -341,7 +459,7 @@ class Manifest(Section):
     modules: Any = None
     darwin: DarwinSection = DarwinSection()
     breed: BreedSection | None = None
-    evolve: dict[str, Any] | None = None
+    evolve: EvolveSection | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Manifest:

@@ -317,6 +317,7 @@ class StoreParent(Parent):
             nbytes = int(np.prod(shape, dtype=np.int64)) * dtypes.itemsize(code)
             self.tensors[name] = TensorInfo(name, code, shape, spec, 0, nbytes)
             self._paths[name] = entry["path"]
+        self._checksums: dict[str, str | None] = {n: e.get("checksum") for n, e in meta["tensors"].items()}
         self._aux_names: list[str] = list(meta.get("aux", []))
         self._arrays: dict[str, zarr.Array] = {}
 
@@ -331,11 +332,13 @@ class StoreParent(Parent):
         return a
 
     def read_rows(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        from darwin_stream.store.api import read_array
+        from darwin_stream.store.api import read_array, verify_checksum
 
         t, start, stop = self._rows(name, start, stop)
         sel = slice(start, stop) if t.shape else ()
         data = read_array(self.array(name), sel, f"parent {self.spec}: tensor {name!r}", SourceError)
+        if start == 0 and stop == t.rows:  # a whole tensor: check it (a lost chunk reads as zeros)
+            verify_checksum(data, self._checksums.get(name), f"parent {self.spec}: tensor {name!r}")
         return numpy_to_tensor(data, t.dtype)
 
     def read_aux(self) -> dict[str, bytes]:

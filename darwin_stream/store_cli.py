@@ -6,41 +6,24 @@ are not. The command says so when it can tell (the store records its source; whe
 directory still there, its shards are counted).
 
 --overwrite never removes the old OUT_DIR before the new one is complete: the export is written to
-a hidden sibling, then swapped in. It refuses an OUT_DIR that is, or holds, an input: the store, or
-the parent directory the store was made from (a reference store reads that parent's shards).
+a hidden sibling named after it, then swapped in under OUT_DIR's lock. An OUT_DIR that is, lies in
+or holds an input (the store, or the parent shards a reference store reads) is refused first
+(`outputs.check_not_input`), so --overwrite cannot delete what it reads.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from darwin_stream import outputs
 from darwin_stream.errors import StoreError
 from darwin_stream.plan import human_bytes as human
 
 
 def _is_local(spec: str) -> bool:
     return "://" not in spec
-
-
-def inputs_of(store: str, meta: dict[str, Any]) -> list[Path]:
-    """Local paths that an export of `store` reads: the store itself and the parent it came from."""
-    paths = [Path(store)] if _is_local(store) else []
-    source = str(meta.get("source") or "")
-    if source and _is_local(source) and Path(source).exists():
-        paths.append(Path(source))
-    return [p.resolve() for p in paths]
-
-
-def check_not_input(out: Path, inputs: list[Path]) -> None:
-    """No output may be an input: OUT_DIR must not be, or contain, anything the export reads."""
-    target = out.resolve()
-    for p in inputs:
-        if p == target or target in p.parents:
-            raise StoreError(f"export: {out} is or holds an input of this export ({p}); choose another OUT_DIR")
 
 
 def source_shards(meta: dict[str, Any]) -> int | None:
@@ -79,32 +62,32 @@ def reshard_note(meta: dict[str, Any], shards: int, shard_size: int) -> str | No
 
 def export(store: str, out_dir: str, *, shard_size: int, overwrite: bool,
            progress: Callable[[int], None] | None, on_start: Callable[[dict], None] | None = None) -> dict:
-    """`store.export_store`, with the checks above, OUT_DIR replaced only once the new one is complete."""
+    """`store.export_store`, with OUT_DIR replaced (under its lock) only once the new one is complete."""
     from darwin_stream import store as zstore  # zarr and fsspec: only for the command that needs them
-    from darwin_stream.store.api import open_store, root_meta
+    from darwin_stream.store.api import open_store, reference_targets, root_meta
 
     meta = root_meta(open_store(store))
-    out = Path(out_dir)
-    check_not_input(out, inputs_of(store, meta))
+    paths = outputs.output_paths(out_dir)
+    if _is_local(store):  # what this export reads: the store, and the shards a reference store points at
+        outputs.check_not_input(paths.all(), [store, *reference_targets(store)], what="export output")
+    out = paths.final
     occupied = out.exists() and (not out.is_dir() or any(out.iterdir()))
     if occupied and not overwrite:
-        raise StoreError(f"export: {out} already exists and is not empty (use --overwrite to replace it)")
+        raise StoreError(f"export: {out_dir} already exists and is not empty (use --overwrite to replace it)")
     if on_start:
         on_start(meta)
     if not occupied:
-        report = zstore.export_store(store, out, shard_size=shard_size, progress=progress)
+        report = zstore.export_store(store, out_dir, shard_size=shard_size, progress=progress)
     else:
-        fresh = out.parent / f".{out.name}.overwrite"
-        shutil.rmtree(fresh, ignore_errors=True)
-        report = zstore.export_store(store, fresh, shard_size=shard_size, progress=progress)
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        fresh.rename(out)
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)
-        else:
-            old.unlink()
-        report["out_dir"] = str(out)
+        fresh = out.parent / f".{out.name}.overwrite"  # named after the output: a re-run reuses the name
+        with outputs.lock(paths, out_dir):
+            outputs.remove(fresh)
+            report = zstore.export_store(store, fresh, shard_size=shard_size, progress=progress)
+            outputs.remove(paths.old)
+            out.rename(paths.old)
+            fresh.rename(out)
+            outputs.remove(paths.old)
+        report["out_dir"] = str(out_dir)
     note = reshard_note(meta, report["shards"], shard_size)
     report["source_shards"] = source_shards(meta)
     report["notes"] = [note] if note else []

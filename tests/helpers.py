@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 
 def read_all(directory: str | Path) -> dict[str, torch.Tensor]:
@@ -68,3 +69,27 @@ def peak_private_memory(argv: list[str], **kwargs) -> tuple[int, int]:
         peak = max(peak, sum(_anon(p) for p in _tree(proc.pid)))
         time.sleep(0.01)
     return proc.returncode, peak
+
+
+TOY_MANIFEST = """\
+# a comment
+merge_method: slerp
+base_model: {a}
+models:
+  - model: {a}
+  - model: {b}
+parameters:
+  t: {t}
+dtype: bfloat16
+"""
+
+
+def build_toy(root: Path, seed: int) -> Path:
+    """A one-layer llama-shaped parent: a 512x96 tensor (many chunks under a small budget) and a norm."""
+    root.mkdir(parents=True)
+    g = torch.Generator().manual_seed(seed)
+    save_file({"model.layers.0.mlp.up_proj.weight": (torch.randn(512, 96, generator=g) * 0.02).bfloat16(),
+               "model.norm.weight": torch.randn(96, generator=g).bfloat16()}, str(root / "model.safetensors"))
+    (root / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 1}))
+    (root / "tokenizer.json").write_text("{}")
+    return root

@@ -1,4 +1,5 @@
-"""The writer's spans: whole pages by O_DIRECT, partial pages through the cache, neighbours intact."""
+"""The child writer: spans (whole pages by O_DIRECT, partial pages through the cache, neighbours
+intact) and resume by content (a partial child is reused only for the same tensors, layout and parents)."""
 
 from __future__ import annotations
 
@@ -160,3 +161,97 @@ def test_a_filesystem_without_direct_io_falls_back_to_the_page_cache(pair, tmp_p
     assert used_direct and direct_fds
     for name in shapes:
         assert torch.equal(got[name].view(torch.int16), expected[name].view(torch.int16)), name
+
+
+# --- resume by content -------------------------------------------------------------------------
+
+
+def _kill_after(calls: int):
+    seen = {"n": 0}
+
+    def progress(nbytes: int) -> None:
+        seen["n"] += 1
+        if seen["n"] == calls:
+            raise KeyboardInterrupt
+
+    return progress
+
+
+def _interrupted(manifest, out: Path, **kwargs) -> None:
+    from darwin_stream import api
+
+    with pytest.raises(KeyboardInterrupt):
+        api.merge(manifest, out, progress=_kill_after(6), **kwargs)
+    assert not out.exists()
+    assert (out.parent / f".{out.name}.partial" / ".darwin-journal").read_text().count("\n") >= 5
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name].view(torch.int16), b[name].view(torch.int16)), name
+
+
+def test_a_parent_changed_in_place_invalidates_the_partial_child(tmp_path):
+    from darwin_stream import api
+    from tests.helpers import TOY_MANIFEST, build_toy, read_all
+
+    a, b = build_toy(tmp_path / "a", 1), build_toy(tmp_path / "b", 2)
+    m = tmp_path / "m.yaml"
+    m.write_text(TOY_MANIFEST.format(a=a, b=b, t=0.5))
+    _interrupted(m, tmp_path / "child", memory_budget=40_000)
+    engine.release_parents()  # a fresh process would open the changed parent afresh
+    build_toy(tmp_path / "b2", 7)
+    (tmp_path / "b2" / "model.safetensors").replace(b / "model.safetensors")  # same shapes, new values
+    report = api.merge(m, tmp_path / "child", memory_budget=40_000)
+    assert report.resumed_chunks == 0
+    assert any("changed since it was made" in n and str(b) in n for n in report.notes), report.notes
+    expected = api.merge(m, tmp_path / "fresh", memory_budget=40_000)
+    assert expected.resumed_chunks == 0
+    _same(read_all(tmp_path / "child"), read_all(tmp_path / "fresh"))
+
+
+def test_a_comment_or_a_run_option_does_not_invalidate_the_partial_child(tmp_path):
+    """The manifest's text, the memory budget (hence the chunking) and direct_io change no byte."""
+    from darwin_stream import api
+    from tests.helpers import TOY_MANIFEST, build_toy, read_all
+
+    a, b = build_toy(tmp_path / "a", 1), build_toy(tmp_path / "b", 2)
+    m = tmp_path / "m.yaml"
+    m.write_text(TOY_MANIFEST.format(a=a, b=b, t=0.5))
+    api.merge(m, tmp_path / "fresh")
+    _interrupted(m, tmp_path / "child", memory_budget=40_000)
+    m.write_text(m.read_text().replace("# a comment", "# another comment\n# and one more"))
+    report = api.merge(m, tmp_path / "child", memory_budget=100_000, direct_io=False)
+    assert report.resumed_chunks >= 5 and not any("discarded" in n for n in report.notes)
+    _same(read_all(tmp_path / "child"), read_all(tmp_path / "fresh"))
+
+
+@pytest.mark.parametrize(("first", "second"), [(40_000, 2**30), (100_000, 40_000)])
+def test_resuming_under_another_budget_gives_the_same_child(tmp_path, first, second):
+    """The journal records each chunk's extent: another budget chunks the tensor differently."""
+    from darwin_stream import api
+    from tests.helpers import TOY_MANIFEST, build_toy, read_all
+
+    a, b = build_toy(tmp_path / "a", 1), build_toy(tmp_path / "b", 2)
+    m = tmp_path / "m.yaml"
+    m.write_text(TOY_MANIFEST.format(a=a, b=b, t=0.3))
+    api.merge(m, tmp_path / "fresh")
+    _interrupted(m, tmp_path / "child", memory_budget=first)
+    api.merge(m, tmp_path / "child", memory_budget=second)
+    _same(read_all(tmp_path / "child"), read_all(tmp_path / "fresh"))
+
+
+def test_resuming_with_another_shard_size_restarts(tmp_path):
+    from darwin_stream import api
+    from tests.helpers import TOY_MANIFEST, build_toy, read_all
+
+    a, b = build_toy(tmp_path / "a", 1), build_toy(tmp_path / "b", 2)
+    m = tmp_path / "m.yaml"
+    m.write_text(TOY_MANIFEST.format(a=a, b=b, t=0.3))
+    api.merge(m, tmp_path / "fresh")
+    _interrupted(m, tmp_path / "child", memory_budget=40_000, shard_size=60_000)
+    report = api.merge(m, tmp_path / "child", memory_budget=40_000)
+    assert report.resumed_chunks == 0 and any("shard layout" in n for n in report.notes), report.notes
+    assert sorted(p.name for p in (tmp_path / "child").glob("*.safetensors")) == ["model.safetensors"]
+    _same(read_all(tmp_path / "child"), read_all(tmp_path / "fresh"))

@@ -11,13 +11,15 @@ See docs/store.md for the layout.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from darwin_stream import identity, outputs
 from darwin_stream.errors import StoreError
-from darwin_stream.store.api import is_store, open_store
+from darwin_stream.store.api import check_ours, is_store, open_store
 from darwin_stream.store.copy import DEFAULT_SHARD_BYTES, copy_ingest
 from darwin_stream.store.export import DEFAULT_SHARD_SIZE, export_store
 from darwin_stream.store.reference import (
@@ -69,26 +71,46 @@ def ingest(
     store = os.fspath(store)
     if mode is None:
         mode = "reference" if isinstance(parent, SafetensorsParent) and parent.is_local else "copy"
-    if mode == "copy":
-        return copy_ingest(
-            parent,
-            store,
-            chunk_bytes=chunk_bytes,
-            shard_bytes=shard_bytes,
-            compressor=compressor,
-            progress=progress,
-            storage_options=storage_options,
-        )
-    if mode != "reference":
+    if mode not in ("reference", "copy"):
         raise StoreError(f"mode: expected 'reference' or 'copy', got {mode!r}")
-    if compressor is not None:
+    if mode == "reference" and compressor is not None:
         raise StoreError("compressor: reference mode points at the shards' raw bytes and cannot compress; use mode='copy'")
-    if os.path.isdir(store):
-        raise StoreError(f"store {store}: a reference store is one JSON file, and this is a directory")
+    local = "://" not in store or store.startswith("file://")
+    paths = outputs.output_paths(store) if local else None
+    writes = paths.all() if paths else [store]
+    outputs.check_not_input(writes, identity.parent_locations(parent), what="store")
+    check_ours(store, mode, storage_options)
+    # A URL store has no local lock file: one writer per remote store is the caller's business.
+    with outputs.lock(paths, store) if paths else contextlib.nullcontext():
+        if mode == "copy":
+            if paths and not paths.final.exists() and compressor is None:
+                need = sum(t.nbytes for t in parent.tensors.values())
+                outputs.check_free_space(paths.final.parent, need, f"store {store}")
+            return copy_ingest(
+                parent,
+                store,
+                chunk_bytes=chunk_bytes,
+                shard_bytes=shard_bytes,
+                compressor=compressor,
+                progress=progress,
+                storage_options=storage_options,
+                source_identity=identity.parent_identity(parent),
+            )
+        return _reference_ingest(parent, store, paths, chunk_bytes=chunk_bytes, checksum=checksum, progress=progress,
+                                 storage_options=storage_options)
+
+
+def _reference_ingest(parent: Parent, store: str, paths: outputs.OutputPaths | None, *, chunk_bytes: int,
+                      checksum: bool, progress: Callable[[int], None] | None, storage_options: dict | None) -> dict:
+    """Reference mode: one JSON file, written beside the store and renamed over it when complete."""
     t0 = time.perf_counter()
     sums = checksums(parent, progress) if checksum else None
     refs = build_refs(parent, chunk_bytes=chunk_bytes, sums=sums)  # type: ignore[arg-type]
-    size = write_refs(refs, store, storage_options)
+    if paths is None:
+        size = write_refs(refs, store, storage_options)  # an object store's put is atomic
+    else:
+        size = write_refs(refs, str(paths.tmp))
+        os.replace(paths.tmp, paths.final)
     return {
         "mode": "reference",
         "store": store,
@@ -99,4 +121,3 @@ def ingest(
         "store_bytes": size,
         "seconds": time.perf_counter() - t0,
     }
-

@@ -8,8 +8,11 @@ is read back and rewritten) and of resuming.
 Resume: after a shard is written, the CRC-32 of its source bytes is recorded in the array's
 attributes (`done`). A re-run reads the parent again (it has to, for the tensor checksum), compares
 each shard's digest with the recorded one, and skips writing shards that match. An array whose
-`complete` attribute is set, with the same shape, dtype and chunking, is skipped outright. The root's
-`complete` flag is set last, so an interrupted ingest is visible as such and export refuses it.
+`complete` attribute is set, with the same shape, dtype and chunking, is skipped outright, but only
+when it was completed from a source of the same identity (its `source_identity` attribute: header
+bytes, size and mtime of local shards, ETags of URLs, checksums of stores); from any other source it
+is checked shard by shard. The root's `complete` flag is set last, so an interrupted ingest is visible as such
+and export and merge refuse it.
 
 Writing is pipelined: the next shard is read and hashed while a writer thread stores the previous
 one. Memory: two shards of rows at a time (plus the encoded copy being written), never a whole
@@ -32,7 +35,7 @@ import zarr
 from darwin_stream import dtypes
 from darwin_stream.errors import StoreError
 from darwin_stream.store import layout
-from darwin_stream.store.api import write_aux_file, zarr_store
+from darwin_stream.store.api import aux_problem, write_aux_file, zarr_store
 
 if TYPE_CHECKING:
     from darwin_stream.sources import Parent
@@ -110,8 +113,16 @@ def copy_ingest(
     compressor: str | None = None,
     progress: Callable[[int], None] | None = None,
     storage_options: dict | None = None,
+    source_identity: str | None = None,
 ) -> dict:
-    """Copy every tensor of `parent` into a zarr v3 store at `store`, resuming a previous run."""
+    """Copy every tensor of `parent` into a zarr v3 store at `store`, resuming a previous run.
+
+    `source_identity` (identity.parent_identity) decides what a re-run may trust: an array already
+    complete is skipped outright only when it was completed from a source of the same identity
+    (recorded per array: an interrupted re-ingest of another source leaves arrays of both).
+    Otherwise every array is checked shard by shard against the new source and rewritten where it
+    differs, so a second parent of the same geometry never inherits the first one's bytes.
+    """
     if compressor not in (None, "zstd"):
         raise StoreError(f"compressor: expected None or 'zstd', got {compressor!r}")
     for name in parent.tensors:
@@ -139,8 +150,9 @@ def copy_ingest(
         "chunk_bytes": chunk_bytes,
         "shard_bytes": shard_bytes,
         "compressor": compressor,
+        "source_identity": source_identity,
     }
-    root.attrs[layout.ROOT_ATTR] = meta
+    root.attrs[layout.ROOT_ATTR] = meta  # incomplete, and naming the new source, until the last line
     for g in ("layers", "other", "aux"):
         root.require_group(g)
 
@@ -149,7 +161,8 @@ def copy_ingest(
         for name, t in parent.tensors.items():
             cr, sr = _geometry(t, chunk_bytes, shard_bytes)
             arr = _open_or_create(root, paths[name], name, t, cr, sr, compressor)
-            if arr.attrs.get("complete") and arr.attrs.get("checksum"):
+            trusted = source_identity is not None and arr.attrs.get("source_identity") == source_identity
+            if trusted and arr.attrs.get("complete") and arr.attrs.get("checksum"):
                 meta["tensors"][name]["checksum"] = arr.attrs["checksum"]
                 skipped += t.nbytes
                 if progress:
@@ -178,13 +191,13 @@ def copy_ingest(
             if pending is not None:
                 pending.result()
             checksum = layout.checksum_string(h)
-            arr.update_attributes({"checksum": checksum, "complete": True, "done": done})
+            arr.update_attributes({"checksum": checksum, "complete": True, "done": done, "source_identity": source_identity})
             meta["tensors"][name]["checksum"] = checksum
 
     aux = parent.read_aux()
     for n, b in aux.items():
-        if layout.name_problem(n):
-            raise StoreError(f"aux file name {n!r} {layout.name_problem(n)}")
+        if aux_problem(n):
+            raise StoreError(f"aux file name {n!r} {aux_problem(n)}")
         write_aux_file(root, n, b)
     meta["aux"] = sorted(aux)
     meta["complete"] = True

@@ -3,8 +3,9 @@
 Shard headers are computed from the store's index before any data is read, so every tensor is
 streamed straight from zarr into its place in the shard file by row blocks; no tensor or shard is
 held in memory. Every tensor's checksum is recomputed while it is written and compared with the one
-recorded at ingest. The checkpoint is built in a hidden sibling directory and renamed into place on
-success, so a failed export leaves nothing under OUT_DIR.
+recorded at ingest. The checkpoint is built in `.OUT_DIR.partial` (a stable name, under the
+output's lock) and renamed into place on success, so a failed export leaves nothing under OUT_DIR
+and a killed one leaves a temporary that the next export removes.
 """
 
 from __future__ import annotations
@@ -14,14 +15,13 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 
-from darwin_stream import dtypes
+from darwin_stream import dtypes, outputs
 from darwin_stream.errors import StoreError
 from darwin_stream.store import layout
-from darwin_stream.store.api import open_store, read_array, read_aux_file, root_meta
+from darwin_stream.store.api import open_store, read_array, read_aux_file, reference_targets, root_meta
 
 DEFAULT_SHARD_SIZE = 5 * 10**9  # bytes, Hugging Face's default "5GB"
 BLOCK_BYTES = 16 * 2**20
@@ -68,24 +68,45 @@ def export_store(
         raise StoreError(f"store {store}: ingest did not complete; run ingest again to resume it")
     tensors: dict[str, dict] = meta["tensors"]
     sizes = {n: int(np.prod(e["shape"], dtype=np.int64)) * dtypes.itemsize(e["dtype"]) for n, e in tensors.items()}
-    out = Path(out_dir)
+    paths = outputs.output_paths(out_dir)
+    out = paths.final
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise StoreError(f"export: {out} already exists and is not empty")
-    for n in [*tensors, *meta.get("aux", [])]:
+    for n in tensors:
         problem = layout.name_problem(n)
         if problem:
             raise StoreError(f"store {store}: name {n!r} {problem}")
-
     shards = plan_shards(sizes, shard_size)
     files = (
         ["model.safetensors"]
         if len(shards) == 1
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    aux = [n for n in meta.get("aux", []) if n not in files]  # check_root refused weights names already
+    inputs = {os.fspath(store), *reference_targets(store, storage_options)}
+    outputs.check_not_input(paths.all(), inputs if "://" not in os.fspath(store) else set())
+    with outputs.lock(paths, out_dir):
+        _write_export(group, store, paths, tensors, sizes, shards, files, aux, progress)
+    return {
+        "out_dir": str(out),
+        "tensors": len(tensors),
+        "bytes": sum(sizes.values()),
+        "shards": len(files),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _write_export(group, store, paths: outputs.OutputPaths, tensors: dict, sizes: dict, shards: list, files: list,
+                  aux: list, progress) -> None:  # type: ignore[no-untyped-def]
+    """The checkpoint, built in `.OUT.partial` and renamed into place. A run killed here leaves
+    only that directory, stamped as ours: the next export (under the same lock) removes it and
+    starts again (a stream copy has nothing worth resuming that the page cache does not keep)."""
+    out, tmp = paths.final, paths.tmp
+    outputs.clear_temporary(tmp)
     tmp.mkdir(parents=True)
+    (tmp / outputs.STAMP).write_text("export\n")
     try:
+        outputs.check_free_space(tmp, sum(sizes.values()), f"the export ({out.name})")
         for fname, names in zip(files, shards, strict=True):
             entries = [(n, tensors[n]["dtype"], list(tensors[n]["shape"]), sizes[n]) for n in names]
             with open(tmp / fname, "wb") as f:
@@ -96,23 +117,17 @@ def export_store(
             weight_map = {n: fname for fname, names in zip(files, shards, strict=True) for n in names}
             index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        for n in meta.get("aux", []):
+        for n in aux:
             b = read_aux_file(group, n)
             if b is not None:
                 (tmp / n).write_bytes(b)
+        (tmp / outputs.STAMP).unlink()
         if out.exists():
             out.rmdir()  # empty, checked above
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {
-        "out_dir": str(out),
-        "tensors": len(tensors),
-        "bytes": sum(sizes.values()),
-        "shards": len(files),
-        "seconds": time.perf_counter() - t0,
-    }
 
 
 def _write_tensor(f, group, name: str, entry: dict, store, progress) -> None:  # type: ignore[no-untyped-def]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -28,7 +29,7 @@ import zarr
 
 from darwin_stream.errors import StoreError
 from darwin_stream.store import layout
-from darwin_stream.store.api import group_from_refs
+from darwin_stream.store.api import aux_problem, group_from_refs
 
 if TYPE_CHECKING:
     from darwin_stream.sources import Parent, SafetensorsParent
@@ -89,6 +90,9 @@ def build_refs(
         if problem:
             raise StoreError(f"tensor name {name!r} {problem}")
     paths = layout.store_paths(list(parent.tensors))
+    # Absolute shard paths: a store used from another directory must read the same parent, not
+    # whatever sits at the relative path there.
+    files = {t.file: (t.file if parent.fs is not None else os.path.abspath(t.file)) for t in parent.tensors.values()}
     refs: dict[str, object] = {}
     groups: set[str] = {"layers", "other", "aux"}
     index: dict[str, dict] = {}
@@ -100,7 +104,7 @@ def build_refs(
         index[name] = {"path": path, "dtype": t.dtype, "shape": list(t.shape), "checksum": checksum}
         if not t.shape:  # a scalar: one chunk, key "c"
             refs[f"{path}/zarr.json"] = json.dumps(layout.array_metadata((), t.dtype, (), attrs))
-            refs[f"{path}/c"] = [t.file, t.offset, t.nbytes]
+            refs[f"{path}/c"] = [files[t.file], t.offset, t.nbytes]
             continue
         rows = layout.row_chunk_dividing(t.rows, t.row_bytes, chunk_bytes)
         chunk_shape = (rows, *(max(1, s) for s in t.shape[1:]))
@@ -110,13 +114,13 @@ def build_refs(
         tail = "/0" * (len(t.shape) - 1)
         step = rows * t.row_bytes
         for i in range(t.rows // rows):
-            refs[f"{path}/c/{i}{tail}"] = [t.file, t.offset + i * step, step]
+            refs[f"{path}/c/{i}{tail}"] = [files[t.file], t.offset + i * step, step]
     for g in sorted(groups):
         refs[f"{g}/zarr.json"] = json.dumps(layout.group_metadata())
     aux = parent.read_aux() if aux is None else aux
     for n, b in aux.items():
-        if layout.name_problem(n):
-            raise StoreError(f"aux file name {n!r} {layout.name_problem(n)}")
+        if aux_problem(n):
+            raise StoreError(f"aux file name {n!r} {aux_problem(n)}")
         refs[f"{layout.AUX_PREFIX}{n}/zarr.json"] = json.dumps(layout.aux_metadata(n, len(b)))
         if b:
             refs[f"{layout.AUX_PREFIX}{n}/c/0"] = "base64:" + base64.b64encode(b).decode()
@@ -125,6 +129,7 @@ def build_refs(
             "format": layout.FORMAT_VERSION,
             "mode": "reference",
             "source": parent.spec,
+            "root": parent.root if parent.fs is not None else os.path.abspath(parent.root),
             "complete": True,
             "checksum_algorithm": layout.CHECKSUM_ALGO,
             "tensors": index,

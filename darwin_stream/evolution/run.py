@@ -1,0 +1,387 @@
+"""`evolve()`: genome -> plan -> child bred in the live engine -> fitness -> tell, resumable at any moment.
+
+The order of one run:
+1. plan the manifest once into a Template; claim the run directory for the search's fingerprint;
+2. score the reference models (base, parents, a 50/50 linear merge) on both splits (refs.json);
+3. replay history.jsonl into a fresh cma instance (no pickles), then ask/score/tell until a cap;
+4. rescore the best candidates on the full set (subset mode) and pick the winner on it;
+5. score the winner on the held-out split, export it with `darwin_stream.merge`, plot, write the card.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from darwin_stream.errors import EvolveError
+from darwin_stream.evolution import fitness as fit
+from darwin_stream.evolution import report as rep
+from darwin_stream.evolution.genome import Template
+from darwin_stream.evolution.history import Candidate, RunDir, digest
+from darwin_stream.evolution.search import Search
+from darwin_stream.manifest import Manifest, load_manifest
+from darwin_stream.plan import Plan, build_plan
+from darwin_stream.score.tasks import Task
+
+Progress = Callable[[dict[str, Any]], None]
+REFS_FILE = "refs.json"
+
+
+def default_run_dir(manifest: str | os.PathLike) -> Path:
+    """`manifests/demo.yaml` -> `./demo.run`: derived from the manifest's name, in the working directory."""
+    return Path(Path(manifest).stem + ".run")
+
+
+def _file_digest(path: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise EvolveError(f"evolve.fitness: task file {path} does not exist")
+    if p.stat().st_size > 256 * 2**20:
+        raise EvolveError(f"evolve.fitness: task file {path} is larger than 256 MiB")
+    return digest(p.read_bytes().hex())
+
+
+def fingerprint(m: Manifest, plan: Plan) -> dict[str, str]:
+    """What alters the search, field by field, so a refused resume can name what changed.
+
+    The template is its tensors and parents, not the manifest's text: a comment edit changes nothing.
+    """
+    sec = m.evolve
+    assert sec is not None
+    tensors = json.loads(plan.to_json())
+    return {
+        "template": digest({"parents": tensors["parents"], "tensors": tensors["tensors"],
+                            "out_dtype": tensors["out_dtype"], "config_from": tensors["config_from"]}),
+        "genes": digest([g.model_dump() for g in sec.genes]),
+        "search": digest(sec.search.model_dump()),
+        "fitness": digest({"tasks": [_file_digest(t) for t in sec.fitness.tasks],
+                           "subset": sec.fitness.subset.model_dump() if sec.fitness.subset else None}),
+        "heldout": digest([_file_digest(t) for t in sec.fitness.heldout]),
+        "backend": digest(sec.backend.model_dump()),
+    }
+
+
+@contextlib.contextmanager
+def _stop_on_sigint() -> Iterator[dict[str, bool]]:
+    """Ctrl-C asks the loop to stop after the current candidate; a second one interrupts at once."""
+    flag = {"stop": False}
+    if threading_main():
+        def handler(signum, frame):
+            if flag["stop"]:
+                raise KeyboardInterrupt
+            flag["stop"] = True
+
+        old = signal.signal(signal.SIGINT, handler)
+        try:
+            yield flag
+        finally:
+            signal.signal(signal.SIGINT, old)
+    else:
+        yield flag
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def reference_models(m: Manifest, plan: Plan, tpl: Template) -> dict[str, Any]:
+    """{label: checkpoint spec or Plan}: the base, each parent, and a fixed 50/50 linear merge."""
+    refs: dict[str, Any] = {}
+    if m.breed is not None:
+        refs["parent " + m.breed.father] = m.breed.father
+        refs["parent " + m.breed.mother] = m.breed.mother
+        refs["linear_50_50"] = tpl.apply([0.5] * tpl.dim)
+        return refs
+    models = [im.model for im in (m.models or []) if im.model != m.base_model]
+    if m.base_model:
+        refs["base"] = m.base_model
+    for spec in models:
+        refs["parent " + spec] = spec
+    if len(models) >= 2:
+        import yaml
+
+        from darwin_stream.manifest import parse_manifest
+
+        lines = {"merge_method": "linear", "models": [{"model": s, "parameters": {"weight": 1 / len(models)}} for s in models]}
+        if m.dtype:
+            lines["dtype"] = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}[m.dtype]
+        text = yaml.safe_dump(lines, sort_keys=False)
+        refs["linear_50_50"] = build_plan(parse_manifest(text), text)
+    return refs
+
+
+def _score(scorer: fit.Scorer, tasks: list[Task]) -> dict[str, Any]:
+    r = scorer.score(tasks)
+    return {"fitness": r["fitness"], "tasks": {k: v["score"] for k, v in r["tasks"].items()},
+            "correct": fit.correctness(r), "seconds": r["seconds"]}
+
+
+def _score_refs(run: RunDir, scorer: fit.Scorer, refs: dict[str, Any], fit_tasks: list[Task],
+                held: list[Task], progress: Progress | None) -> dict[str, dict[str, Any]]:
+    """Each reference on both splits; kept in refs.json so a resumed run does not score them again."""
+    path = run.path / REFS_FILE
+    if path.is_file() and path.stat().st_size < 64 * 2**20:
+        with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
+            data = json.loads(path.read_text())
+            if isinstance(data, dict) and set(data) == set(refs):
+                return data
+    out = {}
+    for name, child in refs.items():
+        if progress:
+            progress({"event": "reference", "name": name})
+        scorer.load(child)
+        out[name] = {"fitness": _score(scorer, fit_tasks), "heldout": _score(scorer, held) if held else None}
+    tmp = path.with_name(f".{REFS_FILE}.tmp")
+    tmp.write_text(json.dumps(out))
+    os.replace(tmp, path)
+    return out
+
+
+class _Loop:
+    """The ask/score/tell loop over one run directory."""
+
+    def __init__(self, tpl: Template, run: RunDir, scorer: fit.Scorer, tasks: list[Task],
+                 history: list[Candidate], progress: Progress | None):
+        self.tpl, self.run, self.scorer, self.tasks = tpl, run, scorer, tasks
+        self.history = history
+        self.progress = progress
+        self.search_cfg = tpl.section.search
+        self.cache = {tuple(c.genome): c for c in history}
+        self.scored = 0
+
+    def evaluate(self, gen: int, i: int, x: list[float]) -> Candidate:
+        hit = self.cache.get(tuple(x))
+        if hit is not None:
+            return Candidate(gen, i, x, hit.fitness, dict(hit.tasks), cached=True, full_fitness=hit.full_fitness)
+        t0 = time.perf_counter()
+        plan = self.tpl.apply(x)
+        t1 = time.perf_counter()
+        breed_s = self.scorer.load(plan)
+        r = _score(self.scorer, self.tasks)
+        self.scored += 1
+        c = Candidate(gen, i, x, r["fitness"], r["tasks"], plan_s=t1 - t0, breed_s=breed_s, score_s=r["seconds"])
+        self.cache[tuple(x)] = c
+        return c
+
+    def run_search(self, search: Search, stop: dict[str, bool]) -> bool:
+        """Returns True when a cap ended the search, False when it was interrupted."""
+        cfg = self.search_cfg
+        cap = cfg.max_evaluations or cfg.popsize * cfg.max_generations
+        by_gen: dict[int, list[Candidate]] = {}
+        for c in self.history:
+            by_gen.setdefault(c.generation, []).append(c)
+        full = [g for g in sorted(by_gen) if len(by_gen[g]) == cfg.popsize]
+        search.replay([[(c.genome, c.fitness) for c in sorted(by_gen[g], key=lambda c: c.index)] for g in full])
+        for gen in range(len(full), cfg.max_generations):
+            if len(self.history) >= cap:
+                return True
+            xs = search.ask()
+            done = {c.index: c for c in by_gen.get(gen, [])}
+            results: list[Candidate] = []
+            for i, x in enumerate(xs):
+                if i in done:
+                    if done[i].genome != x:
+                        raise EvolveError(f"cannot resume: candidate {i} of generation {gen} differs from what the "
+                                          "search asks; start a new --run-dir")
+                    results.append(done[i])
+                    continue
+                if stop["stop"]:
+                    return False
+                if len(self.history) >= cap:
+                    return True
+                c = self.evaluate(gen, i, x)
+                self.run.append(c)
+                self.history.append(c)
+                results.append(c)
+                if self.progress:
+                    self.progress({"event": "candidate", "generation": gen, "index": i, "fitness": c.fitness,
+                                   "evaluations": len(self.history), "cap": cap,
+                                   "seconds": c.plan_s + c.breed_s + c.score_s})
+            search.tell(xs, [c.fitness for c in results])
+            if self.progress:
+                stats = rep.generation_stats(self.history)[-1]
+                self.progress({"event": "generation", "generation": gen, "generations": cfg.max_generations,
+                               "best": stats[1], "mean": stats[2], "evaluations": len(self.history), "cap": cap})
+            if stop["stop"]:
+                return False
+        return True
+
+
+def _winner(loop: _Loop, full_tasks: list[Task] | None, top: int) -> Candidate:
+    """The best candidate: on full-set fitness (rescored) in subset mode, never one lucky subset draw."""
+    distinct: dict[tuple[float, ...], Candidate] = {}
+    for c in loop.history:
+        distinct.setdefault(tuple(c.genome), c)
+    ranked = sorted(distinct.values(), key=lambda c: (-c.fitness, c.generation, c.index))
+    if full_tasks is None:
+        return ranked[0]
+    changed = False
+    for c in ranked[:top]:
+        if c.full_fitness is None:
+            loop.scorer.load(loop.tpl.apply(c.genome))
+            c.full_fitness = _score(loop.scorer, full_tasks)["fitness"]
+            changed = True
+    if changed:
+        for c in loop.history:
+            src = distinct[tuple(c.genome)]
+            c.full_fitness = src.full_fitness
+        loop.run.rewrite(loop.history)
+    rescored = [c for c in ranked if c.full_fitness is not None]
+    return max(rescored, key=lambda c: (c.full_fitness or 0.0, c.fitness, -c.generation, -c.index))
+
+
+def _export(tpl: Template, x: list[float], text: str, run: RunDir, card_extra: dict[str, Any]) -> Path:
+    """The winner through `darwin_stream.merge` (the CLI's code path), with its resolved manifest and card."""
+    from darwin_stream import api
+
+    resolved = tpl.resolved_manifest(x, text)
+    (run.path / "child.yaml").write_text(resolved)
+    staging = run.path / ".child.staging"
+    final = run.path / "child"
+    if staging.exists():
+        shutil.rmtree(staging)
+    api.merge(tpl.apply(x), staging)
+    card = rep.model_card((staging / "README.md").read_text(), **card_extra)
+    (staging / "README.md").write_text(card)
+    (staging / "darwin-manifest.yaml").write_text(resolved)
+    if (run.path / "fitness.png").exists():
+        shutil.copyfile(run.path / "fitness.png", staging / "fitness.png")
+    if final.exists():
+        shutil.rmtree(final)
+    staging.rename(final)
+    return final
+
+
+def evolve(manifest: str | os.PathLike, run_dir: str | os.PathLike | None = None, *, resume: bool = False,
+           progress: Progress | None = None, backend: str | None = None) -> rep.EvolveReport:
+    """Run (or resume) the evolution a manifest's `evolve:` section describes; see docs/evolution.md."""
+    t_start = time.perf_counter()
+    m, text = load_manifest(manifest)
+    if m.evolve is None:
+        raise EvolveError("manifest: evolve: this manifest has no evolve section (see docs/evolution.md)")
+    sec = m.evolve
+    plan = build_plan(m, text)
+    tpl = Template(plan, m)
+    x0 = tpl.initial()
+    if run_dir is None:
+        if "\n" in os.fspath(manifest):
+            raise EvolveError("evolve: give a run directory for a manifest passed as text")
+        run_dir = default_run_dir(manifest)
+    run = RunDir(run_dir)
+    history = run.open(fingerprint(m, plan), resume=resume, manifest=os.fspath(manifest) if "\n" not in os.fspath(manifest) else "<text>")
+    fit_tasks = fit.copy_tasks(sec.fitness.tasks, run.path / "tasks" / "fitness")
+    held = fit.copy_tasks(sec.fitness.heldout, run.path / "tasks" / "heldout")
+    n_overlap = fit.overlap(fit_tasks, held)
+    if n_overlap:
+        print(f"darwin-stream: warning: {n_overlap} held-out items also appear in the fitness split", file=sys.stderr)
+
+    from darwin_stream.score.backend import open_backend
+
+    opts: dict[str, Any] = {"dtype": sec.backend.dtype}
+    if sec.backend.max_model_len and (backend or sec.backend.name) == "vllm":
+        opts["max_model_len"] = sec.backend.max_model_len
+    t_engine = time.perf_counter()
+    scorer = fit.Scorer(open_backend(backend or sec.backend.name, tpl.apply(x0), **opts))
+    seconds = {"engine_start": time.perf_counter() - t_engine}
+    try:
+        t0 = time.perf_counter()
+        refs = _score_refs(run, scorer, reference_models(m, plan, tpl), fit_tasks, held, progress)
+        seconds["references"] = time.perf_counter() - t0
+        search_tasks, subset_info = fit_tasks, None
+        if sec.fitness.subset is not None:
+            per_item = [r["fitness"]["correct"] for r in refs.values()]
+            search_tasks = fit.pick_subset(fit_tasks, per_item, sec.fitness.subset.items)
+            subset_info = {"items": sum(len(t.items) for t in search_tasks),
+                           "full_items": sum(len(t.items) for t in fit_tasks)}
+        loop = _Loop(tpl, run, fit.Scorer(scorer.backend), search_tasks, history, progress)
+        search = Search(x0, sec.search.sigma0, lower=tpl.lower, upper=tpl.upper,
+                        popsize=sec.search.popsize, seed=sec.search.seed)
+        t0 = time.perf_counter()
+        with _stop_on_sigint() as stop:
+            finished = loop.run_search(search, stop)
+        seconds["search"] = time.perf_counter() - t0
+        if not finished:
+            return _interrupted(loop, run, t_start)
+        t0 = time.perf_counter()
+        top = sec.fitness.subset.rescore_top if sec.fitness.subset else 0
+        best = _winner(loop, fit_tasks if sec.fitness.subset else None, top)
+        seconds["rescore"] = time.perf_counter() - t0
+        scorer.load(tpl.apply(best.genome))
+        child_fit = _score(scorer, fit_tasks)
+        child_held = _score(scorer, held) if held else None
+    finally:
+        scorer.close()
+    if subset_info is not None:
+        pairs = [(c.fitness, c.full_fitness) for c in {tuple(c.genome): c for c in loop.history}.values()
+                 if c.full_fitness is not None]
+        subset_info["spearman"] = fit.spearman([a for a, _ in pairs], [b for _, b in pairs])
+        subset_info["rescored"] = len(pairs)
+    return _finish(tpl, text, run, refs, best, child_fit, child_held, loop, search, seconds, subset_info, t_start)
+
+
+def _interrupted(loop: _Loop, run: RunDir, t_start: float) -> rep.EvolveReport:
+    best = max(loop.history, key=lambda c: c.fitness) if loop.history else None
+    return rep.EvolveReport(
+        best_fitness=best.fitness if best else float("nan"), heldout={}, generations=len({c.generation for c in loop.history}),
+        evaluations=len(loop.history), run_dir=str(run.path), child_dir="", genome=best.genome if best else [],
+        scored_evaluations=loop.scored, seconds={"total": time.perf_counter() - t_start}, interrupted=True)
+
+
+def _rows(refs: dict[str, dict[str, Any]], child: dict[str, Any] | None, split: str) -> dict[str, dict[str, Any]]:
+    rows = {name: r[split] for name, r in refs.items() if r.get(split)}
+    if child is not None:
+        rows["evolved child"] = child
+    return rows
+
+
+def _finish(tpl: Template, text: str, run: RunDir, refs: dict[str, Any], best: Candidate, child_fit: dict[str, Any],
+            child_held: dict[str, Any] | None, loop: _Loop, search: Search, seconds: dict[str, float],
+            subset_info: dict[str, Any] | None, t_start: float) -> rep.EvolveReport:
+    parents_fit = {name: r["fitness"]["fitness"] for name, r in refs.items()}
+    rep.plot_fitness(loop.history, parents_fit, run.path / "fitness.png")
+    cols, rows = tpl.table(best.genome)
+    rep.plot_genome(cols, rows, run.path / "genome.png")
+    fit_rows, held_rows = _rows(refs, child_fit, "fitness"), _rows(refs, child_held, "heldout")
+    gens = len({c.generation for c in loop.history})
+    t0 = time.perf_counter()
+    child_dir = _export(tpl, best.genome, text, run, {
+        "genome_text": _genome_text(cols, rows), "fitness_rows": fit_rows, "heldout_rows": held_rows,
+        "generations": gens, "evaluations": len(loop.history)})
+    seconds["export"] = time.perf_counter() - t0
+    seconds["total"] = time.perf_counter() - t_start
+
+    def held_of(name: str) -> float | None:
+        r = refs.get(name, {}).get("heldout")
+        return r["fitness"] if r else None
+
+    heldout = {
+        "child": child_held["fitness"] if child_held else None,
+        "base": held_of("base"),
+        "parents": {n.removeprefix("parent "): held_of(n) for n in refs if n.startswith("parent ")},
+        "linear_50_50": held_of("linear_50_50"),
+    }
+    report = rep.EvolveReport(
+        best_fitness=best.full_fitness if best.full_fitness is not None else best.fitness,
+        heldout=heldout, generations=gens, evaluations=len(loop.history), run_dir=str(run.path),
+        child_dir=str(child_dir), genome=best.genome,
+        fitness={"child": child_fit["fitness"], **{n: r["fitness"]["fitness"] for n, r in refs.items()}},
+        scored_evaluations=loop.scored, seconds={k: round(v, 3) for k, v in seconds.items()}, subset=subset_info)
+    (run.path / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    (run.path / "scores.md").write_text("## Fitness split\n\n" + rep.score_table(fit_rows) + "\n\n## Held-out split\n\n"
+                                        + (rep.score_table(held_rows) if held_rows else "(none)") + "\n")
+    return report
+
+
+def _genome_text(cols: list[str], rows: list[list[float]]) -> str:
+    head = "layer  " + "  ".join(f"{c:>12}" for c in cols)
+    return "\n".join([head] + [f"{i:>5}  " + "  ".join(f"{v:>12.4f}" for v in r) for i, r in enumerate(rows)])

@@ -1,0 +1,123 @@
+"""What a parent is, for the runs that read it: where its bytes live and a digest of its content.
+
+A resumed merge reuses the chunks a killed run wrote, and a re-run ingest reuses arrays already
+copied; both must notice a parent that changed in place in between, or the result mixes old and
+new bytes with exit 0. Paths alone do not tell, so `parent_identity` digests what is cheap to read
+and changes whenever the content does:
+
+  * local safetensors: each shard's header bytes, size, mtime_ns, ctime_ns and inode (one stat and
+    one header read per shard, bytes already in the page cache from opening the parent);
+  * URLs: each shard's ETag / version id / modification time and size as the filesystem reports
+    them, plus the tensor table parsed from the headers;
+  * stores: the root index with its per-tensor checksums, and for a reference store the size and
+    mtime_ns of every shard it points into (its checksums may have been skipped at ingest).
+
+`parent_locations` lists what a run reads, so that no output can land on it (see outputs.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+
+from darwin_stream.plan import Plan
+from darwin_stream.sources import MAX_HEADER_BYTES, Parent, SafetensorsParent, StoreParent, open_parent
+
+_URL_KEYS = ("ETag", "etag", "VersionId", "version_id", "LastModified", "last_modified", "mtime", "created", "size")
+
+
+def _digest(obj: object) -> str:
+    return hashlib.blake2b(json.dumps(obj, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
+
+
+def _table(parent: Parent) -> list:
+    return [[t.name, t.dtype, list(t.shape), t.file, t.offset, t.nbytes] for t in parent.tensors.values()]
+
+
+def _local_shard(path: str) -> list:
+    st = os.stat(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        body = f.read(min(n, MAX_HEADER_BYTES))
+    # ctime and inode too: a write with the old mtime put back (`touch -d`, a restore) still moves
+    # ctime, and a file renamed over the shard is another inode. Both move on a chmod as well,
+    # which costs a needless restart, the safe way round.
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    return [path, *stamp, hashlib.blake2b(head + body, digest_size=16).hexdigest()]
+
+
+def _url_shard(parent: SafetensorsParent, url: str) -> list:
+    try:
+        info = parent.fs.info(url)  # type: ignore[union-attr]
+    except Exception:  # remote backends raise their own types; no identity is then "unknown"
+        return [url, None]
+    return [url, {k: str(info[k]) for k in _URL_KEYS if k in info}]
+
+
+def _store(parent: StoreParent) -> list:
+    from darwin_stream.store import api as store_api  # zarr is heavy: only store parents need it
+    from darwin_stream.store.layout import ROOT_ATTR
+
+    meta = dict(parent.group.attrs[ROOT_ATTR])  # type: ignore[arg-type]
+    shards = []
+    local = "://" not in parent.spec  # a URL store's credentials are not ours to reuse here: its index decides
+    for t in store_api.reference_targets(parent.spec) if local else []:
+        path = t[len("file://"):] if t.startswith("file://") else t
+        try:
+            st = os.stat(path) if "://" not in path else None
+        except OSError:
+            st = None
+        shards.append([t, st.st_size if st else None, st.st_mtime_ns if st else None])
+    return [meta, shards]
+
+
+def parent_identity(parent: Parent) -> str:
+    """A digest that changes whenever the parent's tensors can have changed (see the module doc)."""
+    if isinstance(parent, SafetensorsParent):
+        files = sorted({t.file for t in parent.tensors.values()})
+        if parent.is_local:
+            return _digest(["local", [_local_shard(f) for f in files]])
+        return _digest(["url", _table(parent), [_url_shard(parent, f) for f in files]])
+    if isinstance(parent, StoreParent):
+        return _digest(["store", _store(parent)])
+    return _digest(["other", type(parent).__name__, parent.spec, _table(parent)])
+
+
+def plan_identities(plan: Plan, get: Callable[[str], Parent] | None = None) -> dict[str, str]:
+    """`parent_identity` of every parent of the plan, by key; `get` opens a spec (default: open and close)."""
+    out: dict[str, str] = {}
+    for key, spec in plan.parents.items():
+        if get is not None:
+            out[key] = parent_identity(get(spec))
+        else:
+            with open_parent(spec) as p:
+                out[key] = parent_identity(p)
+    return out
+
+
+def parent_locations(parent: Parent) -> set[str]:
+    """Everything a run reads of this parent, as paths or URLs: its directory or store, its shards
+    (resolved, so a hub snapshot's blobs count) and the shards a reference store points into."""
+    out = {parent.spec}
+    if isinstance(parent, SafetensorsParent):
+        out.add(parent.root)
+        for f in {t.file for t in parent.tensors.values()}:
+            out.add(f)
+            if parent.is_local:
+                out.add(os.path.realpath(f))
+    elif isinstance(parent, StoreParent):
+        from darwin_stream.store import api as store_api  # zarr is heavy: only store parents need it
+
+        if "://" not in parent.spec:
+            out.update(store_api.reference_targets(parent.spec))
+    return {p for p in out if "://" in p or os.path.exists(p) or os.path.isabs(p)}
+
+
+def plan_locations(plan: Plan, get: Callable[[str], Parent]) -> set[str]:
+    out: set[str] = set()
+    for spec in plan.parents.values():
+        out |= parent_locations(get(spec))
+    return out
