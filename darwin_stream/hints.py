@@ -21,14 +21,21 @@ EXTRAS = {"s3fs": "s3", "transformers": "hf", "vllm": "vllm"}
 
 
 def source_checkout() -> Path | None:
-    """The clone darwin-stream runs from (editable or directory install, or no install at all)."""
-    try:
-        dist = importlib.metadata.distribution(DIST)
-    except importlib.metadata.PackageNotFoundError:
-        # Not installed: imported from a checkout on PYTHONPATH, whose root holds pyproject.toml.
-        root = Path(__file__).resolve().parent.parent
-        return root if (root / "pyproject.toml").is_file() else None
-    return checkout_from_direct_url(dist.read_text("direct_url.json"))
+    """The clone darwin-stream runs from, or None when it was installed from a wheel.
+
+    The imported package sitting beside a pyproject.toml settles it (an editable install, or a
+    checkout on PYTHONPATH). Otherwise pip's record says whether it came from a local directory.
+    Every installed copy's record is read: from a clone's root, `darwin_stream.egg-info` (which has
+    none) is found first.
+    """
+    root = Path(__file__).resolve().parent.parent
+    if (root / "pyproject.toml").is_file():
+        return root
+    for dist in importlib.metadata.distributions(name=DIST):
+        found = checkout_from_direct_url(dist.read_text("direct_url.json"))
+        if found is not None:
+            return found
+    return None
 
 
 def checkout_from_direct_url(text: str | None) -> Path | None:
