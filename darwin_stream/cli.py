@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 from darwin_stream.errors import DarwinError
 
@@ -108,9 +107,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def _client(address: str | None):
     if not address:
         return None
-    from dask.distributed import Client
+    from dask.distributed import Client  # optional and heavy: only with --scheduler
 
-    return Client(address)
+    try:
+        return Client(address)
+    except (ValueError, TypeError, OSError) as e:  # a malformed address, an unknown scheme, no answer
+        raise DarwinError(f"--scheduler {address}: cannot connect to a dask scheduler ({e})") from None
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -187,38 +189,50 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Build two tiny parents, merge them, show what the child holds and that it speaks."""
-    from darwin_stream import api
-    from darwin_stream.demo import build_demo
+    """Train a tiny base and two skilled parents (kept for the next run), evolve their merge, show the table."""
+    from darwin_stream.evolution.cli import Display, print_report
+    from darwin_stream.evolution.demo import format_table, run_demo
 
-    work = Path(args.workdir)
-    manifest = work / "demo.yaml"
-    if not manifest.exists():
-        print(f"building two tiny Qwen3 parents in {work / 'parents'} ...")
-        manifest = build_demo(work)
-    out = work / "child"
-    with _Bar("merge", args.quiet) as bar:
-        report = api.merge(manifest, out, overwrite=True, progress=bar.callback(),
-                           on_plan=lambda plan, nbytes: bar.start(nbytes))
-    print(f"manifest: {manifest}")
-    print(f"child:    {report.out}")
-    files = sorted(p.name for p in Path(report.out).iterdir())
-    print(f"files:    {', '.join(files)}")
-    print(f"tensors:  {report.tensors} ({_human(report.bytes_written)}), merged in {report.wall_s:.2f} s, "
-          f"peak private memory {_human(report.peak_anon_bytes)}")
+    quiet = args.quiet or args.json
+    if not quiet:
+        print(f"building the demo's base and parents in {args.workdir} (kept for the next run) ...", file=sys.stderr)
+    display, train = Display(quiet), _TrainBar()
     try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-    except ImportError:
+        result = run_demo(args.workdir, seed=args.seed, progress=display, build_progress=None if quiet else train)
+    finally:
+        train.close()
+        display.close()
+    if args.json:
+        print_report(result.report, True)
         return 0
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    tok = AutoTokenizer.from_pretrained(report.out)
-    model = AutoModelForCausalLM.from_pretrained(report.out)
-    ids = tok("the quick brown fox", return_tensors="pt").input_ids
-    gen = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-    print(f"generate: {tok.decode(gen[0])!r} (random tiny parents: the words are noise, the mechanics are real)")
+    print_report(result.report, False)
+    print()
+    print(format_table(result))
     return 0
+
+
+class _TrainBar:
+    """One rich bar per training stage of the demo's build (base, A, B)."""
+
+    def __init__(self) -> None:
+        self.bar = None
+        self.tasks: dict[str, object] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        if self.bar is None:
+            self.bar = Progress(TextColumn("train {task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), console=Console(stderr=True))
+            self.bar.start()
+        if stage not in self.tasks:
+            self.tasks[stage] = self.bar.add_task(stage, total=total)
+        self.bar.update(self.tasks[stage], completed=done)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 # --- parser ------------------------------------------------------------------------------------
@@ -306,8 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(e)
     e.set_defaults(func=cmd_export)
 
-    d = sub.add_parser("demo", help="merge two built-in tiny parents and show the child")
-    d.add_argument("--workdir", default="demo-out", help="where the parents and the child are built (default demo-out)")
+    d = sub.add_parser("demo", help="train two tiny skilled parents, evolve their merge, show the held-out table")
+    d.add_argument("--workdir", default="demo-out", help="where the models, tasks and runs are built and kept")
+    d.add_argument("--seed", type=int, default=0, help="seeds the training data, the models and the search")
     common(d)
     d.set_defaults(func=cmd_demo)
 
@@ -329,6 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):
+        # Names from untrusted files may hold characters the terminal cannot encode: print them
+        # escaped rather than fail while printing the very error that names them.
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         return int(args.func(args) or 0)
     except DarwinError as e:

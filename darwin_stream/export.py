@@ -341,7 +341,11 @@ class ChildWriter:
         """An inherited file of the child; never one of its weights files or the writer's own."""
         if "/" in name or "\\" in name or name.startswith(".") or name in self.layout.shards or name == INDEX_NAME:
             raise DarwinError(f"output {self.final}: refusing to write an inherited file named {name!r}")
-        (self.tmp / name).write_bytes(data)
+        path = self.tmp / name
+        path.write_bytes(data)
+        mode = getattr(data, "mode", None)  # sources.AuxBytes: no wider than the parent's own file
+        if mode is not None:
+            os.chmod(path, mode & path.stat().st_mode & 0o777)
 
     def finish(self, index_metadata: dict | None = None) -> Path:
         """fsync, write the index, drop the journal and rename into place."""

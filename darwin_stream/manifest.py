@@ -15,7 +15,6 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -23,6 +22,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, mo
 from pydantic_core import PydanticCustomError
 
 from darwin_stream import dtypes
+from darwin_stream.bounded import clip, show
 from darwin_stream.breed import BreedSection
 from darwin_stream.errors import DarwinError, ManifestError
 
@@ -61,11 +61,11 @@ def _number(v: Any, sub: str) -> float | bool:
         try:
             f = float(v)
         except ValueError:
-            raise _fail(f"{_EXPECTED_SETTING}, got {v!r}", sub) from None
+            raise _fail(f"{_EXPECTED_SETTING}, got {show(v)}", sub) from None
     else:
-        raise _fail(f"{_EXPECTED_SETTING}, got {v!r}", sub)
+        raise _fail(f"{_EXPECTED_SETTING}, got {show(v)}", sub)
     if not math.isfinite(f):
-        raise _fail(f"expected a finite number, got {v!r}", sub)
+        raise _fail(f"expected a finite number, got {show(v)}", sub)
     return f
 
 
@@ -76,23 +76,23 @@ def _scalar_or_gradient(v: Any, sub: str) -> float | bool | tuple[float, ...]:
         out = []
         for i, e in enumerate(v):
             if isinstance(e, bool | dict | list):
-                raise _fail(f"expected a number in a gradient, got {e!r}", f"{sub}[{i}]")
+                raise _fail(f"expected a number in a gradient, got {show(e)}", f"{sub}[{i}]")
             out.append(float(_number(e, f"{sub}[{i}]")))
         return tuple(out)
     if isinstance(v, dict):
-        raise _fail(f"{_EXPECTED_SETTING}, got {v!r}", sub)
+        raise _fail(f"{_EXPECTED_SETTING}, got {show(v)}", sub)
     return _number(v, sub)
 
 
 def _conditional(v: dict, sub: str) -> Conditional:
     extra = set(v) - {"filter", "value"}
     if extra:
-        raise _fail(f"unknown key {sorted(extra)[0]!r} (expected filter, value)", sub)
+        raise _fail(f"unknown key {show(sorted(extra)[0])} (expected filter, value)", sub)
     if "value" not in v:
         raise _fail("filtered value needs a 'value'", sub)
     flt = v.get("filter")
     if flt is not None and not isinstance(flt, str):
-        raise _fail(f"expected a string filter such as self_attn or mlp, got {flt!r}", f"{sub}.filter")
+        raise _fail(f"expected a string filter such as self_attn or mlp, got {show(flt)}", f"{sub}.filter")
     return Conditional(flt, _scalar_or_gradient(v["value"], f"{sub}.value"))
 
 
@@ -105,7 +105,7 @@ def parse_setting(v: Any) -> Setting:
         for i, e in enumerate(v):
             if not isinstance(e, dict):
                 raise _fail(
-                    f"expected {{filter: ..., value: ...}} in a list of filtered values, got {e!r}", f"[{i}]"
+                    f"expected {{filter: ..., value: ...}} in a list of filtered values, got {show(e)}", f"[{i}]"
                 )
             out.append(_conditional(e, f"[{i}]"))
         return out
@@ -163,16 +163,16 @@ def parse_size(v: Any) -> int:
     decimal and binary suffixes are both accepted and mean what the SI/IEC standards say.
     """
     if isinstance(v, bool):
-        raise ValueError(f"expected a size such as 1GiB, 512MiB or 5GB, got {v!r}")
+        raise ValueError(f"expected a size such as 1GiB, 512MiB or 5GB, got {show(v)}")
     if isinstance(v, int):
         n = v
     else:
         m = _SIZE.match(str(v)) if isinstance(v, str | float) else None
         if not m or m.group(2).lower() not in _UNITS:
-            raise ValueError(f"expected a size such as 1GiB, 512MiB or 5GB, got {v!r}")
+            raise ValueError(f"expected a size such as 1GiB, 512MiB or 5GB, got {show(v)}")
         n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
     if n <= 0:
-        raise ValueError(f"expected a positive size, got {v!r}")
+        raise ValueError(f"expected a positive size, got {show(v)}")
     return n
 
 
@@ -192,10 +192,10 @@ def _model_ref(v: Any) -> str:
     if isinstance(v, dict):
         extra = set(v) - {"model", "lora", "override_architecture"}
         if extra:
-            raise _fail(f"unknown key {sorted(extra)[0]!r} (expected model, lora)")
+            raise _fail(f"unknown key {show(sorted(extra)[0])} (expected model, lora)")
         if v.get("lora"):
             raise _fail(
-                f"LoRA adapters are not supported (merge the adapter into its model first), got lora {v['lora']!r}"
+                f"LoRA adapters are not supported (merge the adapter into its model first), got lora {show(v['lora'])}"
             )
         if v.get("override_architecture"):
             raise _fail("override_architecture is not supported")
@@ -203,14 +203,14 @@ def _model_ref(v: Any) -> str:
         if isinstance(inner, dict):
             path, rev = inner.get("path"), inner.get("revision")
             if not isinstance(path, str):
-                raise _fail(f"expected a path or repo id, got {inner!r}")
+                raise _fail(f"expected a path or repo id, got {show(inner)}")
             return f"{path}@{rev}" if rev else path
         v = inner
     if not isinstance(v, str) or not v.strip():
-        raise _fail(f"expected a path or repo id, got {v!r}")
+        raise _fail(f"expected a path or repo id, got {show(v)}")
     if "+" in v and not os.path.exists(v):
         raise _fail(
-            f"LoRA adapters (model+lora) are not supported; merge the adapter into its model first, got {v!r}"
+            f"LoRA adapters (model+lora) are not supported; merge the adapter into its model first, got {show(v)}"
         )
     return v.strip()
 
@@ -223,11 +223,11 @@ def _dtype(v: Any) -> str | None:
     if v is None:
         return None
     if not isinstance(v, str):
-        raise _fail(f"expected one of bfloat16, float16, float32, float64, got {v!r}")
+        raise _fail(f"expected one of bfloat16, float16, float32, float64, got {show(v)}")
     try:
         return dtypes.parse(v)
     except DarwinError:
-        raise _fail(f"expected one of bfloat16, float16, float32, float64, got {v!r}") from None
+        raise _fail(f"expected one of bfloat16, float16, float32, float64, got {show(v)}") from None
 
 
 DType = Annotated[str | None, BeforeValidator(_dtype)]
@@ -249,7 +249,7 @@ class Section(BaseModel):
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise _fail(f"expected a mapping, got {data!r}")
+            raise _fail(f"expected a mapping, got {show(data)}")
         known = {f.alias or n for n, f in cls.model_fields.items()}
         for key in data:
             if key not in known:
@@ -271,7 +271,7 @@ def _layer_range(v: Any) -> tuple[int, int]:
         and 0 <= v[0] < v[1]
     )
     if not ok:
-        raise _fail(f"expected [start, end] with 0 <= start < end (end exclusive), got {v!r}")
+        raise _fail(f"expected [start, end] with 0 <= start < end (end exclusive), got {show(v)}")
     return (v[0], v[1])
 
 
@@ -305,7 +305,7 @@ class TokenizerSection(Section):
     def _check(self) -> TokenizerSection:
         if self.source not in ("base", None):
             raise _fail(
-                f"only 'base' is supported (the child keeps the base model's tokenizer), got {self.source!r}",
+                f"only 'base' is supported (the child keeps the base model's tokenizer), got {show(self.source)}",
                 "source",
             )
         if self.tokens:
@@ -325,6 +325,7 @@ class DarwinSection(Section):
     format: Literal["safetensors", "zarr"] = "safetensors"
     out_dtype: DType = None
     direct_io: bool = True  # write shards with O_DIRECT where the filesystem allows it
+    allow_nonfinite: bool = False  # merge parents holding NaN/Inf (and let the child hold them)
 
 
 class GeneSection(Section):
@@ -419,6 +420,9 @@ class BackendSection(Section):
     name: Literal["hf", "vllm"] = "hf"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     max_model_len: int | None = None
+    # torch intra-op threads while scoring (hf); None keeps torch's default. On 2 shared cores one
+    # thread ran the demo's tiny models 17x faster than two (../shared/notes/evolution-demo.md).
+    threads: int | None = None
 
 
 class EvolveSection(Section):
@@ -475,7 +479,7 @@ class Manifest(Section):
         src = self.tokenizer_source
         if src is not None and src != "base" and src != self.base_model:
             raise _fail(
-                f"only 'base' is supported (the child keeps the base model's tokenizer), got {src!r}",
+                f"only 'base' is supported (the child keeps the base model's tokenizer), got {show(src)}",
                 "tokenizer_source",
             )
         if self.breed is not None:
@@ -545,11 +549,11 @@ def _one_line(err: ValidationError) -> ManifestError:
     elif kind == "extra_forbidden":
         msg = "unknown key"
     elif kind in _TYPE_WORDS:
-        msg = f"expected {_TYPE_WORDS[kind]}, got {e.get('input')!r}"
+        msg = f"expected {_TYPE_WORDS[kind]}, got {show(e.get('input'))}"
     elif kind == "literal_error":
-        msg = f"expected {ctx.get('expected')}, got {e.get('input')!r}"
+        msg = f"expected {ctx.get('expected')}, got {show(e.get('input'))}"
     else:
-        msg = f"{e['msg'][:1].lower()}{e['msg'][1:]}, got {e.get('input')!r}"
+        msg = f"{e['msg'][:1].lower()}{e['msg'][1:]}, got {show(e.get('input'))}"
     return ManifestError(f"manifest: {path}: {msg}")
 
 
@@ -566,7 +570,7 @@ def _check_method(m: Manifest) -> None:
         method = methods.get(m.merge_method)
     except KeyError:
         raise ManifestError(
-            f"manifest: merge_method: unknown method {m.merge_method!r} (known: {', '.join(methods.names())})"
+            f"manifest: merge_method: unknown method {show(m.merge_method)} (known: {', '.join(methods.names())})"
         ) from None
     per_model = set(method.model_param_defaults)
     either = per_model | set(method.param_defaults)
@@ -588,17 +592,95 @@ def _check_method(m: Manifest) -> None:
             check(src.parameters, f"slices[{i}].sources[{j}].parameters", per_model)
 
 
-def parse_manifest(text: str) -> Manifest:
-    """YAML text -> Manifest (yaml.safe_load only: a manifest never constructs Python objects)."""
+MAX_MANIFEST_BYTES = 2**20  # the largest shipped manifest is 2 KiB; a 1 MiB one is already absurd
+MAX_YAML_DEPTH = 64  # mergekit manifests nest about 8 levels (slices[].sources[].parameters.x[].value)
+MAX_YAML_ALIASES = 100
+MAX_YAML_NODES = 100_000  # after expanding aliases: a 590-byte alias bomb expands to billions
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader with the document's depth and alias count bounded while it is composed, and its
+    size with every alias expanded bounded before anything is constructed from it.
+
+    The bound is on the composed node graph, not the constructed value: an alias bomb ("billion
+    laughs") is a few hundred nodes shared thousands of ways, cheap to compose and to construct,
+    and then costs a minute and gigabytes in whatever walks the value (validation, repr()).
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_YAML_ALIASES:
+                raise ManifestError(f"manifest: more than {MAX_YAML_ALIASES} YAML aliases (*name)")
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise ManifestError(f"manifest: nested more than {MAX_YAML_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _expanded_nodes(root: yaml.Node) -> int:
+    """How many nodes the document has once every alias is expanded (memoised: shared nodes are
+    counted as often as they are referenced, but walked once)."""
+    sizes: dict[int, int] = {}
+    order: list[yaml.Node] = []
+    todo = [root]
+    while todo:  # iterative post-order, so that no depth reaches Python's recursion limit
+        node = todo.pop()
+        if id(node) in sizes:
+            continue
+        sizes[id(node)] = -1
+        order.append(node)
+        todo += _children(node)
+    for node in reversed(order):
+        sizes[id(node)] = min(MAX_YAML_NODES + 1, 1 + sum(sizes[id(c)] for c in _children(node)))
+    return sizes[id(root)]
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _load_yaml(text: str) -> Any:
+    loader = _BoundedLoader(text)
     try:
-        data = yaml.safe_load(text)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_nodes(node) > MAX_YAML_NODES:
+            raise ManifestError(f"manifest: more than {MAX_YAML_NODES} values once YAML aliases are expanded")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def parse_manifest(text: str) -> Manifest:
+    """YAML text -> Manifest (a bounded SafeLoader: a manifest never constructs Python objects, and
+    its size, depth and aliases are capped before anything walks it)."""
+    if len(text) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"manifest: {len(text)} characters, over the {MAX_MANIFEST_BYTES} limit")
+    try:
+        data = _load_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ManifestError(f"manifest: invalid YAML{where}: {problem}") from None
+        raise ManifestError(f"manifest: invalid YAML{where}: {clip(str(problem))}") from None
+    except RecursionError:  # a bound above should come first; never a traceback regardless
+        raise ManifestError(f"manifest: nested more than {MAX_YAML_DEPTH} levels deep") from None
     if not isinstance(data, dict):
-        raise ManifestError(f"manifest: expected a mapping of keys (merge_method, models, ...), got {data!r}")
+        raise ManifestError(f"manifest: expected a mapping of keys (merge_method, models, ...), got {show(data)}")
     try:
         m = Manifest.model_validate(data)
     except ValidationError as e:
@@ -611,16 +693,24 @@ def load_manifest(path_or_text: str | os.PathLike) -> tuple[Manifest, str]:
     """A manifest file's path (or its YAML text) -> (Manifest, text); the text goes in the plan.
 
     A string is taken as a path when it has no newline and names a file or ends in .yaml/.yml.
+    The file is bounded (`MAX_MANIFEST_BYTES`, checked by stat before reading) and must be UTF-8.
     """
     s = os.fspath(path_or_text)
     is_path = isinstance(path_or_text, os.PathLike) or (
         "\n" not in s and (os.path.isfile(s) or s.endswith((".yaml", ".yml")))
     )
-    if is_path:
-        try:
-            text = Path(s).read_text()
-        except OSError as e:
-            raise ManifestError(f"manifest: cannot read {s}: {e.strerror or e}") from None
-    else:
-        text = s
+    if not is_path:
+        return parse_manifest(s), s
+    try:
+        size = os.stat(s).st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"manifest: {clip(s)} is {size} bytes, over the {MAX_MANIFEST_BYTES} byte limit")
+        with open(s, "rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as e:
+        raise ManifestError(f"manifest: cannot read {clip(s)}: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"manifest: {clip(s)} is not UTF-8 text (byte {e.start})") from None
     return parse_manifest(text), text

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -223,6 +224,7 @@ def _slices(manifest: Manifest, method: Any, ps: _Parents) -> list[_Slice]:
     """
     if manifest.models is not None:
         srcs = [_Source(im.model, 0, im.parameters, f"models[{i}]") for i, im in enumerate(manifest.models)]
+        _no_duplicates([(s.spec, None) for s in srcs], "models")
         base = manifest.base_model
         if method.needs_base and base and not any(_same(s.spec, base) for s in srcs):
             srcs.append(_Source(base, 0, None, "base_model"))
@@ -245,6 +247,7 @@ def _slices(manifest: Manifest, method: Any, ps: _Parents) -> list[_Slice]:
             if b > n:
                 raise PlanError(f"{where}.layer_range: [{a}, {b}] is beyond the {n} layers of {src.model}")
             srcs.append(_Source(src.model, a, src.parameters, where))
+        _no_duplicates([(s.model, s.layer_range) for s in sl.sources], f"slices[{i}].sources")
         lengths = [r.layer_range[1] - r.layer_range[0] for r in sl.sources]
         if len(set(lengths)) != 1:
             raise PlanError(f"slices[{i}]: every source must span the same number of layers, got {lengths}")
@@ -254,12 +257,24 @@ def _slices(manifest: Manifest, method: Any, ps: _Parents) -> list[_Slice]:
     return out
 
 
+def _no_duplicates(inputs: list[tuple[str, Any]], where: str) -> None:
+    """A model listed twice would be weighted twice; mergekit refuses such duplicate merge inputs."""
+    seen: dict[tuple[str, Any], int] = {}
+    for i, (spec, extent) in enumerate(inputs):
+        key = (_canon(spec), extent)
+        if key in seen:
+            raise PlanError(f"{where}[{i}]: {spec} is already {where}[{seen[key]}]; a model may be merged only once")
+        seen[key] = i
+
+
 def _check_slice(sl: _Slice, method: Any) -> None:
     n = len(sl.sources)
     if method.name == "slerp" and n != 2:
         raise PlanError(f"{sl.where}: slerp blends exactly 2 models (base_model and one other), got {n}")
     if method.name == "passthrough" and n != 1:
         raise PlanError(f"{sl.where}: passthrough takes exactly 1 model per slice, got {n}")
+    if method.name == "model_stock" and n < 3:  # found only mid-merge, after .partial, before
+        raise PlanError(f"{sl.where}: model_stock needs the base_model and at least 2 other models, got {n} inputs")
     if method.needs_base:
         if sl.base is None:
             raise PlanError(f"base_model: {method.name} needs a base_model, and none is given")
@@ -405,6 +420,9 @@ class _Builder:
             model_params.append(
                 self.params(self.method.model_param_defaults, [s.params, sl.params, top], nm, r, t, s.where)
             )
+        problem = self.method.check(params, model_params, math.prod(shape)) if self.method.check else None
+        if problem:
+            raise PlanError(f"tensor {child!r}: {problem}")
         self.tensors.append(
             TensorPlan(
                 name=child,
@@ -456,6 +474,7 @@ def build_plan(manifest: Manifest, text: str = "", *, parents: Mapping[str, Pare
         _check_slice(sl, method)
 
     config_spec = manifest.base_model or slices[0].sources[0].spec
+    ps.get(config_spec).require_config()
     specs = [config_spec] + [s.spec for sl in slices for s in sl.sources]
     b = _Builder(manifest, method, ps, config_spec)
     # Specs spelled differently for one directory share a key, so the plan names each parent once.
@@ -521,6 +540,7 @@ def build_plan(manifest: Manifest, text: str = "", *, parents: Mapping[str, Pare
             "device": d.device,
             "format": d.format,
             "direct_io": d.direct_io,
+            "allow_nonfinite": d.allow_nonfinite,
             "dtype": manifest.dtype,
         },
     )

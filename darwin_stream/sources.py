@@ -14,7 +14,7 @@ stores are read chunk by chunk. Nothing is ever unpickled: a checkpoint that hol
 from __future__ import annotations
 
 import contextlib
-import json
+import math
 import mmap
 import os
 import re
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from darwin_stream import dtypes
+from darwin_stream.bounded import MAX_FILE_BYTES, check_local_file, clip, load_json, read_local, show
 from darwin_stream.errors import DarwinError, SourceError
 
 if TYPE_CHECKING:
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     import zarr
 
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own reader refuses larger headers too
+MAX_DIMS = 16  # torch refuses more than 64; real checkpoints stop at 5 (conv3d)
+MAX_DIM = 2**62  # safetensors allows usize; torch indexes with int64
 INDEX_FILE = "model.safetensors.index.json"
 AUX_FILES = (
     "config.json",
@@ -77,51 +80,84 @@ class TensorInfo:
         return self.nbytes // self.rows if self.rows else 0
 
 
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _entry(path: str, name: str, entry: Any) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, start, end) of one header entry, every field of the right type and bounds."""
+    if not isinstance(entry, dict):
+        raise SourceError(f"{path}: corrupt safetensors header entry for {show(name)} (not an object)")
+    code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(code, str):
+        raise SourceError(f"{path}: tensor {show(name)} has dtype {show(code)}, not a dtype name")
+    if not dtypes.known(code):
+        raise SourceError(f"{path}: tensor {show(name)} has unsupported dtype {show(code)}")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_int(s) and 0 <= s <= MAX_DIM for s in shape):
+        raise SourceError(
+            f"{path}: tensor {show(name)} has shape {show(shape)}; expected at most {MAX_DIMS} integers in [0, 2**62]"
+        )
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_int(o) for o in offsets)):
+        raise SourceError(f"{path}: tensor {show(name)} has data_offsets {show(offsets)}; expected two integers")
+    return code, tuple(shape), offsets[0], offsets[1]
+
+
+def _check_metadata(path: str, meta: Any) -> None:
+    # safetensors' own type: a map of strings to strings
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise SourceError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
+
+
 def read_safetensors_header(path: str, data: bytes | memoryview, file_size: int) -> dict[str, TensorInfo]:
     """Parse and check a shard header; `data` holds at least the first 8 + header bytes.
 
-    Every offset is checked against the file size so that a truncated shard fails here, by name,
-    rather than later as a short read. Tensor names are checked too: a name that could escape a
-    zarr store (`../x`) is refused when the parent is opened, not halfway through an ingest.
+    As strict as safetensors' own reader (`Metadata::validate`): every field has its type, and the
+    tensors, sorted by offset, tile the data region exactly, without gap or overlap, each exactly
+    shape x itemsize long, the last one ending at the end of the file. A header that fails any of
+    these would have the child built from another tensor's bytes (or from bytes past the end of
+    the file, a SIGBUS), so it fails here, by name. Tensor names are checked too: a name that
+    could escape a zarr store (`../x`) is refused when the parent is opened, not during an ingest.
     """
     from darwin_stream.store.layout import name_problem
 
     if file_size < 8:
         raise SourceError(f"{path}: not a safetensors file (only {file_size} bytes)")
-    (n,) = np.frombuffer(bytes(data[:8]), dtype="<u8")
-    n = int(n)
+    n = int.from_bytes(bytes(data[:8]), "little")
     if n > MAX_HEADER_BYTES:
         raise SourceError(f"{path}: safetensors header of {n} bytes exceeds the {MAX_HEADER_BYTES} byte limit")
     if 8 + n > file_size:
         raise SourceError(f"{path}: truncated shard (header says {n} bytes, file has {file_size})")
-    try:
-        header = json.loads(bytes(data[8 : 8 + n]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SourceError(f"{path}: corrupt safetensors header ({e.__class__.__name__})") from None
+    header = load_json(bytes(data[8 : 8 + n]), f"{path}: corrupt safetensors header, which")
     if not isinstance(header, dict):
         raise SourceError(f"{path}: corrupt safetensors header (not a JSON object)")
     base = 8 + n
-    out: dict[str, TensorInfo] = {}
+    entries = []
     for name, entry in header.items():
         if name == "__metadata__":
+            _check_metadata(path, entry)
             continue
-        try:
-            code, shape, (start, end) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
-            start, end = int(start), int(end)
-        except (KeyError, TypeError, ValueError):
-            raise SourceError(f"{path}: corrupt safetensors header entry for {name!r}") from None
         problem = name_problem(name)
         if problem:
-            raise SourceError(f"{path}: tensor name {name!r} {problem}")
-        if not dtypes.known(code):
-            raise SourceError(f"{path}: tensor {name!r} has unsupported dtype {code!r}")
-        want = int(np.prod(shape, dtype=np.int64)) * dtypes.itemsize(code)
-        if not (0 <= start <= end) or end - start != want or any(s < 0 for s in shape):
-            raise SourceError(f"{path}: tensor {name!r} has inconsistent offsets for shape {list(shape)}")
-        if base + end > file_size:
-            raise SourceError(f"{path}: truncated shard (tensor {name!r} ends at byte {base + end}, file has {file_size})")
-        out[name] = TensorInfo(name, code, shape, path, base + start, want)
-    return out
+            raise SourceError(f"{path}: tensor name {show(name)} {problem}")
+        code, shape, start, end = _entry(path, name, entry)
+        want = math.prod(shape) * dtypes.itemsize(code)
+        if not 0 <= start <= end or end - start != want:
+            raise SourceError(
+                f"{path}: tensor {show(name)} has data_offsets {show([start, end])}, "
+                f"which do not hold shape {show(list(shape))} of {code} ({want} bytes)"
+            )
+        entries.append((start, end, name, code, shape))
+    entries.sort()
+    pos = 0
+    for start, end, name, _, _ in entries:
+        if start != pos:
+            what = "overlaps the tensor before it" if start < pos else f"leaves a gap of {start - pos} bytes before it"
+            raise SourceError(f"{path}: tensor {show(name)} at data_offsets [{start}, {end}] {what}")
+        pos = end
+    if base + pos != file_size:
+        how = "truncated shard" if base + pos > file_size else "corrupt shard"
+        raise SourceError(f"{path}: {how} (its tensors end at byte {base + pos}, the file has {file_size})")
+    return {name: TensorInfo(name, code, shape, path, base + start, end - start) for start, end, name, code, shape in entries}
 
 
 def bytes_to_tensor(buf: Any, code: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -141,6 +177,45 @@ def _storage_view(code: str) -> np.dtype:
     return np.dtype(np.int16) if code == "BF16" else dtypes.to_numpy(code)
 
 
+_STR, _INT, _LIST = (str,), (int,), (list,)
+# The config keys darwin-stream itself reads (arch adapters, breed, plan, model card), with their JSON
+# types; null is allowed for each, as transformers allows it. Anything else is transformers' business.
+CONFIG_TYPES: dict[str, tuple[type, ...]] = {
+    "model_type": _STR, "architectures": _LIST, "text_config": (dict,), "layer_types": _LIST,
+    "hidden_act": _STR, "hidden_activation": _STR, "torch_dtype": _STR, "dtype": _STR,
+    "num_hidden_layers": _INT, "hidden_size": _INT, "intermediate_size": _INT, "vocab_size": _INT,
+    "max_position_embeddings": _INT, "num_attention_heads": _INT, "num_key_value_heads": _INT,
+}
+
+
+def _check_config(spec: str, config: dict, prefix: str = "") -> None:
+    """A config.json whose keys have the types darwin-stream relies on: a `model_type` that is a
+    list, say, must be one line naming the key, not a TypeError deep in the arch adapters."""
+    for key, types in CONFIG_TYPES.items():
+        v = config.get(key)
+        if v is None:
+            continue
+        ok = isinstance(v, types) and not (isinstance(v, bool) and types == _INT)
+        if ok and types == _INT:
+            ok = v >= 0
+        if ok and key == "architectures":
+            ok = all(isinstance(a, str) for a in v)
+        if not ok:
+            raise SourceError(f"parent {spec}: config.json: {prefix}{key} has the wrong type, got {show(v)}")
+
+
+class AuxBytes(bytes):
+    """An inherited file's bytes, with the permission bits of the parent's file: the child's copy
+    must not be readable by more users than the original (a 0600 tokenizer stays 0600)."""
+
+    mode: int
+
+    def __new__(cls, data: bytes, mode: int) -> AuxBytes:
+        obj = super().__new__(cls, data)
+        obj.mode = mode
+        return obj
+
+
 class Parent:
     """A read-only parent checkpoint: an index of tensors, rows read on demand, inherited files.
 
@@ -152,13 +227,25 @@ class Parent:
 
     @cached_property
     def config(self) -> dict:
-        raw = self.read_aux().get("config.json")
+        """The parent's config.json as an object; {} when it has none (see `require_config`)."""
+        raw = self.read_aux_file("config.json")
         if raw is None:
             return {}
-        try:
-            return json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise SourceError(f"parent {self.spec}: config.json is not valid JSON") from None
+        config = load_json(raw, f"parent {self.spec}: config.json")
+        if not isinstance(config, dict):
+            raise SourceError(f"parent {self.spec}: config.json holds a JSON {type(config).__name__}, not an object")
+        _check_config(self.spec, config)
+        text = config.get("text_config")
+        if isinstance(text, dict):
+            _check_config(self.spec, text, "text_config.")
+        return config
+
+    def require_config(self) -> dict:
+        """The config, for a parent the child takes its config from: without one the child's
+        config.json would be `{}`, a checkpoint nothing can load."""
+        if self.read_aux_file("config.json") is None:
+            raise SourceError(f"parent {self.spec}: has no config.json (the child takes its config from it)")
+        return self.config
 
     def info(self, name: str) -> TensorInfo:
         try:
@@ -182,6 +269,18 @@ class Parent:
 
     def read_aux(self) -> dict[str, bytes]:
         """Files a child inherits (config.json, tokenizer files, generation_config), by name."""
+        out = {}
+        for n in self.aux_names():
+            b = self.read_aux_file(n)
+            if b is not None:
+                out[n] = b
+        return out
+
+    def aux_names(self) -> list[str]:
+        return list(AUX_FILES)
+
+    def read_aux_file(self, name: str) -> bytes | None:
+        """One inherited file's bytes, None when the parent has none by that name."""
         raise NotImplementedError
 
     def array(self, name: str) -> zarr.Array:
@@ -215,10 +314,19 @@ class SafetensorsParent(Parent):
         tensors: dict[str, TensorInfo],
         fs: fsspec.AbstractFileSystem | None = None,
         storage_options: dict | None = None,
+        confine: str | None = None,
     ):
         self.spec = spec
         self.root = root  # local directory, or URL prefix when fs is set
+        # Local files only: the directory no symlink may leave (the parent, or a hub repo's cache).
+        self.confine = confine if confine is not None else (root if fs is None else None)
         self.tensors = tensors
+        # The size each shard had when its header was read: a shard shortened since then is refused
+        # before its missing pages are touched (a read past the end of a mapping is a SIGBUS).
+        self._sizes: dict[str, int] = {}
+        for t in tensors.values():
+            self._sizes[t.file] = max(self._sizes.get(t.file, 0), t.offset + t.nbytes)
+        self._fds: dict[str, int] = {}
         self.fs = fs  # None: local files, read by mmap
         self.storage_options = storage_options or {}
         self._maps: dict[str, mmap.mmap] = {}
@@ -241,12 +349,28 @@ class SafetensorsParent(Parent):
                         # parent on disk can never change, pages stay shared with the page cache,
                         # and tensors over the map are writable (no torch warning), where a write
                         # would only make a private copy of that page.
-                        with open(file, "rb") as f:
-                            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                        fd = os.open(file, os.O_RDONLY)
+                        try:
+                            self._check_size(file, fd)
+                            m = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+                        except BaseException:
+                            os.close(fd)
+                            raise
                     except OSError as e:
                         raise SourceError(f"parent {self.spec}: cannot read {file} ({e.strerror})") from None
+                    self._fds[file] = fd  # kept open: `_check_size` asks it before each read
                     self._maps[file] = m
         return m
+
+    def _check_size(self, file: str, fd: int) -> None:
+        """Refuse a shard shorter than its header says (truncated since the parent was opened):
+        touching a mapped page past the end of the file kills the process with SIGBUS."""
+        size = os.fstat(fd).st_size
+        want = self._sizes.get(file, 0)
+        if size < want:
+            raise SourceError(
+                f"parent {self.spec}: shard {file} was truncated while in use ({size} bytes, its header needs {want})"
+            )
 
     def read_rows(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows [start, stop) along dim 0; zero-copy from the page cache for local shards.
@@ -259,7 +383,9 @@ class SafetensorsParent(Parent):
         lo = t.offset + start * t.row_bytes
         n = (stop - start) * t.row_bytes
         if self.fs is None:
-            buf: Any = memoryview(self._map(t.file))[lo : lo + n]
+            m = self._map(t.file)
+            self._check_size(t.file, self._fds[t.file])  # one fstat: microseconds per task
+            buf: Any = memoryview(m)[lo : lo + n]
         else:
             try:
                 buf = bytearray(self.fs.cat_file(t.file, start=lo, end=lo + n)) if n else bytearray()
@@ -272,16 +398,30 @@ class SafetensorsParent(Parent):
     def _aux_path(self, name: str) -> str:
         return f"{self.root.rstrip('/')}/{name}" if self.fs is not None else str(Path(self.root) / name)
 
-    def read_aux(self) -> dict[str, bytes]:
-        out: dict[str, bytes] = {}
-        for n in AUX_FILES:
-            p = self._aux_path(n)
-            if self.fs is None:
-                if os.path.isfile(p):
-                    out[n] = Path(p).read_bytes()
-            elif self.fs.isfile(p):
-                out[n] = self.fs.cat_file(p)
-        return out
+    def read_aux_file(self, name: str) -> bytes | None:
+        p = self._aux_path(name)
+        if self.fs is None:
+            if not os.path.lexists(p):
+                return None
+            data = read_local(self.spec, p, self.confine or self.root)
+            return AuxBytes(data, os.stat(p).st_mode & 0o777)
+        if self.confine is not None:  # a file:// URL: the same rules as a local directory
+            local = self.fs._strip_protocol(p)
+            if not os.path.lexists(local):
+                return None
+            return read_local(self.spec, local, self.confine)
+        try:
+            if not self.fs.isfile(p):
+                return None
+            size = self.fs.size(p)
+            if size is not None and size > MAX_FILE_BYTES:
+                raise SourceError(f"parent {self.spec}: {name} is {size} bytes, over the {MAX_FILE_BYTES} byte limit")
+            data = self.fs.cat_file(p, start=0, end=MAX_FILE_BYTES + 1)
+        except OSError as e:
+            raise SourceError(f"parent {self.spec}: cannot read {name} ({e})") from None
+        if len(data) > MAX_FILE_BYTES:
+            raise SourceError(f"parent {self.spec}: {name} is over the {MAX_FILE_BYTES} byte limit")
+        return data
 
     def array(self, name: str) -> zarr.Array:
         from darwin_stream.store import layout
@@ -298,6 +438,9 @@ class SafetensorsParent(Parent):
         for m in maps.values():
             with contextlib.suppress(BufferError):  # a tensor still views it: unmapped when freed
                 m.close()
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
         self._view = None
 
 
@@ -341,15 +484,13 @@ class StoreParent(Parent):
             verify_checksum(data, self._checksums.get(name), f"parent {self.spec}: tensor {name!r}")
         return numpy_to_tensor(data, t.dtype)
 
-    def read_aux(self) -> dict[str, bytes]:
+    def aux_names(self) -> list[str]:
+        return list(self._aux_names)
+
+    def read_aux_file(self, name: str) -> bytes | None:
         from darwin_stream.store.api import read_aux_file
 
-        out = {}
-        for n in self._aux_names:
-            b = read_aux_file(self.group, n)
-            if b is not None:
-                out[n] = b
-        return out
+        return read_aux_file(self.group, name) if name in self._aux_names else None
 
 
 def _is_url(spec: str) -> bool:
@@ -364,37 +505,65 @@ def _check_pickles(spec: str, names: list[str]) -> None:
         )
 
 
+_SERIES = re.compile(r"^(.+)-(\d+)-of-(\d+)\.safetensors$")
+
+
 def _shard_names(spec: str, listing: list[str], read_text: Any) -> tuple[list[str], dict[str, str] | None]:
-    """Shard file names from the index when there is one (validated), else every *.safetensors."""
-    if INDEX_FILE in listing:
-        try:
-            index = json.loads(read_text(INDEX_FILE))
-            weight_map = index["weight_map"]
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise TypeError
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-            raise SourceError(f"parent {spec}: {INDEX_FILE} is not a valid safetensors index") from None
-        shards = list(dict.fromkeys(weight_map.values()))
-        for s in shards:
-            if "/" in s or "\\" in s or s in ("", ".", ".."):
-                raise SourceError(f"parent {spec}: {INDEX_FILE} names shard {s!r} outside the checkpoint")
-            if s not in listing:
-                raise SourceError(f"parent {spec}: shard {s} listed in {INDEX_FILE} is missing")
-        return shards, weight_map
-    shards = sorted(n for n in listing if n.endswith(".safetensors"))
-    if not shards:
-        _check_pickles(spec, listing)
-        raise SourceError(f"parent {spec}: no .safetensors files")
-    return shards, None
+    """Shard file names from the index when there is one (validated), else every *.safetensors.
+
+    The index is authoritative, as in transformers and mergekit: a `consolidated.safetensors`
+    beside it is not read. But a shard of the index's own series (`model-00003-of-00003`) that is
+    present and not listed, or a series the index lists only in part, means an incomplete index:
+    refused, since reading only the listed shards would give a child without those tensors.
+    """
+    if INDEX_FILE not in listing:
+        shards = sorted(n for n in listing if n.endswith(".safetensors"))
+        if not shards:
+            _check_pickles(spec, listing)
+            raise SourceError(f"parent {spec}: no .safetensors files")
+        return shards, None
+    index = load_json(read_text(INDEX_FILE), f"parent {spec}: {INDEX_FILE}")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise SourceError(f"parent {spec}: {INDEX_FILE} is not a valid safetensors index (no weight_map of names)")
+    if not weight_map:
+        raise SourceError(f"parent {spec}: {INDEX_FILE} maps no tensors")
+    shards = list(dict.fromkeys(weight_map.values()))
+    for s in shards:
+        if "/" in s or "\\" in s or s in ("", ".", ".."):
+            raise SourceError(f"parent {spec}: {INDEX_FILE} names shard {show(s)} outside the checkpoint")
+        if s not in listing:
+            raise SourceError(f"parent {spec}: shard {clip(s)} listed in {INDEX_FILE} is missing")
+    _check_series(spec, listing, shards)
+    return shards, weight_map
+
+
+def _check_series(spec: str, listing: list[str], shards: list[str]) -> None:
+    series: dict[tuple[str, str], set[int]] = {}
+    for s in shards:
+        m = _SERIES.match(s)
+        if m:
+            series.setdefault((m.group(1), m.group(3)), set()).add(int(m.group(2)))
+    for n in listing:
+        m = _SERIES.match(n)
+        if m and (m.group(1), m.group(3)) in series and n not in shards:
+            raise SourceError(f"parent {spec}: shard {n} is present but {INDEX_FILE} does not list it (incomplete index)")
+    for (prefix, total), listed in series.items():
+        if len(listed) != int(total):
+            raise SourceError(
+                f"parent {spec}: {INDEX_FILE} lists {len(listed)} of the {int(total)} shards {prefix}-*-of-{total}.safetensors"
+            )
 
 
 def _check_index(spec: str, tensors: dict[str, TensorInfo], weight_map: dict[str, str] | None) -> None:
+    if not tensors:
+        raise SourceError(f"parent {spec}: its shards hold no tensors")
     if weight_map is None:
         return
     for name, shard in weight_map.items():
         t = tensors.get(name)
         if t is None or os.path.basename(t.file.rstrip("/")) != shard:
-            raise SourceError(f"parent {spec}: tensor {name!r} listed in {INDEX_FILE} is missing from shard {shard}")
+            raise SourceError(f"parent {spec}: tensor {show(name)} listed in {INDEX_FILE} is missing from shard {shard}")
 
 
 def _add(spec: str, tensors: dict[str, TensorInfo], found: dict[str, TensorInfo]) -> None:
@@ -404,23 +573,32 @@ def _add(spec: str, tensors: dict[str, TensorInfo], found: dict[str, TensorInfo]
         tensors[name] = t
 
 
-def _open_local_dir(spec: str, root: Path) -> SafetensorsParent:
+def _read_header(spec: str, path: str, size: int) -> dict[str, TensorInfo]:
+    """A local shard's header, read with the 8-byte length bounded before the rest is read."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            data = head + f.read(min(n, MAX_HEADER_BYTES))
+    except OSError as e:
+        raise SourceError(f"parent {spec}: cannot read {path} ({e.strerror})") from None
+    return read_safetensors_header(path, data, size)
+
+
+def _open_local_dir(spec: str, root: Path, confine: Path | None = None) -> SafetensorsParent:
+    """A local checkpoint directory; `confine` (default: `root`) is where its symlinks may lead."""
+    top = str(confine or root)
     try:
         listing = sorted(p.name for p in root.iterdir() if p.is_file())
     except OSError as e:
         raise SourceError(f"parent {spec}: cannot list directory ({e.strerror})") from None
-    shards, weight_map = _shard_names(spec, listing, lambda n: (root / n).read_bytes())
+    shards, weight_map = _shard_names(spec, listing, lambda n: read_local(spec, str(root / n), top))
     tensors: dict[str, TensorInfo] = {}
     for s in shards:
-        shard = root / s
-        size = shard.stat().st_size
-        with open(shard, "rb") as f:
-            head = f.read(8)
-            n = int(np.frombuffer(head, dtype="<u8")[0]) if len(head) == 8 else 0
-            data = head + f.read(min(n, MAX_HEADER_BYTES))
-        _add(spec, tensors, read_safetensors_header(str(shard), data, size))
+        shard = str(root / s)
+        _add(spec, tensors, _read_header(spec, shard, check_local_file(spec, shard, top, limit=None)))
     _check_index(spec, tensors, weight_map)
-    return SafetensorsParent(spec, str(root), tensors)
+    return SafetensorsParent(spec, str(root), tensors, confine=top)
 
 
 def _open_url(spec: str, storage_options: dict | None) -> Parent:
@@ -454,10 +632,22 @@ def _open_url_unchecked(spec: str, storage_options: dict | None) -> Parent:
     files = {os.path.basename(e["name"].rstrip("/")): e for e in entries if e.get("type") == "file"}
     if not files:
         raise SourceError(f"parent {spec}: no such URL or empty directory")
-    shards, weight_map = _shard_names(spec, sorted(files), lambda n: fs.cat_file(files[n]["name"]))
+    local_root = path if _is_local_fs(fs) else None
+
+    def read_small(n: str) -> bytes:
+        if local_root is not None:
+            return read_local(spec, files[n]["name"], local_root)
+        size = int(files[n].get("size") or 0)
+        if size > MAX_FILE_BYTES:
+            raise SourceError(f"parent {spec}: {n} is {size} bytes, over the {MAX_FILE_BYTES} byte limit for such files")
+        return fs.cat_file(files[n]["name"], start=0, end=MAX_FILE_BYTES + 1)
+
+    shards, weight_map = _shard_names(spec, sorted(files), read_small)
     tensors: dict[str, TensorInfo] = {}
     for s in shards:
         e = files[s]
+        if local_root is not None:
+            check_local_file(spec, e["name"], local_root, limit=None)
         size = int(e.get("size") or fs.size(e["name"]))
         head = fs.cat_file(e["name"], start=0, end=min(8, size)) if size else b""
         n = int(np.frombuffer(head, dtype="<u8")[0]) if len(head) == 8 else 0
@@ -465,7 +655,12 @@ def _open_url_unchecked(spec: str, storage_options: dict | None) -> Parent:
         _add(spec, tensors, read_safetensors_header(url(e["name"]), data, size))
     _check_index(spec, tensors, weight_map)
     root = url(path)
-    return SafetensorsParent(spec, root, tensors, fs=fs, storage_options=storage_options)
+    return SafetensorsParent(spec, root, tensors, fs=fs, storage_options=storage_options, confine=local_root)
+
+
+def _is_local_fs(fs: Any) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, tuple | list) else (fs.protocol,)
+    return "file" in protocol or "local" in protocol
 
 
 def resolve_hub(repo_id: str, revision: str | None = None) -> Path:
@@ -561,7 +756,8 @@ def open_parent(spec: str | os.PathLike, *, storage_options: dict | None = None)
             snap = resolve_hub(repo, rev or None)
             if not any(snap.glob("*.safetensors")):
                 _check_pickles(s, _hub_files(repo, rev or None, snap))
-            return _open_local_dir(s, snap)
+            # Snapshot files are symlinks into the repo's blobs/: they may lead that far, no further.
+            return _open_local_dir(s, snap, confine=snap.parent.parent)
         raise SourceError(f"parent {s}: no such directory, store, URL or cached Hugging Face repo")
     except DarwinError as e:
         if isinstance(e, SourceError):

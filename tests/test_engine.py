@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -225,3 +226,48 @@ def test_a_one_task_statistic_reads_each_input_once(pair, monkeypatch):
     monkeypatch.setattr(SafetensorsParent, "read_rows", counting)
     dict(engine.iter_tensors(plan, workers=0))
     assert reads == {name: 2 for name in shapes}  # the base's rows and the other model's, once each
+
+
+# --- finiteness (issue 10, class 5) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_finite_is_exact_where_the_fast_sum_overflows(dtype):
+    big = torch.full((4096,), torch.finfo(dtype).max / 2, dtype=dtype)  # finite, but its sum overflows
+    assert engine.finite(big)
+    assert engine.finite(torch.arange(5))  # integers are always finite
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.zeros(4096, dtype=dtype)
+        t[1234] = bad
+        assert not engine.finite(t), bad
+
+
+def test_a_nan_in_a_sparsified_input_is_found_even_where_the_mask_drops_it(pair, tmp_path):
+    """dare drops elements by a mask, so a NaN may never reach the output: inputs are checked."""
+    dirs, shapes = pair
+    poisoned = tmp_path / "poisoned"
+    poisoned.mkdir()
+    tensors = load_file(str(Path(dirs[1]) / "model.safetensors"))
+    tensors["small.weight"].view(-1)[0] = float("nan")
+    save_file(tensors, str(poisoned / "model.safetensors"))
+    plan = _plan([dirs[0], str(poisoned)], {"small.weight": shapes["small.weight"]}, "dare_linear",
+                 {}, ({"weight": 1.0, "density": 0.01},))
+    with pytest.raises(engine.DarwinError, match=r"tensor 'small.weight' holds NaN or Inf"):
+        _merge(plan, tmp_path / "c", budget=2**20)
+    with pytest.raises(engine.DarwinError, match=r"tensor 'small.weight' holds NaN or Inf"):
+        dict(engine.iter_tensors(plan, workers=0))
+
+
+def test_a_nan_in_one_chunk_of_a_slerp_is_blamed_on_its_parent(pair, tmp_path):
+    """slerp's angle spans the tensor: a NaN in one chunk makes every chunk NaN, and the error must
+    still name the parent, not a child that "comes out NaN from finite parents"."""
+    dirs, shapes = pair
+    poisoned = tmp_path / "poisoned"
+    poisoned.mkdir()
+    tensors = load_file(str(Path(dirs[1]) / "model.safetensors"))
+    tensors["big.weight"][500, 3] = float("nan")  # the last chunk under a small budget
+    save_file(tensors, str(poisoned / "model.safetensors"))
+    plan = _plan([dirs[0], str(poisoned)], {"big.weight": shapes["big.weight"]}, "slerp", {"t": 0.5})
+    assert engine.chunk_rows(plan, plan.tensors[0], 40_000, workers=2) < 500
+    with pytest.raises(engine.DarwinError, match=r"parent .*poisoned: tensor 'big.weight' holds NaN or Inf"):
+        _merge(plan, tmp_path / "c", budget=40_000)

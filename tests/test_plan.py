@@ -240,7 +240,7 @@ slices:
 
 
 def test_plan_options_and_json_round_trip(par):
-    text = SLERP + "darwin: {{memory_budget: 256MiB, shard_size: 1GB, device: cuda, format: zarr, seed: 3, direct_io: false}}\n"
+    text = SLERP + "darwin: {{memory_budget: 256MiB, shard_size: 1GB, device: cuda, format: zarr, seed: 3, direct_io: false, allow_nonfinite: true}}\n"
     plan = plan_of(text, **par)
     assert plan.options == {
         "memory_budget": 256 * 2**20,
@@ -249,6 +249,7 @@ def test_plan_options_and_json_round_trip(par):
         "device": "cuda",
         "format": "zarr",
         "direct_io": False,
+        "allow_nonfinite": True,
         "dtype": "BF16",
     }
     assert plan.manifest == text

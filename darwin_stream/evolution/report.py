@@ -24,6 +24,7 @@ class EvolveReport:
     scored_evaluations: int = 0  # candidates actually scored (not served from the genome cache)
     seconds: dict[str, float] = field(default_factory=dict)
     subset: dict[str, Any] | None = None
+    tables: dict[str, dict[str, Any]] = field(default_factory=dict)  # split -> model -> {tasks, fitness}
     interrupted: bool = False
 
     def to_dict(self) -> dict[str, Any]:

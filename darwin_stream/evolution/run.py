@@ -35,6 +35,15 @@ Progress = Callable[[dict[str, Any]], None]
 REFS_FILE = "refs.json"
 
 
+def _check_extras() -> None:
+    """Before any work: the plots need matplotlib, which only the evolve extra installs."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise EvolveError("evolve needs matplotlib for its plots: pip install -e '.[evolve]' (from a clone) "
+                          "or pip install 'darwin-stream[evolve]'")
+
+
 def default_run_dir(manifest: str | os.PathLike) -> Path:
     """`manifests/demo.yaml` -> `./demo.run`: derived from the manifest's name, in the working directory."""
     return Path(Path(manifest).stem + ".run")
@@ -86,6 +95,24 @@ def _stop_on_sigint() -> Iterator[dict[str, bool]]:
             signal.signal(signal.SIGINT, old)
     else:
         yield flag
+
+
+class TorchThreads:
+    """Set torch's intra-op thread count for the run, and put it back."""
+
+    def __init__(self, n: int | None):
+        import torch
+
+        self.old = torch.get_num_threads()
+        self.n = n
+        if n:
+            torch.set_num_threads(n)
+
+    def close(self) -> None:
+        import torch
+
+        if self.n:
+            torch.set_num_threads(self.old)
 
 
 def threading_main() -> bool:
@@ -266,6 +293,7 @@ def evolve(manifest: str | os.PathLike, run_dir: str | os.PathLike | None = None
            progress: Progress | None = None, backend: str | None = None) -> rep.EvolveReport:
     """Run (or resume) the evolution a manifest's `evolve:` section describes; see docs/evolution.md."""
     t_start = time.perf_counter()
+    _check_extras()
     m, text = load_manifest(manifest)
     if m.evolve is None:
         raise EvolveError("manifest: evolve: this manifest has no evolve section (see docs/evolution.md)")
@@ -290,6 +318,7 @@ def evolve(manifest: str | os.PathLike, run_dir: str | os.PathLike | None = None
     opts: dict[str, Any] = {"dtype": sec.backend.dtype}
     if sec.backend.max_model_len and (backend or sec.backend.name) == "vllm":
         opts["max_model_len"] = sec.backend.max_model_len
+    threads = TorchThreads(sec.backend.threads)
     t_engine = time.perf_counter()
     scorer = fit.Scorer(open_backend(backend or sec.backend.name, tpl.apply(x0), **opts))
     seconds = {"engine_start": time.perf_counter() - t_engine}
@@ -321,6 +350,7 @@ def evolve(manifest: str | os.PathLike, run_dir: str | os.PathLike | None = None
         child_held = _score(scorer, held) if held else None
     finally:
         scorer.close()
+        threads.close()
     if subset_info is not None:
         pairs = [(c.fitness, c.full_fitness) for c in {tuple(c.genome): c for c in loop.history}.values()
                  if c.full_fitness is not None]
@@ -375,11 +405,16 @@ def _finish(tpl: Template, text: str, run: RunDir, refs: dict[str, Any], best: C
         heldout=heldout, generations=gens, evaluations=len(loop.history), run_dir=str(run.path),
         child_dir=str(child_dir), genome=best.genome,
         fitness={"child": child_fit["fitness"], **{n: r["fitness"]["fitness"] for n, r in refs.items()}},
-        scored_evaluations=loop.scored, seconds={k: round(v, 3) for k, v in seconds.items()}, subset=subset_info)
+        scored_evaluations=loop.scored, seconds={k: round(v, 3) for k, v in seconds.items()}, subset=subset_info,
+        tables={"fitness": _plain(fit_rows), "heldout": _plain(held_rows)})
     (run.path / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     (run.path / "scores.md").write_text("## Fitness split\n\n" + rep.score_table(fit_rows) + "\n\n## Held-out split\n\n"
                                         + (rep.score_table(held_rows) if held_rows else "(none)") + "\n")
     return report
+
+
+def _plain(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {name: {"tasks": r["tasks"], "fitness": r["fitness"]} for name, r in rows.items()}
 
 
 def _genome_text(cols: list[str], rows: list[list[float]]) -> str:

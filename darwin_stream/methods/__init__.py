@@ -76,6 +76,9 @@ class MergeMethod:
     # A default of REQUIRED means the manifest must give it (per-model: for every non-base model).
     model_param_defaults: Mapping[str, Any] = field(default_factory=dict)
     param_defaults: Mapping[str, Any] = field(default_factory=dict)
+    # (method params, per-model params, tensor numel) -> why they cannot be merged, or None. Run by
+    # the plan, so that `plan` refuses what `merge` would only find halfway through the tensors.
+    check: Callable[[Params, Sequence[Params], int], str | None] | None = None
 
 
 REGISTRY: dict[str, MergeMethod] = {}

@@ -215,13 +215,29 @@ def gta_blend(
                 mixed += chunk.models[i].sub_(base).mul_(w)
             else:
                 mixed += sparsified_delta(chunk, state, i, sparsification) * w
-        total = sum(weights)
+        # mergekit's |sum| < 1e-8 -> 1, tested in the dtype the division runs in (as linear does).
+        total = float(torch.tensor(weights, dtype=mixed.dtype).sum())
         divisor = total if abs(total) >= 1e-8 else 1.0
     if normalize:
         mixed /= divisor
     if lam != 1:
         mixed *= lam
     return torch.add(base, mixed, out=mixed) if inplace else base + mixed
+
+
+def _check_sparsity(name: str, sparsification: str | None, model_params: Any, numel: int) -> str | None:
+    """density in (0, 1] for every sparsifying method, as ties has always needed: dare with density
+    0 or -1 kept nothing and silently gave the base model. gamma (breadcrumbs) lies in [0, 1]."""
+    for i, mp in enumerate(model_params):
+        density = float(mp.get("density", 1.0))
+        if not 0 < density <= 1:
+            return f"model {i}: {name} needs density in (0, 1], got {density}"
+        gamma = float(mp.get("gamma", 0.0))
+        if not 0 <= gamma <= 1:
+            return f"model {i}: {name} needs gamma in [0, 1], got {gamma}"
+        if sparsification == MAGNITUDE and density < 1 and int(density * numel) <= 0:
+            return f"model {i}: {name}: density {density} keeps no element of a tensor with {numel} elements"
+    return None
 
 
 def make_gta(
@@ -256,6 +272,9 @@ def make_gta(
     def blend(chunk: Chunk, state: Any) -> torch.Tensor:
         return gta_blend(chunk, state, sparsification, consensus, default_normalize)
 
+    def check(params: Any, model_params: Any, numel: int) -> str | None:
+        return _check_sparsity(name, sparsification, model_params, numel)
+
     return MergeMethod(
         name=name,
         blend=blend,
@@ -264,6 +283,7 @@ def make_gta(
         random=sparsification == RANDOM,
         inplace=sparsification is None and not consensus,
         model_param_defaults=model_params,
+        check=check if sparsification else None,
         param_defaults={
             "int8_mask": False,  # only the dtype of mergekit's mask; results are identical
             "normalize": default_normalize,

@@ -26,11 +26,23 @@ def blend(chunk: Chunk, state: Any = None) -> torch.Tensor:
     for i, x in enumerate(chunk.models):
         out.addcmul_(x, w[i])
     if chunk.params.get("normalize", True):
-        if sum(weights) == 0:
-            # mergekit divides anyway and writes inf/NaN weights; refuse instead.
+        total = w.sum()
+        if total == 0:
+            # mergekit divides anyway and writes inf/NaN weights; refuse instead. The test is on the
+            # divisor itself: weights [1, -1 + 1e-9] sum to 1e-9 in float64 but to 0 in float32.
             raise ValueError(f"linear with normalize: the weights {weights} sum to zero")
-        out.div_(w.sum())
+        out.div_(total)
     return out
+
+
+def check(params: Any, model_params: Any, numel: int) -> str | None:
+    """The plan's view of the zero-sum refusal, in the float32 the engine divides in."""
+    if not params.get("normalize", True):
+        return None
+    weights = [float(mp["weight"]) for mp in model_params]
+    if weights and float(torch.tensor(weights, dtype=torch.float32).sum()) == 0:
+        return f"linear with normalize: the weights {weights} sum to zero (in float32)"
+    return None
 
 
 LINEAR = register(
@@ -40,5 +52,6 @@ LINEAR = register(
         model_param_defaults={"weight": REQUIRED},
         param_defaults={"normalize": True},
         inplace=True,
+        check=check,
     )
 )

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from darwin_stream.bounded import show
 from darwin_stream.errors import DarwinError
 
 KINDS = ("choice", "generate", "perplexity")
@@ -87,6 +88,7 @@ def load_task(path: str | Path) -> Task:
             unknown = set(opts) - OPTION_KEYS
             if unknown:
                 raise DarwinError(f"{p}:{i}: unknown task option(s) {sorted(unknown)}; known: {sorted(OPTION_KEYS)}")
+            _check_option_types(f"{p}:{i}", opts)
             continue
         items.append(obj)
     if not items:
@@ -103,8 +105,8 @@ def load_task(path: str | Path) -> Task:
     for n, item in enumerate(items):
         _check_item(p, kind, n, item)
     weight = float(opts.get("weight", 1.0))
-    if not weight >= 0:
-        raise DarwinError(f"{p}: weight must be >= 0, got {opts.get('weight')!r}")
+    if not (math.isfinite(weight) and weight >= 0):  # JSON's 1e999 is inf: the fitness would be nan
+        raise DarwinError(f"{p}: weight must be a finite number >= 0, got {show(opts.get('weight'))}")
     stop = opts.get("stop", ["\n"])
     if isinstance(stop, str):
         stop = [stop]
@@ -126,6 +128,34 @@ def load_task(path: str | Path) -> Task:
         stop=list(stop),
         path=str(p),
     )
+
+
+# Each option's JSON type: a wrong one (a weight "heavy", max_tokens [3]) is one line, not a traceback.
+_OPTION_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "name": ((str,), "a string"),
+    "kind": ((str,), "a string"),
+    "metric": ((str,), "a string"),
+    "fewshot": ((str,), "a string"),
+    "extract": ((str,), "a string"),
+    "max_tokens": ((int,), "a positive integer"),
+    "limit": ((int,), "a positive integer"),
+    "weight": ((int, float), "a number"),
+    "stop": ((str, list), "a string or a list of strings"),
+}
+
+
+def _check_option_types(where: str, opts: dict[str, Any]) -> None:
+    for key, (types, what) in _OPTION_TYPES.items():
+        if key not in opts or (key == "extract" and opts[key] is None):
+            continue
+        v = opts[key]
+        ok = isinstance(v, types) and not isinstance(v, bool)
+        if ok and key in ("max_tokens", "limit"):
+            ok = v > 0
+        if ok and key == "stop" and isinstance(v, list):
+            ok = all(isinstance(s, str) for s in v)
+        if not ok:
+            raise DarwinError(f"{where}: task option {key} must be {what}, got {show(v)}")
 
 
 def _check_item(p: Path, kind: str, n: int, item: dict[str, Any]) -> None:

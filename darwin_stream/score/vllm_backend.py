@@ -56,7 +56,12 @@ class VllmBackend:
             config = plan_config(first)
         else:
             model, load_format = first, "auto"
-            config = AutoConfig.from_pretrained(first).to_dict()
+            # Never the parent's own Python: with auto_map and an unknown model type, transformers
+            # would otherwise ask "run the custom code? [y/N]" on stdout, and a "y" runs it.
+            try:
+                config = AutoConfig.from_pretrained(first, trust_remote_code=False).to_dict()
+            except ValueError as e:
+                raise DarwinError(f"{first}: cannot load its config.json ({str(e).splitlines()[0][:200]})") from None
         self.load_format = load_format
         self.dtype = resolve_dtype(dtype, first, on_gpu=_on_gpu())
         self.geometry = _geometry(config)
@@ -69,9 +74,9 @@ class VllmBackend:
             load_format=load_format,
             worker_extension_cls=WORKER_CLS,
             seed=0,
-            **(engine_args or {}),
+            **{**(engine_args or {}), "trust_remote_code": False},  # whatever the engine args say
         )
-        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
         self.current: Child = first
         if isinstance(first, Plan):
             self.load(first)

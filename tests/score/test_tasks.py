@@ -210,3 +210,32 @@ def test_a_missing_local_model_fails_before_any_engine_starts(tmp_path):
     for spec in (str(tmp_path / "nope"), "./child", str(tmp_path / "m.yaml")):
         with pytest.raises(DarwinError, match="no such file or directory"):
             backend_mod.resolve_model(spec)
+
+
+# --- task options of the wrong type or out of range (issue 10, classes 5 and 6) ----------------
+
+
+def _task_file(tmp_path: Path, options_json: str) -> Path:
+    p = tmp_path / "t.jsonl"
+    p.write_text('{"task": ' + options_json + '}\n{"prompt": "2+2=", "choices": ["4", "5"], "answer": 0}\n')
+    return p
+
+
+def test_an_infinite_task_weight_is_refused(tmp_path):
+    # JSON's 1e999 is float('inf'): the fitness was nan, with exit 0
+    with pytest.raises(DarwinError, match="weight must be a finite number") as e:
+        load_task(_task_file(tmp_path, '{"weight": 1e999}'))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [('{"weight": "heavy"}', "weight must be a number"), ('{"weight": [1]}', "weight must be a number"),
+     ('{"max_tokens": "many"}', "max_tokens must be a positive integer"), ('{"limit": 2.5}', "limit must be"),
+     ('{"extract": 7}', "extract must be a string"), ('{"stop": [1, 2]}', "stop must be"),
+     ('{"kind": ["choice"]}', "kind must be a string"), ('{"name": {"a": 1}}', "name must be a string")],
+)
+def test_task_options_of_the_wrong_type_are_one_line(tmp_path, options, needle):
+    with pytest.raises(DarwinError, match=needle) as e:
+        load_task(_task_file(tmp_path, options))
+    assert "\n" not in str(e.value) and len(str(e.value)) < 300
