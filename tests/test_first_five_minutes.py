@@ -2,7 +2,7 @@
 
 Every ```bash block is run, in order, by one shell with `set -e`, in a scratch copy of the files the
 commands name (manifests/, the shipped task files), after `source .venv/bin/activate` puts a
-`darwin-stream` on PATH. Blocks marked ```bash illustration are not run. The parents stand in for
+`darwin-stream` on PATH. Blocks marked ```bash illustration (or needs-demo) are not run. The parents stand in for
 what `darwin-stream demo` builds: demo-out/base, parent_a, parent_b (tiny Qwen3 models).
 """
 
@@ -23,8 +23,10 @@ FENCE = re.compile(r"^```(\S*)([^\n]*)\n(.*?)^```", re.S | re.M)
 
 
 def shell_blocks(text: str) -> list[str]:
-    """The bodies of the ```bash blocks that are not marked illustration."""
-    return [body for lang, rest, body in FENCE.findall(text) if lang == "bash" and "illustration" not in rest]
+    """The bodies of the ```bash blocks that are not marked illustration (or needs-demo: those need
+    the demo's trained parents and task files, which take minutes to build)."""
+    return [body for lang, rest, body in FENCE.findall(text)
+            if lang == "bash" and not {"illustration", "needs-demo"} & set(rest.split())]
 
 
 def test_blocks_are_found_and_illustrations_skipped():

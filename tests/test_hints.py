@@ -42,6 +42,11 @@ def test_missing_s3fs_is_one_line_naming_the_extra(capsys, tmp_path, tiny_parent
     for name in [m for m in sys.modules if m == "s3fs" or m.startswith("s3fs.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "s3fs", None)  # `import s3fs` now raises ImportError
+    import fsspec  # noqa: F401  (loads fsspec.registry, whose cache the next lines empty)
+
+    loaded = sys.modules["fsspec.registry"]._registry  # `fsspec.registry` itself is a read-only view
+    for proto in ("s3", "s3a"):  # and fsspec forgets the class an earlier test loaded
+        monkeypatch.delitem(loaded, proto, raising=False)
     code = main(["ingest", str(tiny_parents[0]), "s3://bucket/parent.zarr", "--mode", "copy", "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code == 2
