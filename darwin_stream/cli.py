@@ -145,7 +145,7 @@ def _print_genome(manifest: str, plan) -> None:
 
     m, _ = load_manifest(manifest)
     if m.evolve is not None:
-        from darwin_stream.evolution.genome import Template
+        from darwin_stream.plan.template import Template
 
         print(Template(plan, m).format_layout())
 

@@ -429,7 +429,7 @@ class Task:
         """All passes of the statistic over rows already read, when this task is the whole tensor."""
         stat = methods.get(self.tp.method).statistic
         state = None
-        for _ in range(stat.passes if stat else 0):
+        for _ in range(methods.pass_count(stat, self.tp.shape, self.tp.params)):
             state = stat.finish(self.partial(state, inputs), state)
         return state
 
@@ -437,7 +437,7 @@ class Task:
         """Blend block by block, handing each block of child rows (float32, scratch) to `sink`."""
         method = methods.get(self.tp.method)
         inputs = self.read()  # once: for URLs and stores a read is a download
-        if method.statistic is not None and state is None:
+        if state is None and methods.pass_count(method.statistic, self.tp.shape, self.tp.params):
             # The whole tensor is this one task: its statistic walks the same rows first.
             assert self.start == 0 and self.stop == _rows(self.tp.shape)
             state = self.statistic(inputs)
@@ -606,7 +606,7 @@ def build_graph(plan: Plan, writer, *, budget: int, workers: int, device: str, p
         stat = methods.get(tp.method).statistic
         state_key = None
         if len(tasks) > 1 and stat is not None and not _is_copy(plan, tp):
-            for p in range(stat.passes):
+            for p in range(methods.pass_count(stat, tp.shape, tp.params)):
                 parts = []
                 for t in tasks:
                     key = (f"stat-{layer}", tp.name, p, t.start)

@@ -21,9 +21,12 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from darwin_stream.plan import Plan
 from darwin_stream.sources import MAX_HEADER_BYTES, Parent, SafetensorsParent, StoreParent, open_parent
+
+if TYPE_CHECKING:
+    from darwin_stream.plan import Plan
 
 _URL_KEYS = ("ETag", "etag", "VersionId", "version_id", "LastModified", "last_modified", "mtime", "created", "size")
 

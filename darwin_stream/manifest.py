@@ -18,12 +18,19 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from darwin_stream import dtypes
 from darwin_stream.bounded import clip, show
-from darwin_stream.breed import BreedSection
 from darwin_stream.errors import DarwinError, ManifestError
 
 # --------------------------------------------------------------------------------------------
@@ -326,6 +333,52 @@ class DarwinSection(Section):
     out_dtype: DType = None
     direct_io: bool = True  # write shards with O_DIRECT where the filesystem allows it
     allow_nonfinite: bool = False  # merge parents holding NaN/Inf (and let the child hold them)
+
+
+# --- the breed section (its planner is plan/breed.py) -------------------------------------------
+
+
+class Gradient(BaseModel):
+    """`{gradient: [...]}`: values spread evenly across the father's layers and interpolated."""
+
+    model_config = ConfigDict(extra="forbid")
+    gradient: list[float] = Field(min_length=1)
+
+
+Gene = float | list[float] | Gradient
+
+
+class BlendSpec(BaseModel):
+    """How one role or group is blended. Extra keys are the method's own parameters (density, ...)."""
+
+    model_config = ConfigDict(extra="allow")
+    method: str = "linear"
+    t: Gene
+
+    @field_validator("t")
+    @classmethod
+    def _finite(cls, v: Gene) -> Gene:
+        values = v.gradient if isinstance(v, Gradient) else v if isinstance(v, list) else [v]
+        if not values:
+            raise ValueError("expected a number, a list with one value per father layer, or {gradient: [...]}")
+        if not all(math.isfinite(x) for x in values):
+            raise ValueError("t must be finite")
+        return v
+
+    def extras(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class BreedSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    father: str
+    mother: str
+    keep: Literal["father"] = "father"
+    blend: dict[str, BlendSpec] = {}
+    layer_map: Literal["linear"] | list[int | None] = "linear"
+    # Adapters for architectures darwin-stream does not know: a YAML file path or a list of adapters.
+    adapters: str | list[dict[str, Any]] | None = None
 
 
 class GeneSection(Section):

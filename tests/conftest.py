@@ -45,3 +45,12 @@ def pair(tmp_path_factory):
         (d / "config.json").write_text(json.dumps({"model_type": "toy"}))
         dirs.append(str(d))
     return dirs, shapes
+
+
+@pytest.fixture(scope="session")
+def trio(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """Three tiny qwen3 checkpoints: a base and two models, for evolve manifests (helpers.evolve_yaml)."""
+    from darwin_stream.demo import build_model
+
+    root = tmp_path_factory.mktemp("trio")
+    return tuple(build_model(root / n, seed=s) for n, s in (("base", 11), ("a", 12), ("b", 13)))

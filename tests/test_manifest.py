@@ -296,10 +296,13 @@ def test_yaml_never_constructs_python_objects():
 
 def test_breed_and_evolve_sections():
     m = parse_manifest(
-        "breed:\n  father: a\n  mother: b\n  blend: {mlp: {method: linear, t: 0.3}}\nevolve: {x: 1}\n"
+        "breed:\n  father: a\n  mother: b\n  blend: {mlp: {method: linear, t: 0.3}}\n"
+        "evolve:\n  genes: [{param: t, filter: mlp, granularity: layer}]\n  fitness: {tasks: [f.jsonl]}\n"
     )
-    assert m.breed.father == "a" and m.evolve == {"x": 1}
+    assert m.breed.father == "a" and m.evolve.genes[0].granularity == "layer"
+    assert m.evolve.search.popsize == 8 and m.evolve.backend.name == "hf"
     assert _err("breed:\n  fathr: a\n  mother: b\n").startswith("manifest: breed.")
+    assert _err("merge_method: linear\nmodels: [{model: a}]\nevolve: {x: 1}\n").startswith("manifest: evolve")
 
 
 # --- gradients and filters, evaluated as mergekit's evaluate_setting does ---

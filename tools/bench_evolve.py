@@ -28,11 +28,11 @@ from pathlib import Path
 def bench_subset(workdir: Path, items: int, out: Path) -> dict:
     from darwin_stream.evolution import fitness as fit
     from darwin_stream.evolution.demo import demo_manifest
-    from darwin_stream.evolution.genome import Template
     from darwin_stream.evolution.history import RunDir
     from darwin_stream.evolution.run import evolve
     from darwin_stream.manifest import load_manifest
     from darwin_stream.plan import build_plan
+    from darwin_stream.plan.template import Template
     from darwin_stream.score.backend import open_backend
 
     manifest = demo_manifest(workdir, 0, lambda t: t.replace(

@@ -3,7 +3,7 @@
     from darwin_stream.evolution import evolve
     report = evolve("manifests/demo.yaml", "demo.run")   # EvolveReport; resume=True continues a run
 
-genome.py (genes -> template plan), search.py (cma ask/tell, replay), history.py (the run directory),
+plan/template.py (genes -> template plan), search.py (cma ask/tell, replay), history.py (the run directory),
 fitness.py (scorer, subset), report.py (plots, card), run.py (the loop), cli.py (the command).
 """
 

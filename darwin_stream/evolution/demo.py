@@ -19,7 +19,7 @@ from darwin_stream.evolution.report import EvolveReport
 
 MANIFEST = Path(__file__).resolve().parents[2] / "manifests" / "demo.yaml"
 ROWS = (("base", "base"), ("parent A (addition)", "parent {root}/parent_a"),
-        ("parent B (reversal)", "parent {root}/parent_b"), ("50/50 linear merge", "linear_50_50"),
+        ("parent B (sorting)", "parent {root}/parent_b"), ("50/50 linear merge", "linear_50_50"),
         ("evolved child", "evolved child"))
 
 

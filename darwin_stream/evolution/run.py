@@ -24,11 +24,11 @@ from typing import Any
 from darwin_stream.errors import EvolveError
 from darwin_stream.evolution import fitness as fit
 from darwin_stream.evolution import report as rep
-from darwin_stream.evolution.genome import Template
 from darwin_stream.evolution.history import Candidate, RunDir, digest
 from darwin_stream.evolution.search import Search
 from darwin_stream.manifest import Manifest, load_manifest
 from darwin_stream.plan import Plan, build_plan
+from darwin_stream.plan.template import Template
 from darwin_stream.score.tasks import Task
 
 Progress = Callable[[dict[str, Any]], None]

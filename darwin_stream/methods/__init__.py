@@ -54,7 +54,9 @@ class Chunk:
 
 @dataclass(frozen=True)
 class Statistic:
-    passes: int
+    # A number, or (tensor shape, resolved params) -> number when it depends on the tensor: della
+    # ranks a 1-D tensor in an extra pass, sce's top-k selection costs two passes only when asked for.
+    passes: int | Callable[[tuple[int, ...], Params], int]
     partial: Callable[[Chunk, Any], Any]
     combine: Callable[[Sequence[Any]], Any]
     finish: Callable[[Any, Any], Any]
@@ -79,6 +81,17 @@ class MergeMethod:
     # (method params, per-model params, tensor numel) -> why they cannot be merged, or None. Run by
     # the plan, so that `plan` refuses what `merge` would only find halfway through the tensors.
     check: Callable[[Params, Sequence[Params], int], str | None] | None = None
+    # How many non-base models a slice may hold (mergekit's InputContract min/max_non_base).
+    non_base: tuple[int, int | None] = (0, None)
+    # mergekit's BasePolicy.OPTIONAL: a base_model, when given, is the base (nuslerp, multislerp).
+    base_optional: bool = False
+    # mergekit's BasePolicy.IGNORED with the base appended to the inputs: a base_model is one more
+    # ordinary model (karcher averages it with the others).
+    base_is_input: bool = False
+
+    def uses_base(self, given: bool) -> bool:
+        """Whether the plan hands this method a separate base tensor when a base_model is `given`."""
+        return self.needs_base or (self.base_optional and given)
 
 
 REGISTRY: dict[str, MergeMethod] = {}
@@ -105,15 +118,30 @@ def names() -> list[str]:
 def _load_all() -> None:
     # Importing a method module registers it; kept lazy so `import darwin_stream` stays cheap.
     from darwin_stream.methods import (  # noqa: F401
+        arcee_fusion,
         breadcrumbs,
         dare,
+        della,
+        karcher,
         linear,
         model_stock,
+        multislerp,
+        nearswap,
+        nuslerp,
         passthrough,
+        ram,
+        sce,
         slerp,
         task_arithmetic,
         ties,
     )
+
+
+def pass_count(stat: Statistic | None, shape: tuple[int, ...], params: Params) -> int:
+    """Streaming passes `stat` makes over a tensor of `shape` with resolved `params`."""
+    if stat is None:
+        return 0
+    return stat.passes if isinstance(stat.passes, int) else int(stat.passes(shape, params))
 
 
 def run_statistic(method: MergeMethod, chunks: Callable[[], Sequence[Chunk]]) -> Any:
@@ -121,7 +149,8 @@ def run_statistic(method: MergeMethod, chunks: Callable[[], Sequence[Chunk]]) ->
     if method.statistic is None:
         return None
     state = None
-    for _ in range(method.statistic.passes):
+    first = chunks()[0]
+    for _ in range(pass_count(method.statistic, first.shape, first.params)):
         parts = [method.statistic.partial(c, state) for c in chunks()]
         state = method.statistic.finish(method.statistic.combine(parts), state)
     return state

@@ -15,6 +15,7 @@ blend stays elementwise and never holds more than a few chunk-sized temporaries.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -159,8 +160,13 @@ def _random_finish(combined: Any, state: Any) -> Any:
     return {"models": specs}
 
 
-def sparsified_delta(chunk: Chunk, state: Any, i: int, sparsification: str | None) -> torch.Tensor:
+Sparsify = Callable[[Chunk, Any, int], torch.Tensor]  # (chunk, state, model) -> sparsified task vector
+
+
+def sparsified_delta(chunk: Chunk, state: Any, i: int, sparsification: str | Sparsify | None) -> torch.Tensor:
     """Model i's task vector on this chunk after trimming/dropping and rescaling."""
+    if callable(sparsification):  # a method's own sparsification (della's magprune)
+        return sparsification(chunk, state, i)
     delta = _deltas(chunk, i)
     if sparsification is None:
         return delta
@@ -181,7 +187,7 @@ def sparsified_delta(chunk: Chunk, state: Any, i: int, sparsification: str | Non
 
 
 def gta_blend(
-    chunk: Chunk, state: Any, sparsification: str | None, consensus: bool, normalize_default: bool
+    chunk: Chunk, state: Any, sparsification: str | Sparsify | None, consensus: bool, normalize_default: bool
 ) -> torch.Tensor:
     if chunk.base is None:
         raise ValueError("task-arithmetic methods need a base model")

@@ -53,14 +53,25 @@ def _gram(chunk: Chunk, dim: int | None) -> torch.Tensor:
     return torch.stack([torch.stack(row, dim=-1) for row in gram], dim=-2)  # type: ignore[arg-type]
 
 
+def _per_vector(shape: tuple[int, ...], params: Any) -> bool:
+    """filter_wise on a ≥2-D tensor: each last-dim vector lies in one block. A 1-D tensor is one
+    vector, which blocks may split, so it takes the whole-tensor pass instead."""
+    return bool(params.get("filter_wise", False)) and len(shape) >= 2
+
+
+def _passes(shape: tuple[int, ...], params: Any) -> int:
+    # No pass when the statistic is per vector: its final state would be None, which a task that
+    # is not the whole tensor cannot tell from "not computed yet" (measured: an AssertionError in
+    # engine.Task.blend for a filter_wise tensor split over several tasks).
+    return 0 if _per_vector(shape, params) else 1
+
+
 def _partial(chunk: Chunk, state: Any) -> Any:
-    if chunk.params.get("filter_wise", False):
-        return {"gram": None}
     return {"gram": _gram(chunk, None)}
 
 
-def _finish(combined: Any, state: Any) -> float | None:
-    return None if combined["gram"] is None else float(ratio(combined["gram"]))
+def _finish(combined: Any, state: Any) -> float:
+    return float(ratio(combined["gram"]))
 
 
 def blend(chunk: Chunk, state: float | None) -> torch.Tensor:
@@ -69,7 +80,7 @@ def blend(chunk: Chunk, state: float | None) -> torch.Tensor:
     for x in chunk.models:
         avg += x
     avg /= len(chunk.models)
-    if chunk.params.get("filter_wise", False):
+    if _per_vector(chunk.shape or tuple(base.shape), chunk.params):
         t = ratio(_gram(chunk, -1)).to(base.dtype).unsqueeze(-1)
     elif state is None:
         raise ValueError("model_stock needs its statistic state unless filter_wise")
@@ -82,7 +93,7 @@ MODEL_STOCK = register(
     MergeMethod(
         name="model_stock",
         blend=blend,
-        statistic=Statistic(passes=1, partial=_partial, combine=sum_tree, finish=_finish),
+        statistic=Statistic(passes=_passes, partial=_partial, combine=sum_tree, finish=_finish),
         needs_base=True,
         param_defaults={"filter_wise": False},
     )

@@ -15,12 +15,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from darwin_stream.score.backend import BACKENDS, Child, install_hint, open_backend, resolve_model
+    from darwin_stream.score.backend import BACKENDS, install_hint, open_backend, resolve_model
+    from darwin_stream.score.child import Child
     from darwin_stream.score.run import score_child
     from darwin_stream.score.tasks import Task, fitness, load_task, run_task
 
 _HOMES = {
-    "BACKENDS": "backend", "Child": "backend", "install_hint": "backend", "open_backend": "backend",
+    "BACKENDS": "backend", "Child": "child", "install_hint": "backend", "open_backend": "backend",
     "resolve_model": "backend", "score_child": "run", "Task": "tasks", "fitness": "tasks",
     "load_task": "tasks", "run_task": "tasks",
 }

@@ -15,7 +15,8 @@ import time
 from typing import Any
 
 from darwin_stream.errors import DarwinError
-from darwin_stream.score.backend import BACKENDS, DTYPES, open_backend, resolve_model
+from darwin_stream.score.backend import BACKENDS, open_backend, resolve_model
+from darwin_stream.score.child import DTYPES
 from darwin_stream.score.run import score_child
 from darwin_stream.score.tasks import load_task
 from darwin_stream.score.vllm_backend import DEFAULT_MAX_MODEL_LEN

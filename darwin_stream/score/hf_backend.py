@@ -20,8 +20,8 @@ import torch
 
 from darwin_stream.errors import PlanError
 from darwin_stream.plan import Plan
-from darwin_stream.score.backend import Child, plan_config, resolve_dtype
 from darwin_stream.score.breeding import changed_tensors, snapshot
+from darwin_stream.score.child import Child, plan_config, resolve_dtype
 
 BATCH = 16
 
@@ -39,6 +39,10 @@ class HfBackend:
     name = "hf"
 
     def __init__(self, first: Child, *, dtype: torch.dtype | str = "auto", device: str | None = None):
+        from transformers.utils import logging as hf_logging
+
+        # A bar per checkpoint load ("Loading weights: 47/47") would scroll an evolution's display away.
+        hf_logging.disable_progress_bar()
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if isinstance(dtype, str):
             dtype = getattr(torch, resolve_dtype(dtype, first, on_gpu=self.device.startswith("cuda")))

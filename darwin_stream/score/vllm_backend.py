@@ -20,7 +20,7 @@ from typing import Any
 
 from darwin_stream.errors import DarwinError
 from darwin_stream.plan import Plan
-from darwin_stream.score.backend import Child, plan_config, resolve_dtype, write_skeleton
+from darwin_stream.score.child import Child, plan_config, resolve_dtype, write_skeleton
 
 WORKER_CLS = "darwin_stream.score.worker.BreedWorker"
 DEFAULT_MAX_MODEL_LEN = 2048

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from darwin_stream.evolution.genome import Template
 from darwin_stream.manifest import parse_manifest
 from darwin_stream.plan import build_plan
-
-from .conftest import DATA
+from darwin_stream.plan.template import Template
+from tests.helpers import DATA
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "manifests"
 

@@ -14,8 +14,7 @@ import pytest
 
 from darwin_stream.evolution import evolve
 from darwin_stream.evolution.history import RunDir
-
-from .conftest import DATA, evolve_yaml
+from tests.helpers import DATA, evolve_yaml
 
 pytestmark = pytest.mark.slow
 

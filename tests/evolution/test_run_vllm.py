@@ -6,8 +6,7 @@ import pytest
 
 from darwin_stream.evolution import evolve
 from darwin_stream.evolution.history import RunDir
-
-from .conftest import evolve_yaml
+from tests.helpers import evolve_yaml
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 

@@ -14,6 +14,7 @@ CASES = {
     "slerp": (True, [{}], {"t": 0.35}),
     "passthrough": (False, [{"scale": 0.5}], {}),
     "task_arithmetic": (True, [{"weight": 0.6}, {"weight": 0.5}], {"normalize": True, "lambda": 0.9}),
+    "nearswap": (True, [{}], {"t": 0.004}),
 }
 
 

@@ -40,3 +40,38 @@ def test_model_stock_needs_two_models():
     base, models = make_inputs((4, 4), 1)
     with pytest.raises(ValueError, match="two"):
         run_method("model_stock", base, models)
+
+
+def test_model_stock_filter_wise_1d_split_into_blocks_is_still_one_vector():
+    from tests.methods.mergekit_reference import run_blocks
+
+    base, models = make_inputs((300,), 3, seed=54, shared_std=0.002)
+    whole = ref_model_stock(base, models, False)
+    assert_bf16_close(run_blocks("model_stock", base, models, params={"filter_wise": True}, rows=64), whole)
+
+
+def test_model_stock_filter_wise_over_several_tasks(pair, tmp_path):
+    """A filter_wise tensor split over several tasks merges (it used to trip an assertion) and
+    equals the tensor merged in one task."""
+    from safetensors.torch import load_file
+
+    from darwin_stream import engine
+    from darwin_stream.export import ChildWriter
+    from darwin_stream.plan import Plan, SourceRef, TensorPlan
+
+    dirs, shapes = pair
+    tensors = [
+        TensorPlan(name=n, shape=s, dtype="BF16", method="model_stock", models=(SourceRef("b", n), SourceRef("b", n)),
+                   model_params=({}, {}), params={"filter_wise": True}, base=SourceRef("a", n), seed=1)
+        for n, s in shapes.items()
+    ]
+    plan = Plan(parents={"a": dirs[0], "b": dirs[1]}, tensors=tensors, config_from="a", tokenizer_from="a")
+    assert engine.chunk_rows(plan, tensors[0], 40_000, workers=engine.worker_count()) < shapes["big.weight"][0]
+    out = {}
+    for budget in (40_000, 2**30):
+        writer = ChildWriter(tmp_path / str(budget), plan, shard_size=10**9)
+        engine.run(plan, writer, budget=budget)
+        writer.finish()
+        out[budget] = load_file(str(tmp_path / str(budget) / "model.safetensors"))
+    for n in shapes:
+        assert torch.equal(out[40_000][n].view(torch.int16), out[2**30][n].view(torch.int16)), n

@@ -1,4 +1,7 @@
-from darwin_stream.methods import REQUIRED, get, names
+from darwin_stream.methods import REQUIRED, get, names, pass_count
+
+# mergekit 0.1.5's other methods, as they land (tests/methods/test_<name>.py for each).
+MERGEKIT_0_1_5_MORE = ["nearswap", "nuslerp", "multislerp", "karcher", "della", "della_linear", "sce", "arcee_fusion", "ram", "ramplus_tl"]
 
 
 def test_all_methods_registered_with_mergekit_parameters():
@@ -14,6 +17,7 @@ def test_all_methods_registered_with_mergekit_parameters():
             "breadcrumbs_ties",
             "model_stock",
             "passthrough",
+            *MERGEKIT_0_1_5_MORE,
         ]
     )
     assert get("linear").param_defaults == {"normalize": True}
@@ -46,7 +50,10 @@ def test_statistic_passes():
     assert get("linear").statistic is None and get("passthrough").statistic is None
     assert get("task_arithmetic").statistic is None
     assert get("slerp").statistic.passes == 1
-    assert get("model_stock").statistic.passes == 1
+    stock = get("model_stock").statistic
+    assert pass_count(stock, (8, 4), {"filter_wise": False}) == 1
+    assert pass_count(stock, (8, 4), {"filter_wise": True}) == 0  # each vector lies in one block
+    assert pass_count(stock, (8,), {"filter_wise": True}) == 1  # a 1-D tensor is one vector
     assert get("dare_ties").statistic.passes == 1
     assert get("ties").statistic.passes == 2
     assert get("breadcrumbs").statistic.passes == 2

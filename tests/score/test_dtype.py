@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from darwin_stream.score.backend import resolve_dtype, weight_bytes
+from darwin_stream.score.child import resolve_dtype, weight_bytes
 
 
 @pytest.fixture

@@ -15,8 +15,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from darwin_stream import breed, demo
+from darwin_stream import demo
 from darwin_stream.errors import PlanError
+from darwin_stream.plan import breed
 from darwin_stream.sources import open_parent
 
 FFN = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
@@ -142,6 +143,9 @@ def test_methods_map_t(parents):
     assert tp.base.parent == f and tp.models[0].parent == m and tp.params["t"] == 0.4
     tp = by_name(breed.plan_breed(section(f, m, mlp={"method": "ties", "t": 0.7, "density": 0.5})))["model.layers.0.mlp.up_proj.weight"]
     assert tp.base.parent == f and tp.model_params[0]["weight"] == 0.7 and tp.model_params[0]["density"] == 0.5
+    della = {"method": "della", "t": 0.6, "density": 0.5, "epsilon": 0.1}
+    tp = by_name(breed.plan_breed(section(f, m, mlp=della)))["model.layers.0.mlp.up_proj.weight"]
+    assert tp.base.parent == f and tp.model_params[0] == {"weight": 0.6, "density": 0.5, "epsilon": 0.1}
     with pytest.raises(PlanError, match="t must be 0"):
         breed.plan_breed(section(f, m, mlp={"method": "passthrough", "t": 0.5}))
 

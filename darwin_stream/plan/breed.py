@@ -1,4 +1,4 @@
-"""Cross-architecture breeding: the manifest's `breed:` section and its plan.
+"""The breed planner: the manifest's `breed:` section -> Plan (cross-architecture transplants).
 
 A child is the father's architecture with some roles (usually the FFN) blended with the mother's
 tensors of the same role. The two parents may name their tensors differently and have different layer
@@ -14,13 +14,12 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing import Any
 
 from darwin_stream import arch, dtypes
 from darwin_stream.errors import PlanError
-from darwin_stream.plan import Plan, SourceRef, TensorPlan
+from darwin_stream.manifest import BlendSpec, BreedSection, Gene, Gradient
+from darwin_stream.plan.types import Plan, SourceRef, TensorPlan
 
 # Roles whose one dimension is the FFN intermediate size, and which dimension it is.
 FFN_DIM: dict[str, int] = {"ffn_gate": 0, "ffn_up": 0, "ffn_down": 1, "ffn_gate_up": 0}
@@ -28,49 +27,6 @@ FFN_DIM: dict[str, int] = {"ffn_gate": 0, "ffn_up": 0, "ffn_down": 1, "ffn_gate_
 TASK_VECTOR_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
 # Parameters mergekit reads per model rather than per method.
 MODEL_LEVEL = ("weight", "density", "gamma", "epsilon", "lambda_", "scale")
-
-
-class Gradient(BaseModel):
-    """`{gradient: [...]}`: values spread evenly across the father's layers and interpolated."""
-
-    model_config = ConfigDict(extra="forbid")
-    gradient: list[float] = Field(min_length=1)
-
-
-Gene = float | list[float] | Gradient
-
-
-class BlendSpec(BaseModel):
-    """How one role or group is blended. Extra keys are the method's own parameters (density, ...)."""
-
-    model_config = ConfigDict(extra="allow")
-    method: str = "linear"
-    t: Gene
-
-    @field_validator("t")
-    @classmethod
-    def _finite(cls, v: Gene) -> Gene:
-        values = v.gradient if isinstance(v, Gradient) else v if isinstance(v, list) else [v]
-        if not values:
-            raise ValueError("expected a number, a list with one value per father layer, or {gradient: [...]}")
-        if not all(math.isfinite(x) for x in values):
-            raise ValueError("t must be finite")
-        return v
-
-    def extras(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
-
-
-class BreedSection(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    father: str
-    mother: str
-    keep: Literal["father"] = "father"
-    blend: dict[str, BlendSpec] = {}
-    layer_map: Literal["linear"] | list[int | None] = "linear"
-    # Adapters for architectures darwin-stream does not know: a YAML file path or a list of adapters.
-    adapters: str | list[dict[str, Any]] | None = None
 
 
 # --- genes and layer maps ----------------------------------------------------------------------
@@ -261,7 +217,7 @@ def _options(manifest: Any) -> tuple[dict[str, Any], int, str | None]:
     return opts, int(seed or 0), dtypes.parse(str(out)) if out else None
 
 
-def _blend_for(role: str, blend: dict[str, BlendSpec]) -> tuple[str, BlendSpec] | None:
+def blend_for(role: str, blend: dict[str, BlendSpec]) -> tuple[str, BlendSpec] | None:
     """The blend entry for a role: an entry naming the role itself wins over one naming its group."""
     if role in blend:
         return role, blend[role]
@@ -318,7 +274,7 @@ def plan_breed(manifest: Any, text: str = "") -> Plan:
     pairs: dict[str, tuple[_Tensor, str, float]] = {}  # father name -> (mother tensor, blend key, t)
     missing: dict[str, list[int]] = {}
     for f in ftensors:
-        hit = _blend_for(f.role, sec.blend)
+        hit = blend_for(f.role, sec.blend)
         if hit is None:
             continue
         key, _spec = hit

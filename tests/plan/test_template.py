@@ -7,11 +7,10 @@ import random
 import pytest
 
 from darwin_stream.errors import DarwinError
-from darwin_stream.evolution.genome import Template
 from darwin_stream.manifest import parse_manifest
 from darwin_stream.plan import build_plan
-
-from .conftest import evolve_yaml
+from darwin_stream.plan.template import Template
+from tests.helpers import evolve_yaml
 
 
 def _template(text: str) -> Template:

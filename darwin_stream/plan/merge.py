@@ -1,104 +1,24 @@
-"""Manifest -> plan: for every tensor of the child, what to read, which method, which parameters.
+"""The merge planner: a mergekit manifest -> Plan, for every child tensor its inputs, method and parameters.
 
-A plan is plain, JSON-serialisable data. The engine turns it into a dask graph that writes a child to
-disk; the vLLM worker extension (score/) receives the same plan and blends tensors in place. Neither
-needs the manifest again.
+It follows mergekit's own hierarchy (slices -> layers -> tensors); docs/manifest.md has the semantics.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from darwin_stream.errors import PlanError
+from darwin_stream.manifest import evaluate
+from darwin_stream.plan.types import Plan, SourceRef, TensorPlan, layer_t, tensor_seed
 
 if TYPE_CHECKING:
     from darwin_stream.manifest import Manifest, Parameters
     from darwin_stream.sources import Parent
-
-
-@dataclass(frozen=True)
-class SourceRef:
-    """One input tensor: which parent, which tensor, and how it is reshaped before blending."""
-
-    parent: str  # key into Plan.parents
-    tensor: str  # tensor name inside that parent
-    pad_to: tuple[int, ...] | None = None  # zero-pad (trailing rows/cols) to this shape before blending
-
-
-@dataclass(frozen=True)
-class TensorPlan:
-    name: str  # tensor name in the child
-    shape: tuple[int, ...]  # shape in the child
-    dtype: str  # safetensors code written to the child (BF16, F16, F32)
-    method: str  # key into methods.REGISTRY
-    models: tuple[SourceRef, ...]  # non-base inputs, in manifest order
-    model_params: tuple[dict[str, Any], ...] = ()  # resolved per-model parameters, same order as models
-    params: dict[str, Any] = field(default_factory=dict)  # resolved method-level parameters
-    base: SourceRef | None = None
-    layer: int | None = None  # child layer index, None outside the layers
-    role: str | None = None  # canonical role from arch/
-    seed: int = 0
-
-    def sources(self) -> tuple[SourceRef, ...]:
-        return ((self.base,) if self.base else ()) + self.models
-
-
-@dataclass
-class Plan:
-    parents: dict[str, str]  # key -> spec as the user wrote it (path, repo id, URL, store)
-    tensors: list[TensorPlan]
-    config_from: str  # parent key whose config.json, tokenizer and generation_config the child takes
-    tokenizer_from: str
-    config_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. intermediate_size after padding
-    out_dtype: str | None = None  # None: each tensor keeps its own `dtype`
-    manifest: str = ""  # the manifest text, for the model card
-    notes: list[str] = field(default_factory=list)  # warnings the model card repeats
-    options: dict[str, Any] = field(default_factory=dict)  # darwin section: memory_budget, shard_size, ...
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> Plan:
-        d = json.loads(text)
-
-        def ref(r: dict | None) -> SourceRef | None:
-            if r is None:
-                return None
-            return SourceRef(r["parent"], r["tensor"], tuple(r["pad_to"]) if r.get("pad_to") else None)
-
-        tensors = [
-            TensorPlan(
-                **{
-                    **t,
-                    "shape": tuple(t["shape"]),
-                    "models": tuple(ref(m) for m in t["models"]),
-                    "model_params": tuple(t["model_params"]),
-                    "base": ref(t["base"]),
-                }
-            )
-            for t in d.pop("tensors")
-        ]
-        return cls(tensors=tensors, **d)
-
-    @property
-    def nbytes(self) -> int:
-        from darwin_stream import dtypes
-
-        total = 0
-        for t in self.tensors:
-            n = 1
-            for s in t.shape:
-                n *= s
-            total += n * dtypes.itemsize(t.dtype)
-        return total
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,19 +112,6 @@ def _parent_keys(specs: list[str]) -> dict[str, str]:
     return keys
 
 
-def tensor_seed(seed: int, name: str) -> int:
-    """A per-tensor seed < 2**31 that depends only on the manifest seed and the tensor's name,
-    so random methods (dare_*) give the same child on every run and every chunking."""
-    digest = hashlib.blake2b(f"{seed}\0{name}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") & 0x7FFFFFFF
-
-
-def layer_t(index: int, length: int) -> float:
-    """Where output layer `index` of a slice of `length` layers sits on a gradient (mergekit: t = 1 for
-    a one-layer slice). Tensors outside the layers (embeddings, final norm, lm_head) use t = 0."""
-    return index / (length - 1) if length > 1 else 1.0
-
-
 def _renumber(name: str, old: int, new: int) -> str:
     if old == new:
         return name
@@ -226,7 +133,8 @@ def _slices(manifest: Manifest, method: Any, ps: _Parents) -> list[_Slice]:
         srcs = [_Source(im.model, 0, im.parameters, f"models[{i}]") for i, im in enumerate(manifest.models)]
         _no_duplicates([(s.spec, None) for s in srcs], "models")
         base = manifest.base_model
-        if method.needs_base and base and not any(_same(s.spec, base) for s in srcs):
+        wants_base = method.uses_base(True) or method.base_is_input
+        if wants_base and base and not any(_same(s.spec, base) for s in srcs):
             srcs.append(_Source(base, 0, None, "base_model"))
         counts = [ps.index(s.spec).num_layers for s in srcs]
         for s, n in zip(srcs, counts, strict=True):
@@ -275,13 +183,18 @@ def _check_slice(sl: _Slice, method: Any) -> None:
         raise PlanError(f"{sl.where}: passthrough takes exactly 1 model per slice, got {n}")
     if method.name == "model_stock" and n < 3:  # found only mid-merge, after .partial, before
         raise PlanError(f"{sl.where}: model_stock needs the base_model and at least 2 other models, got {n} inputs")
-    if method.needs_base:
+    if method.needs_base or (method.base_optional and sl.base is not None):
         if sl.base is None:
             raise PlanError(f"base_model: {method.name} needs a base_model, and none is given")
         if not any(_same(s.spec, sl.base) for s in sl.sources):
             raise PlanError(
                 f"{sl.where}: base_model {sl.base} is not among the inputs, and {method.name} needs it"
             )
+    lo, hi = method.non_base
+    k = n - int(method.uses_base(sl.base is not None) and any(_same(s.spec, sl.base) for s in sl.sources))
+    if k < lo or (hi is not None and k > hi):
+        want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo} to {hi}"
+        raise PlanError(f"{sl.where}: {method.name} takes {want} model(s) besides the base, got {k}")
 
 
 def _resolve(
@@ -295,8 +208,6 @@ def _resolve(
     A filtered setting with no matching filter yields nothing, so a per-model `weight` that only
     covers `mlp` falls back to the top-level `weight` elsewhere: mergekit's ConfigReader order.
     """
-    from darwin_stream.manifest import evaluate
-
     for params in levels:
         if params and name in params:
             v = evaluate(params[name], matches, t)
@@ -401,7 +312,7 @@ class _Builder:
         base: SourceRef | None = None
         models: list[tuple[_Source, str]] = []
         for s, nm in zip(sl.sources, names, strict=True):
-            if self.method.needs_base and base is None and _same(s.spec, sl.base):
+            if self.method.uses_base(sl.base is not None) and base is None and _same(s.spec, sl.base):
                 base = SourceRef(self.key(s.spec), nm)
             else:
                 models.append((s, nm))
@@ -447,7 +358,7 @@ class _Builder:
         return sl.sources[0]
 
 
-def build_plan(manifest: Manifest, text: str = "", *, parents: Mapping[str, Parent] | None = None) -> Plan:
+def plan_merge(manifest: Manifest, text: str = "", *, parents: Mapping[str, Parent] | None = None) -> Plan:
     """Resolve a manifest against its parents into a Plan: every child tensor, its inputs and params.
 
     Follows mergekit's MergePlanner: embeddings come from the first slice's inputs at t = 0, each
@@ -455,11 +366,6 @@ def build_plan(manifest: Manifest, text: str = "", *, parents: Mapping[str, Pare
     lm_head come from the last slice's inputs at t = 0. Raises PlanError (one line) when a tensor is
     missing or shapes differ; a missing parent raises the SourceError that sources/ gives.
     """
-    if manifest.breed is not None:
-        from darwin_stream import breed
-
-        return breed.plan_breed(manifest, text)
-
     from darwin_stream import methods
 
     try:
@@ -546,70 +452,3 @@ def build_plan(manifest: Manifest, text: str = "", *, parents: Mapping[str, Pare
     )
 
 
-# --------------------------------------------------------------------------------------------
-# The human-readable plan.
-# --------------------------------------------------------------------------------------------
-
-
-def human_bytes(n: float) -> str:
-    """1234567 -> '1.2 MiB' (binary units: what the memory budget is written in)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def _value(v: Any) -> str:
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-def _params(d: Mapping[str, Any]) -> str:
-    return ",".join(f"{k}={_value(v)}" for k, v in d.items())
-
-
-def format_plan(plan: Plan) -> str:
-    """One line per child tensor (name, shape, dtype, method, sources, parameters), then totals.
-
-    Notes are left to the caller (the CLI prints them after its memory prediction).
-    Sources read `parent` when the source tensor has the child's name and `parent:tensor` when it
-    does not (slices renumber layers); the base is marked `(base)`. Per-model parameters follow the
-    method's own, as `parent{...}`.
-    """
-    rows = [("tensor", "shape", "dtype", "method", "sources", "parameters")]
-    for t in plan.tensors:
-
-        def src(r: SourceRef, tag: str = "", name: str = t.name) -> str:
-            return (r.parent if r.tensor == name else f"{r.parent}:{r.tensor}") + tag
-
-        sources = ([src(t.base, "(base)")] if t.base else []) + [src(r) for r in t.models]
-        parts = [_params(t.params)] if t.params else []
-        parts += [
-            f"{r.parent}{{{_params(mp)}}}" for r, mp in zip(t.models, t.model_params, strict=False) if mp
-        ]
-        rows.append(
-            (
-                t.name,
-                "x".join(map(str, t.shape)) or "scalar",
-                t.dtype,
-                t.method,
-                " ".join(sources),
-                " ".join(parts),
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=True)) + "  " + r[5] for r in rows]
-    lines = [line.rstrip() for line in lines]
-    lines.append("")
-    for key, spec in plan.parents.items():
-        lines.append(f"parent {key}: {spec}")
-    lines.append(f"config and tokenizer from: {plan.config_from}")
-    if plan.config_overrides:
-        lines.append(f"config overrides: {_params(plan.config_overrides)}")
-    n = plan.nbytes
-    lines.append(f"child: {len(plan.tensors)} tensors, {n:,} bytes ({human_bytes(n)})")
-    return "\n".join(lines)

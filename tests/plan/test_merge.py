@@ -338,7 +338,7 @@ def test_slice_sources_of_different_lengths(par):
 
 
 def test_breed_section_is_delegated(par, monkeypatch):
-    from darwin_stream import breed
+    from darwin_stream.plan import breed
 
     seen = {}
     monkeypatch.setattr(breed, "plan_breed", lambda m, text: seen.setdefault("plan", (m, text)))

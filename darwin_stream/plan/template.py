@@ -21,7 +21,8 @@ import yaml
 from darwin_stream import arch
 from darwin_stream.errors import EvolveError
 from darwin_stream.manifest import EvolveSection, GeneSection, Manifest, interpolate
-from darwin_stream.plan import Plan, TensorPlan, layer_t
+from darwin_stream.plan.breed import blend_for, method_inputs
+from darwin_stream.plan.types import Plan, TensorPlan, layer_t
 
 
 @dataclass(frozen=True)
@@ -191,11 +192,9 @@ class Template:
         return [("model", i) for i, mp in enumerate(tp.model_params) if g.param in mp]
 
     def _blend_key(self, tp: TensorPlan) -> str | None:
-        from darwin_stream.breed import _blend_for
-
         if tp.role is None or self.manifest.breed is None:
             return None
-        hit = _blend_for(tp.role, self.manifest.breed.blend)
+        hit = blend_for(tp.role, self.manifest.breed.blend)
         return hit[0] if hit else None
 
     def _group(self, tp: TensorPlan, g: Gene) -> int | None:
@@ -294,8 +293,6 @@ class Template:
             return dataclasses.replace(tp, model_params=tuple(mps))
         if s.where == "params":
             return dataclasses.replace(tp, params={**tp.params, param: v})
-        from darwin_stream.breed import method_inputs
-
         father = tp.base if tp.base is not None else tp.models[0]
         mother = tp.models[-1]
         key = self._blend_key(tp) or ""

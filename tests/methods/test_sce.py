@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from tests.methods.mergekit_reference import ref_sce, run_blocks
+from tests.methods.methods_reference import assert_bf16_close, make_inputs
+
+
+@pytest.mark.parametrize("topk", [1.0, 0.3, 0.05])
+@pytest.mark.parametrize("shape", [(128, 96), (2000,)])
+def test_sce_matches_reference(topk, shape):
+    # deltas of about 0.02: mean squares above mergekit's 1e-6 floor, so the weights are not uniform
+    base, models = make_inputs(shape, 3, seed=91, delta_std=0.02, shared_std=0.01)
+    out = run_blocks("sce", base, models, params={"select_topk": topk}, rows=17)
+    assert_bf16_close(out, ref_sce(base, models, topk))
+    if topk < 1:  # the selection really removes elements
+        assert (out == base).double().mean() > (1 - topk) * 0.9
+
+
+def test_sce_small_task_vectors_get_equal_weights():
+    base, models = make_inputs((64, 32), 3, seed=92, delta_std=0.002)  # mean squares ~4e-6 summed ~1e-5
+    # mean squares ~4e-8 to ~4e-7, summed below the floor: equal weights, not 1 : 4 : 9
+    tiny = [base + (m - base) * 0.1 * (i + 1) for i, m in enumerate(models)]
+    out = run_blocks("sce", base, tiny, rows=9)
+    assert_bf16_close(out, ref_sce(base, tiny))
+    big = [base + (t - base) * 100 for t in tiny]  # the same directions, above the floor
+    scaled = run_blocks("sce", base, big, rows=9)
+    assert_bf16_close(scaled, ref_sce(base, big))
+    assert ((scaled - base) / 100 - (out - base)).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("topk", [1.0, 0.25])
+def test_sce_chunking_changes_nothing(topk):
+    base, models = make_inputs((60, 40), 3, seed=93, delta_std=0.02)
+    whole = run_blocks("sce", base, models, params={"select_topk": topk})
+    for rows in (1, 7, 33):
+        # the selection is exact; only the float64 sums of squares change order
+        chunked = run_blocks("sce", base, models, params={"select_topk": topk}, rows=rows)
+        torch.testing.assert_close(chunked, whole, rtol=2e-7, atol=0)
+    vec_base, vec = make_inputs((999,), 2, seed=94, delta_std=0.02)
+    whole = run_blocks("sce", vec_base, vec, params={"select_topk": topk})
+    torch.testing.assert_close(run_blocks("sce", vec_base, vec, params={"select_topk": topk}, rows=100), whole, rtol=2e-7, atol=0)
+
+
+def test_sce_edges():
+    base, models = make_inputs((12, 8), 2, seed=95)
+    assert torch.equal(run_blocks("sce", base, models, params={"select_topk": 0.0}), base)
+    assert torch.equal(run_blocks("sce", base, [base.clone(), base.clone()], params={"select_topk": 0.5}), base)
