@@ -142,6 +142,7 @@ def merge(
         if out_format not in ("safetensors", "zarr"):
             raise DarwinError(f"format: expected safetensors or zarr, got {out_format!r}")
         engine.check_device(device)
+        engine.check_budget(plan, budget, engine.worker_count(client))
         paths = outputs.output_paths(out)
         target = paths.final if out_format == "safetensors" else paths.final.parent / f".{paths.final.name}.safetensors"
         _check_outputs(manifest, plan, paths, target)

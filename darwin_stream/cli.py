@@ -1,4 +1,12 @@
-"""darwin-stream's command line: parse, call the library, print. Nothing else lives here."""
+"""darwin-stream makes new language models out of existing ones, without training.
+
+It blends the weights of parent checkpoints tensor by tensor (mergekit's methods and YAML), streaming
+row chunks so that a merge stays within a fixed memory budget, breeds across architectures, and
+scores the children. A manifest is a YAML file that names the parents, the method and its
+parameters (docs/manifest.md); `darwin-stream methods` lists the methods.
+"""
+
+# The command line only parses, calls the library (darwin_stream.api and friends) and prints.
 
 from __future__ import annotations
 
@@ -115,6 +123,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plan = api.load_plan(args.manifest)
     budget = args.memory_budget or int(plan.options.get("memory_budget") or engine.DEFAULT_BUDGET)
     workers = engine.worker_count()
+    engine.check_budget(plan, budget, workers)
     peak = engine.predicted_peak(plan, budget, workers)
     size = layout(plan, int(args.shard_size or plan.options.get("shard_size") or api.DEFAULT_SHARD_SIZE))
     if args.json:
@@ -161,11 +170,21 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from darwin_stream import store
+    from darwin_stream import store_cli
+    from darwin_stream.store import DEFAULT_SHARD_SIZE
 
-    kwargs = {"shard_size": args.shard_size} if args.shard_size else {}
-    report = store.export_store(args.store, args.out_dir, **kwargs)
-    print(json.dumps(report) if args.json else f"child: {args.out_dir}")
+    shard_size = args.shard_size or DEFAULT_SHARD_SIZE
+    with _Bar("export", args.quiet) as bar:
+        report = store_cli.export(args.store, args.out_dir, shard_size=shard_size, overwrite=args.overwrite,
+                                  progress=bar.callback(),
+                                  on_start=lambda meta: bar.start(store_cli.store_bytes(meta)))
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"exported: {report['out_dir']} ({report['tensors']} tensors, {_human(report['bytes'])} in "
+          f"{report['shards']} shard(s)) in {report['seconds']:.2f} s")
+    for note in report["notes"]:
+        print(f"note: {note}")
     return 0
 
 
@@ -219,22 +238,48 @@ class _TrainBar:
 # --- parser ------------------------------------------------------------------------------------
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from darwin_stream import __version__
+
+    try:
+        return version("darwin-stream")
+    except PackageNotFoundError:  # run from a checkout on PYTHONPATH, not installed
+        return __version__
+
+
+MANIFEST_HELP = "a merge or breed manifest: mergekit-style YAML (docs/manifest.md; examples in manifests/)"
+BUDGET_HELP = ("most bytes in flight above the process's baseline, e.g. 256MiB (default: the manifest's "
+               "darwin.memory_budget, else 1GiB); a budget below what the plan needs is refused")
+SHARD_HELP = "largest output shard, e.g. 2GB (default: the manifest's darwin.shard_size, else 5GB)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="darwin-stream", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(prog="darwin-stream", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Run `darwin-stream COMMAND --help` for a command's arguments.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def common(sp: argparse.ArgumentParser) -> None:
+    def common(sp: argparse.ArgumentParser, progress: bool = True) -> None:
         sp.add_argument("--json", action="store_true", help="print a machine-readable report")
-        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+        if progress:
+            sp.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    m = sub.add_parser("merge", help="merge a manifest into a child checkpoint")
-    m.add_argument("manifest")
-    m.add_argument("out_dir")
-    m.add_argument("--memory-budget", type=parse_size, help="bytes in flight (default 1GiB)")
-    m.add_argument("--shard-size", type=parse_size, help="largest output shard (default 5GB)")
+    m = sub.add_parser("merge", help="merge a manifest into a child checkpoint",
+                       description="Merge the parents a manifest names into a child checkpoint at OUT_DIR. "
+                                   "The child appears only when complete; an interrupted merge resumes.")
+    m.add_argument("manifest", help=MANIFEST_HELP)
+    m.add_argument("out_dir", help="where the child is written (a directory; refused if it exists, "
+                                   "unless --overwrite)")
+    m.add_argument("--memory-budget", type=parse_size, metavar="SIZE", help=BUDGET_HELP)
+    m.add_argument("--shard-size", type=parse_size, metavar="SIZE", help=SHARD_HELP)
     m.add_argument("--device", help="cpu (default) or cuda: where the blend arithmetic runs")
-    m.add_argument("--format", choices=["safetensors", "zarr"])
-    m.add_argument("--scheduler", help="address of a dask.distributed scheduler (default: threads)")
+    m.add_argument("--format", choices=["safetensors", "zarr"],
+                   help="the child's form: a safetensors checkpoint (default) or a zarr copy store")
+    m.add_argument("--scheduler", metavar="ADDRESS",
+                   help="address of a dask.distributed scheduler (default: threads in this process)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
     m.add_argument("--page-cache", action="store_true",
                    help="write the child through the page cache, leaving it cached for a following load "
@@ -242,27 +287,36 @@ def build_parser() -> argparse.ArgumentParser:
     common(m)
     m.set_defaults(func=cmd_merge)
 
-    pl = sub.add_parser("plan", help="print what a merge would do; writes nothing")
-    pl.add_argument("manifest")
-    pl.add_argument("--memory-budget", type=parse_size)
-    pl.add_argument("--shard-size", type=parse_size)
-    common(pl)
+    pl = sub.add_parser("plan", help="print what a merge would do; writes nothing",
+                        description="Print, per child tensor, what a merge would read and how it would blend "
+                                    "it, the output's size and the predicted peak memory. Writes nothing.")
+    pl.add_argument("manifest", help=MANIFEST_HELP)
+    pl.add_argument("--memory-budget", type=parse_size, metavar="SIZE", help=BUDGET_HELP)
+    pl.add_argument("--shard-size", type=parse_size, metavar="SIZE", help=SHARD_HELP)
+    common(pl, progress=False)
     pl.set_defaults(func=cmd_plan)
 
-    i = sub.add_parser("ingest", help="turn a parent into a zarr layer store")
-    i.add_argument("source")
-    i.add_argument("store")
+    i = sub.add_parser("ingest", help="turn a parent into a zarr layer store",
+                       description="Turn a parent into a zarr v3 layer store (docs/store.md).")
+    i.add_argument("source", help="a parent: checkpoint directory, Hugging Face repo id, fsspec URL or store")
+    i.add_argument("store", help="the store to write: a .json file (reference mode) or a directory or URL "
+                                 "such as s3://bucket/parent.zarr (copy mode)")
     i.add_argument("--mode", choices=["reference", "copy"],
                    help="reference: zero-copy view of local shards (default for local parents); copy: a real store")
-    i.add_argument("--chunk-size", type=parse_size, help="copy mode: bytes per chunk")
+    i.add_argument("--chunk-size", type=parse_size, metavar="SIZE", help="copy mode: bytes per chunk")
     i.add_argument("--zstd", action="store_true", help="copy mode: compress chunks with zstd")
     common(i)
     i.set_defaults(func=cmd_ingest)
 
-    e = sub.add_parser("export", help="write a zarr store back out as a safetensors checkpoint")
-    e.add_argument("store")
-    e.add_argument("out_dir")
-    e.add_argument("--shard-size", type=parse_size)
+    e = sub.add_parser("export", help="write a zarr store back out as a safetensors checkpoint",
+                       description="Write a store back out as a safetensors checkpoint: the tensors bit for "
+                                   "bit, in shards of at most --shard-size (which may differ from the parent's).")
+    e.add_argument("store", help="a store made by `darwin-stream ingest` (either mode)")
+    e.add_argument("out_dir", help="where the checkpoint is written (refused if it exists and is not empty, "
+                                   "unless --overwrite)")
+    e.add_argument("--shard-size", type=parse_size, metavar="SIZE", help="largest output shard (default 5GB)")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT_DIR, once the new checkpoint is complete")
     common(e)
     e.set_defaults(func=cmd_export)
 
@@ -275,12 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, help_ in (("inspect", "darwin_stream.arch.cli", "print a model's layers and roles"),
                                 ("score", "darwin_stream.score.cli", "score models on tasks"),
                                 ("evolve", "darwin_stream.evolution.cli",
-                                 "search a merge's per-layer genome with CMA-ES, scoring children in a live engine")):
+                                 "search a merge's per-layer genome with CMA-ES, scoring children in a live engine"),
+                                ("methods", "darwin_stream.methods_cli",
+                                 "list the merge methods and their parameters")):
         try:
             mod = __import__(module, fromlist=["configure", "run"])
         except ImportError:
             continue
-        sp = sub.add_parser(name, help=help_)
+        sp = sub.add_parser(name, help=help_, description=(mod.__doc__ or "").split("\n\n")[0])
         mod.configure(sp)
         sp.set_defaults(func=mod.run)
     return p
@@ -301,9 +357,31 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("darwin-stream: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _broken_pipe()
+    except ImportError as e:
+        from darwin_stream.hints import missing_dependency
+
+        hint = missing_dependency(e)
+        if hint is None:
+            raise
+        print(f"darwin-stream: error: {hint}", file=sys.stderr)
+        return 2
     except OSError as e:
         print(f"darwin-stream: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
         return 2
+
+
+def _broken_pipe() -> int:
+    """The reader of stdout went away (`darwin-stream inspect X | head`): stop quietly.
+
+    Python's own advice (docs, "Note on SIGPIPE"): point stdout at devnull so that the flush at exit
+    does not raise again, and exit as a process killed by SIGPIPE would be seen by a shell: 128 + 13.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + 13
 
 
 def entry() -> None:
@@ -313,7 +391,10 @@ def entry() -> None:
     torch, dask and zarr, measured at 0.4 s of a 4 s merge. In-process callers use `main`.
     """
     code = main()
-    sys.stdout.flush()
+    try:
+        sys.stdout.flush()  # a short output is still buffered here: its reader may be gone by now
+    except BrokenPipeError:
+        code = _broken_pipe()
     sys.stderr.flush()
     os._exit(code)
 

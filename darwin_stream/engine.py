@@ -36,7 +36,7 @@ import torch
 from darwin_stream import dtypes, methods
 from darwin_stream.errors import DarwinError, SourceError
 from darwin_stream.export import PAGE, STAGE_BYTES, staging_buffer
-from darwin_stream.plan import Plan, SourceRef, TensorPlan
+from darwin_stream.plan import Plan, SourceRef, TensorPlan, human_bytes
 from darwin_stream.sources import Parent, open_parent
 
 DEFAULT_BUDGET = 2**30
@@ -160,6 +160,41 @@ def predicted_peak(plan: Plan, budget: int, workers: int) -> int:
     """Largest bytes in flight the schedule allows, for `plan` to print next to the budget."""
     worst = max((bytes_in_flight(plan, tp, budget, workers) for tp in plan.tensors), default=0)
     return worst * max(workers, 1)
+
+
+def minimum_budget(plan: Plan, workers: int) -> tuple[int, str]:
+    """The smallest budget `plan` runs within, and the tensor that sets it.
+
+    Below it, one row of a tensor (its raw rows, one block of scratch and the writer's staging
+    buffer, per worker) no longer fits, blocks and chunks stop shrinking at one row, and the merge
+    runs over the budget regardless (measured: `--memory-budget 1KiB` on the demo ran 40 MiB over).
+    `predicted_peak` only grows more slowly than the budget, so the smallest budget it fits under
+    is found by bisection.
+    """
+    if not plan.tensors:
+        return 1, ""
+
+    def fits(budget: int) -> bool:
+        return predicted_peak(plan, budget, workers) <= budget
+
+    lo, hi = 1, max(workers, 1) * (STAGE_BYTES + 2 * PAGE)
+    while not fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    worst = max(plan.tensors, key=lambda tp: bytes_in_flight(plan, tp, hi, workers))
+    return hi, worst.name
+
+
+def check_budget(plan: Plan, budget: int, workers: int) -> None:
+    """Refuse a budget the plan cannot run within, naming the smallest one it can."""
+    least, tensor = minimum_budget(plan, workers)
+    if budget < least:
+        raise DarwinError(
+            f"memory budget {human_bytes(budget)} is below the {human_bytes(least)} this plan needs with "
+            f"{workers} worker(s): one row of {tensor}, its scratch and the writer's staging buffer, per "
+            f"worker; give --memory-budget {-(-least // 1024)}KiB or more")
 
 
 # --- scratch ------------------------------------------------------------------------------------

@@ -682,9 +682,36 @@ def resolve_hub(repo_id: str, revision: str | None = None) -> Path:
             allow_patterns=["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"],
         )
     except Exception as e:  # hub errors are many classes; all mean "cannot resolve this parent"
-        why = "not in the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else f"{type(e).__name__}"
-        raise SourceError(f"parent {repo_id}: cannot resolve Hugging Face repo ({why})") from None
+        raise SourceError(hub_failure(repo_id, revision, cache_dir, offline, e)) from None
     return Path(str(path))
+
+
+def hub_failure(repo_id: str, revision: str | None, cache_dir: str | None, offline: bool, e: Exception) -> str:
+    """One line saying what was looked for (repo, revision), where (the cache), and why it failed.
+
+    huggingface_hub's own message is several lines, and its class name alone
+    (`LocalEntryNotFoundError`: the hub was unreachable and the cache had nothing) says neither.
+    """
+    from huggingface_hub import constants, errors  # the hub client: only when a repo id is resolved
+
+    what = f"parent {repo_id}{f'@{revision}' if revision else ''}"
+    cache = cache_dir or constants.HF_HUB_CACHE
+    if offline:
+        return (f"{what}: not in the local Hugging Face cache ({cache}), and this machine is offline "
+                "(HF_HUB_OFFLINE=1): download it where there is a network, or set HF_HUB_CACHE to a cache "
+                "that holds it")
+    if isinstance(e, errors.RevisionNotFoundError):
+        return f"{what}: the Hugging Face hub has no revision {revision!r} of this repo"
+    if isinstance(e, errors.GatedRepoError):
+        return f"{what}: the repo is gated on the Hugging Face hub; accept its terms and log in (`hf auth login`)"
+    if isinstance(e, errors.RepositoryNotFoundError):
+        return (f"{what}: no such repo on the Hugging Face hub (or it is private: log in with `hf auth login`), "
+                f"and no local directory of that name")
+    if isinstance(e, errors.LocalEntryNotFoundError):
+        return (f"{what}: the Hugging Face hub could not be reached and the repo is not in the local cache "
+                f"({cache}); check the network, or the spelling of a local path")
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{what}: cannot resolve Hugging Face repo (cache {cache}; {type(e).__name__}: {first})"
 
 
 def _hub_files(repo_id: str, revision: str | None, snap: Path) -> list[str]:

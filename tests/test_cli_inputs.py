@@ -126,7 +126,7 @@ def test_nearly_cancelling_weights_are_refused_by_plan_and_merge(capsys, tmp_pat
 def test_passthrough_without_scale_merges_the_shipped_manifest(capsys, tmp_path, tiny_parents):
     father, mother = tiny_parents
     shipped = Path(__file__).resolve().parents[1] / "manifests" / "passthrough.yaml"
-    text = shipped.read_text().replace("demo/parents/father", str(father)).replace("demo/parents/mother", str(mother))
+    text = shipped.read_text().replace("demo-out/parent_a", str(father)).replace("demo-out/parent_b", str(mother))
     code, err, out = run(capsys, tmp_path, text)
     assert code == 0, err
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 6

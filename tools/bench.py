@@ -6,13 +6,16 @@ write the child, and is at least 2x faster than mergekit 0.1.5. Each claim is a 
 the same run and the same page-cache state, so this script measures every side of every ratio
 back to back, repeats, and reports medians.
 
-    .venv/bin/python tools/bench.py gen --geometry 0.6b
+    .venv/bin/python tools/bench.py run --geometry tiny --reps 1                  # seconds: try the tool
     .venv/bin/python tools/bench.py run --geometry 0.6b --reps 3 --mergekit .bench/mk/bin/mergekit-yaml --contract
     .venv/bin/python tools/bench.py run --geometry 4b --reps 3 --mergekit .bench/mk/bin/mergekit-yaml --mergekit-states warm
-    .venv/bin/python tools/bench.py report          # re-render docs/benchmarks.md from .bench/results
+    .venv/bin/python tools/bench.py report --write-docs   # splice the section into docs/benchmarks.md
 
-Everything generated (parents, manifests, children, logs, raw JSON) lives under .bench/, which git
-ignores. Children are deleted after each run; parents are kept, since the 4B pair takes minutes.
+Everything generated (parents, manifests, children, logs, raw JSON, the rendered section) lives under
+.bench/, which git ignores: `run` and `report` never touch the tracked docs unless given --write-docs,
+and then they replace only the sections of the geometries that have results, keeping the others as
+they are. `run` generates the parents it needs (`gen` does only that). Children are deleted after
+each run; parents are kept, since the 4B pair takes minutes.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import bench_common as bc
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / ".bench"
 DOCS = ROOT / "docs" / "benchmarks.md"
-DARWIN = ROOT / ".venv" / "bin" / "darwin-stream"
+DARWIN = bc.darwin_cli(ROOT)
 SECTION = "## Merge benchmark"
 SHARD_BYTES = 5 * 10**9  # Hugging Face's default "5GB"
 BLOCK_ELEMS = 8 * 2**20  # generation block: 32 MiB of float32 at a time, never a whole tensor
@@ -123,6 +126,9 @@ class Geometry:
 GEOMETRIES = {
     "0.6b": Geometry("qwen3-0.6b", hidden=1024, intermediate=3072, layers=28, heads=16, kv_heads=8),
     "4b": Geometry("qwen3-4b", hidden=2560, intermediate=9728, layers=36, heads=32, kv_heads=8),
+    # Not a real checkpoint: 10 MiB per parent, to try the benchmark tools in seconds (not for the docs).
+    "tiny": Geometry("tiny-qwen3", hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2, head_dim=64,
+                     vocab=4096),
 }
 
 
@@ -413,7 +419,7 @@ def machine() -> dict:
 
 def versions(mergekit: str | None) -> dict:
     v = {}
-    py = ROOT / ".venv" / "bin" / "python"
+    py = DARWIN.parent / "python"  # the interpreter of the darwin-stream being measured
     v["darwin-stream torch"] = subprocess.run([str(py), "-c", "import torch;print(torch.__version__)"],
                                               capture_output=True, text=True).stdout.strip()
     if mergekit:
@@ -482,15 +488,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             bc.dump(raw_path, doc)
     clean_children()
     print(f"[done] raw results: {raw_path}", flush=True)
-    if not args.no_docs:
-        render_docs()
+    render_docs(write=args.write_docs)
     return 0
 
 
 # --- the report ----------------------------------------------------------------------------------
 
 
-def latest_results() -> list[dict]:
+def latest_results() -> dict[str, dict]:
     """The newest run file for each geometry: a 4B run does not erase the 0.6B numbers."""
     chosen: dict[str, dict] = {}
     for f in sorted((BENCH / "results").glob("run-*.json")):
@@ -499,9 +504,37 @@ def latest_results() -> list[dict]:
         if not any(r["tool"] != "floor" for r in doc["runs"]):
             continue
         for g in doc["geometries"]:
-            if any(r["geometry"] == GEOMETRIES[g].name for r in doc["runs"]):
+            if g in GEOMETRIES and any(r["geometry"] == GEOMETRIES[g].name for r in doc["runs"]):
                 chosen[g] = doc
-    return [chosen[g] for g in GEOMETRIES if g in chosen]
+    return {g: chosen[g] for g in GEOMETRIES if g in chosen}
+
+
+def kept_from_docs(section: str, ran: set[str]) -> dict[str, dict[str, list[str]]]:
+    """What the current docs say about each geometry without results here, to be kept as it is.
+
+    A fresh clone has no .bench/results, so re-rendering from what it has would drop the sections
+    measured elsewhere (the 4B one was lost that way). Per geometry name: its `### name (...)`
+    subsection, its rows in the contract and targets tables, and the machine line of its raw file.
+    """
+    kept: dict[str, dict[str, list[str]]] = {}
+    lines = section.splitlines()
+    for geom in GEOMETRIES.values():
+        if geom.name in ran:
+            continue
+        start = next((i for i, ln in enumerate(lines) if ln.startswith(f"### {geom.name} (")), None)
+        if start is None:
+            continue
+        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("### ")), len(lines))
+        body = lines[start:end]
+        raw = body[0].split("raw: `", 1)[-1].split("`", 1)[0] if "raw: `" in body[0] else None
+        rows = [ln for ln in lines if ln.startswith(f"| {geom.name} ")]
+        kept[geom.name] = {
+            "section": [*body] if body[-1] == "" else [*body, ""],
+            "contract": [ln for ln in rows if "numerical contract" not in ln and ln.count("|") == 8],
+            "targets": [ln for ln in rows if ln.count("|") == 4],
+            "machine": [ln for ln in lines if raw and ln.startswith(f"- `{raw}`")],
+        }
+    return kept
 
 
 def fmt(x: float | None, spec: str = ".1f", suffix: str = "") -> str:
@@ -671,8 +704,12 @@ def geometry_tables(doc: dict, gname: str, targets: list[tuple[str, bool | None,
     return out
 
 
-def render_section() -> str:
-    docs = latest_results()
+def render_section(kept: dict[str, dict[str, list[str]]] | None = None) -> str:
+    """The "## Merge benchmark" section: tables from .bench/results, and `kept` text (from the
+    current docs) for geometries without results here."""
+    results = latest_results()
+    kept = kept or {}
+    docs = list({id(d): d for d in results.values()}.values())
     lines = [SECTION, "",
              "Generated by `tools/bench.py` (do not edit by hand; rerun it). Synthetic parents with the real "
              "Qwen3 tensor names and shapes (random N(0, 0.02) bf16, 5 GB shards with an index, tied "
@@ -685,15 +722,17 @@ def render_section() -> str:
              "O_DIRECT (see \"Writer\" above). "
              "Cold = parents evicted with `posix_fadvise(DONTNEED)` after `sync`; warm = parents "
              "read once beforehand. Ratios are computed per repetition, then the median is taken.", ""]
-    if not docs:
+    if not docs and not kept:
         return "\n".join([*lines, "No results yet.", ""])
     targets: list[tuple[str, bool | None, str]] = []
-    for doc in docs:
-        for g in doc["geometries"]:
-            if any(r["geometry"] == GEOMETRIES[g].name for r in doc["runs"]):
-                lines += geometry_tables(doc, g, targets)
-    contract = [c for d in docs for c in d.get("contract", [])]
-    if contract:
+    for g, geom in GEOMETRIES.items():
+        if g in results:
+            lines += geometry_tables(results[g], g, targets)
+        elif geom.name in kept:
+            lines += kept[geom.name]["section"]
+    contract = [c for g, d in results.items() for c in d.get("contract", []) if c["geometry"] == GEOMETRIES[g].name]
+    kept_contract = [row for k in kept.values() for row in k["contract"]]
+    if contract or kept_contract:
         lines += ["### Numerical contract against mergekit", "",
                   "Same YAML, both children compared tensor by tensor: fraction of elements more than 1 bf16 "
                   f"ulp apart (contract: ≤ {CONTRACT_TOL:g} per tensor).", "",
@@ -710,11 +749,12 @@ def render_section() -> str:
                          f"{c['tensors_over_tol']} | {c['max_ulp']} | {only} |")
             targets.append((f"{c['geometry']} {c['method']}: numerical contract vs mergekit",
                             c["tensors_over_tol"] == 0 and only == 0, f"max fraction {c['max_fraction']:.2e}"))
-        lines.append("")
+        lines += [*kept_contract, ""]
     lines += ["### Targets", "", "| target | met | measured |", "|---|---|---|"]
-    for name, ok, val in targets:
-        lines.append(f"| {name} | {({True: 'met', False: '**not met**', None: 'not measured'})[ok]} | {val} |")
-    m = docs[-1]["machine"]
+    rows = [f"| {name} | {({True: 'met', False: '**not met**', None: 'not measured'})[ok]} | {val} |"
+            for name, ok, val in targets]
+    for geom in GEOMETRIES.values():  # one geometry's rows together, in the geometries' order
+        lines += [r for r in rows if r.startswith(f"| {geom.name} ")] + kept.get(geom.name, {}).get("targets", [])
     lines += ["", "### Machine and commands", ""]
     for doc in docs:
         m = doc["machine"]
@@ -722,32 +762,51 @@ def render_section() -> str:
                      f"kernel {m['kernel']}, Python {m['python']}, git {m['git'] or '(uncommitted)'}, "
                      f"load average at start {', '.join(f'{x:.1f}' for x in m['load_avg_at_start'])}; "
                      f"versions {json.dumps(doc['versions'])}; argv `{' '.join(doc['argv'][1:])}`")
+    lines += [row for k in kept.values() for row in k["machine"]]
     lines += ["- The machine is shared with other engineers' test runs; the load average above says how "
-              "busy it was.", "", "```sh",
+              "busy it was.", "", "From a fresh clone, in this order (`tools/bench.py run` generates the parents "
+              "it needs under .bench/; the 0.6B pair takes about a minute, the 4B pair several):", "", "```sh",
+              "bash tools/setup.sh demo",
               "python3 -m venv .bench/mk && .bench/mk/bin/pip install torch==2.13.0 && "
-              ".bench/mk/bin/pip install mergekit==0.1.5",
+              ".bench/mk/bin/pip install mergekit==0.1.5   # CPU machine without a local torch wheel: "
+              "add --index-url https://download.pytorch.org/whl/cpu to the torch install",
               ".venv/bin/python tools/bench.py run --geometry 0.6b --reps 3 "
               "--mergekit .bench/mk/bin/mergekit-yaml --contract",
               ".venv/bin/python tools/bench.py run --geometry 4b --reps 3 --mergekit .bench/mk/bin/mergekit-yaml --mergekit-states warm",
-              ".venv/bin/python tools/bench.py report   # re-render this section from .bench/results",
+              ".venv/bin/python tools/bench.py report --write-docs   # splice this section into docs/benchmarks.md",
               "```", ""]
     return "\n".join(lines)
 
 
-def render_docs() -> None:
-    """Replace only the "## Merge benchmark" section: other sections belong to other engineers."""
-    section = render_section()
+def render_docs(write: bool = False) -> Path:
+    """Render the "## Merge benchmark" section into .bench/, and into docs/benchmarks.md if `write`.
+
+    Only that section of the docs is replaced (the others belong to other benchmarks), and within
+    it the geometries without results here keep their current text.
+    """
     text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n\n"
     lines = text.splitlines(keepends=True)
     start = next((i for i, ln in enumerate(lines) if ln.rstrip() == SECTION), None)
+    end = None if start is None else next(
+        (j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
+    current = "" if start is None else "".join(lines[start:end])
+    ran = {GEOMETRIES[g].name for g in latest_results()}
+    section = render_section(kept_from_docs(current, ran))
+    out = BENCH / "results" / "merge-benchmark.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(section.rstrip("\n") + "\n")
+    print(f"[docs] rendered {SECTION!r} into {out.relative_to(ROOT)}"
+          + ("" if write else "; --write-docs splices it into docs/benchmarks.md"), flush=True)
+    if not write:
+        return out
     if start is None:
         text = text.rstrip("\n") + "\n\n" + section
     else:
-        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
         text = "".join(lines[:start]) + section.rstrip("\n") + "\n\n" + "".join(lines[end:])
     DOCS.parent.mkdir(parents=True, exist_ok=True)
     DOCS.write_text(text.rstrip("\n") + "\n")
-    print(f"[docs] wrote {SECTION!r} in {DOCS}", flush=True)
+    print(f"[docs] wrote {SECTION!r} in {DOCS.relative_to(ROOT)}", flush=True)
+    return DOCS
 
 
 # --- command line --------------------------------------------------------------------------------
@@ -761,7 +820,7 @@ def cmd_gen(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    render_docs()
+    render_docs(write=args.write_docs)
     return 0
 
 
@@ -769,11 +828,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("gen", help="generate the synthetic parents and manifests")
-    g.add_argument("--geometry", default="0.6b", help="comma-separated: 0.6b,4b")
+    g.add_argument("--geometry", default="0.6b", help="comma-separated: 0.6b,4b,tiny")
     g.add_argument("--force", action="store_true", help="regenerate even if present")
     g.set_defaults(func=cmd_gen)
-    r = sub.add_parser("run", help="measure and write the docs section")
-    r.add_argument("--geometry", default="0.6b", help="comma-separated: 0.6b,4b")
+    r = sub.add_parser("run", help="generate what is missing, measure, render the section into .bench/")
+    r.add_argument("--geometry", default="0.6b", help="comma-separated: 0.6b,4b,tiny")
     r.add_argument("--methods", default=",".join(METHODS))
     r.add_argument("--budgets", default="1GiB,256MiB")
     r.add_argument("--states", default=",".join(STATES))
@@ -783,9 +842,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="cache states in which to run mergekit (e.g. warm, to save time on 4B)")
     r.add_argument("--contract", action="store_true", help="also compare children with mergekit's")
     r.add_argument("--skip-darwin", action="store_true", help="only the I/O floor and mergekit")
-    r.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
+    r.add_argument("--write-docs", action="store_true",
+                   help="also replace this benchmark's section of docs/benchmarks.md (default: .bench/ only)")
     r.set_defaults(func=cmd_run)
-    rep = sub.add_parser("report", help="re-render docs/benchmarks.md from .bench/results")
+    rep = sub.add_parser("report", help="render the section from .bench/results into .bench/")
+    rep.add_argument("--write-docs", action="store_true",
+                     help="also replace this benchmark's section of docs/benchmarks.md")
     rep.set_defaults(func=cmd_report)
     args = ap.parse_args(argv)
     return args.func(args)

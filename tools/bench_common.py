@@ -11,6 +11,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -21,6 +22,13 @@ import numpy as np
 MiB = 2**20
 GiB = 2**30
 READ_BUFFER = 16 * MiB
+
+
+def darwin_cli(root: Path) -> Path:
+    """The `darwin-stream` command to measure: the checkout's .venv (what tools/setup.sh builds),
+    else the one beside the running interpreter (another venv, or a worktree sharing one)."""
+    own = root / ".venv" / "bin" / "darwin-stream"
+    return own if own.exists() else Path(sys.executable).parent / "darwin-stream"
 
 
 # --- process-tree memory, sampled like ../shared/tools/peakmem.py --------------------------------
@@ -255,7 +263,11 @@ def median(xs: Iterable[float | None]) -> float | None:
 
 
 def dump(path: Path, obj: object) -> None:
-    """Write JSON atomically, so an interrupted benchmark never leaves half a results file."""
+    """Write JSON atomically, so an interrupted benchmark never leaves half a results file.
+
+    The folder is made here: bench_writer.py died after its two-minute run on a missing
+    .bench/results/ (only `bench.py run` used to create it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1, default=str))
     tmp.replace(path)

@@ -3,8 +3,10 @@
 Why this exists: the writer's O_DIRECT spans (export.Span) are justified by a measurement, and the
 measurement must be repeatable. Both modes run the same manifest back to back, alternating, in the
 same page-cache state (parents warm or cold), and the ratio is taken per repetition before the
-median, as in bench.py. Needs the parents and manifests that `tools/bench.py gen` writes.
+median, as in bench.py. The parents and manifests are bench.py's (under .bench/), generated here
+when missing; results go to .bench/results/writer-*.json and the table to stdout.
 
+    .venv/bin/python tools/bench_writer.py --geometry tiny --reps 1    # seconds: try the tool
     .venv/bin/python tools/bench_writer.py --geometry 4b --reps 3
 """
 
@@ -18,11 +20,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench
 import bench_common as bc
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / ".bench"
-CLI = str(ROOT / ".venv" / "bin" / "darwin-stream")
+CLI = str(bc.darwin_cli(ROOT))
 MODES = {"O_DIRECT": [], "page cache": ["--page-cache"]}
 
 
@@ -42,18 +45,20 @@ def one(manifest: Path, parents: list[Path], state: str, flags: list[str]) -> di
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--geometry", default="4b", choices=["0.6b", "4b"])
+    ap.add_argument("--geometry", default="4b", choices=list(bench.GEOMETRIES))
     ap.add_argument("--methods", default="linear,slerp")
     ap.add_argument("--states", default="warm")
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
-    geom = f"qwen3-{args.geometry}"
-    parents = [BENCH / "parents" / geom / "a", BENCH / "parents" / geom / "b"]
+    geometry = bench.GEOMETRIES[args.geometry]
+    geom = geometry.name
+    parents = bench.ensure_parents(geometry)  # generated once, then kept (the 4B pair takes minutes)
+    manifests = bench.write_manifests(geometry, parents)
     runs = []
     for rep in range(args.reps):
         for method in args.methods.split(","):
             for state in args.states.split(","):
-                manifest = BENCH / "manifests" / f"{geom}-{method}.yml"
+                manifest = manifests[method]
                 order = list(MODES.items()) if rep % 2 == 0 else list(reversed(MODES.items()))
                 for mode, flags in order:
                     r = {"method": method, "state": state, "mode": mode, "rep": rep,

@@ -19,20 +19,27 @@ from darwin_stream.score.backend import BACKENDS, open_backend, resolve_model
 from darwin_stream.score.child import DTYPES
 from darwin_stream.score.run import score_child
 from darwin_stream.score.tasks import load_task
+from darwin_stream.score.vllm_backend import DEFAULT_MAX_MODEL_LEN
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("models", nargs="+", metavar="MODEL",
                         help="checkpoint directory, repo id, or merge/breed manifest (.yaml: bred in place)")
-    parser.add_argument("--tasks", nargs="+", required=True, metavar="TASK.jsonl", help="task files")
+    parser.add_argument("--tasks", nargs="+", required=True, metavar="TASK.jsonl",
+                        help="task files, one JSON object a line (docs/scoring.md; examples in "
+                             "darwin_stream/score/data/)")
     parser.add_argument("--backend", choices=BACKENDS, default=None,
                         help="vllm (default when installed) or hf (transformers)")
     parser.add_argument("--json", action="store_true", help="one JSON object per model, one per line")
     parser.add_argument("--details", metavar="FILE", help="write one JSON line per item to FILE")
-    parser.add_argument("--max-model-len", type=int, default=None, help="vllm: context length (default 2048)")
+    parser.add_argument("--max-model-len", type=int, default=None, metavar="TOKENS",
+                        help=f"vllm: context length (default {DEFAULT_MAX_MODEL_LEN}, or the model's "
+                             "max_position_embeddings when that is smaller)")
     parser.add_argument("--dtype", choices=DTYPES, default="auto",
                         help="compute dtype; auto: float32 on a CPU without native bf16 when it fits in memory, "
                              "else bfloat16")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show vLLM's own INFO log (default: its warnings and errors only)")
 
 
 def _default_backend() -> str:
@@ -69,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         options["max_model_len"] = args.max_model_len
     details = open(args.details, "w", encoding="utf-8") if args.details else None  # noqa: SIM115
     t0 = time.perf_counter()
-    backend = open_backend(name, children[0][1], **options)
+    backend = open_backend(name, children[0][1], verbose=getattr(args, "verbose", False), **options)
     print(f"darwin-stream score: {name} engine ready in {time.perf_counter() - t0:.1f} s "
           f"(computing in {str(backend.dtype).removeprefix('torch.')})", file=sys.stderr)
     try:

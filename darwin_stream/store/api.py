@@ -23,6 +23,7 @@ import numpy as np
 import zarr
 
 from darwin_stream.errors import SourceError, StoreError
+from darwin_stream.hints import missing_dependency
 from darwin_stream.store import bfloat16
 from darwin_stream.store.layout import AUX_PREFIX, ROOT_ATTR, name_problem
 
@@ -36,7 +37,9 @@ def _url_to_fs(path: str, storage_options: dict | None) -> tuple[fsspec.Abstract
     opts = storage_options if "://" in path else None  # options are for remote filesystems only
     try:
         return fsspec.core.url_to_fs(path, **(opts or {}))
-    except (ValueError, ImportError) as e:
+    except ImportError as e:  # e.g. s3:// without s3fs: say which extra installs it
+        raise StoreError(f"store {path}: cannot open ({missing_dependency(e) or e})") from None
+    except ValueError as e:
         raise StoreError(f"store {path}: cannot open ({e})") from None
 
 
