@@ -118,8 +118,10 @@ def run_seed(seed: int, args: argparse.Namespace, settings: DemoSettings) -> dic
     with one_thread():
         t1, c1 = time.perf_counter(), time.process_time()
         arith = Arithmetic(build)
-        evaluate = GreedyEval(*_eval_sets(build))
-        run = evolve(arith, evaluate, seed=seed, popsize=args.popsize, generations=args.generations,
+        items, max_tokens = _eval_sets(build)
+        evaluate = GreedyEval(items, max_tokens)
+        on_fitness = GreedyEval({k: v for k, v in items.items() if k.startswith("fitness/")}, max_tokens)
+        run = evolve(arith, on_fitness, seed=seed, popsize=args.popsize, generations=args.generations,
                      sigma0=args.sigma0, x0=args.x0, bounds=(args.lo, args.hi))
         evolve_s = {"wall_s": time.perf_counter() - t1, "cpu_s": time.process_time() - c1}
         n = arith.n_genes
@@ -127,6 +129,9 @@ def run_seed(seed: int, args: argparse.Namespace, settings: DemoSettings) -> dic
                  "linear 50/50": [0.5] * n, "TA 1/1": [1.0] * n}
         rows = {k: evaluate(arith.apply(g)) for k, g in fixed.items()}
         rows["evolved"] = evaluate(arith.apply(run["best"]["genome"]))
+        if args.check_scorer:
+            result_check = _check_with_scorer(arith, run["best"]["genome"], build, Path(args.out) / f"seed{seed}")
+            print(f"  scorer (hf backend) on the evolved child: {result_check}")
     child = combined(rows["evolved"], "heldout")
     rivals = {k: combined(v, "heldout") for k, v in rows.items() if k not in ("evolved", "TA 1/1")}
     margin = child - max(rivals.values())
@@ -146,6 +151,19 @@ def run_seed(seed: int, args: argparse.Namespace, settings: DemoSettings) -> dic
           f"evolve {evolve_s['wall_s']:.0f} s wall / {evolve_s['cpu_s']:.0f} s cpu")
     print("  genome " + " ".join(f"{k}={v}" for k, v in result["best_genome"].items()), flush=True)
     return result
+
+
+def _check_with_scorer(arith: Arithmetic, genome: list[float], build: DemoBuild, root: Path) -> dict[str, float]:
+    """Save the child and score it with darwin-stream's own scorer (hf backend): the same figures?"""
+    from darwin_stream.demo_models import _save_model
+    from darwin_stream.score.hf_backend import HfBackend
+    from darwin_stream.score.run import score_child
+    from darwin_stream.score.tasks import load_task
+
+    _save_model(arith.apply(genome), root / "evolved")
+    backend = HfBackend(str(root / "evolved"), dtype="float32", device="cpu")
+    report = score_child(backend, [load_task(p) for p in build.heldout])
+    return {name: r["score"] for name, r in report["tasks"].items()}
 
 
 def _eval_sets(build: DemoBuild) -> tuple[dict[str, list[tuple[str, str]]], dict[str, int]]:
@@ -181,12 +199,17 @@ def settings_from(args: argparse.Namespace) -> DemoSettings:
         s = replace(s, base=replace(s.base, steps=args.base_steps))
     if args.base_lr:
         s = replace(s, base=replace(s.base, lr=args.base_lr))
+    if args.base_mix is not None:
+        s = replace(s, base=replace(s.base, mix=(args.base_mix, 1 - args.base_mix)))
     for key in ("parent_a", "parent_b"):
         stage = getattr(s, key)
         if args.parent_steps:
             stage = replace(stage, steps=args.parent_steps)
         if args.parent_lr:
             stage = replace(stage, lr=args.parent_lr)
+        if args.parent_mix is not None:
+            own = args.parent_mix
+            stage = replace(stage, mix=(own, 1 - own) if key == "parent_a" else (1 - own, own))
         s = replace(s, **{key: stage})
     return s
 
@@ -208,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base-lr", type=float)
     ap.add_argument("--parent-steps", type=int)
     ap.add_argument("--parent-lr", type=float)
+    ap.add_argument("--parent-mix", type=float, help="share of the parent's own skill in its fine-tuning")
+    ap.add_argument("--base-mix", type=float, help="share of skill A in the base's training")
+    ap.add_argument("--check-scorer", action="store_true", help="rescore the evolved child with the hf scorer")
     args = ap.parse_args(argv)
     settings = settings_from(args)
     print(f"settings: {settings}", flush=True)
