@@ -186,7 +186,7 @@ class DemoSettings:
         )
     )
     # Constant lr after warm-up: the base is stopped mid-learning, and a cosine would finish it.
-    base: Stage = Stage(steps=700, lr=1e-3, warmup=50, mix=(0.7, 0.3), final_lr_frac=1.0)
+    base: Stage = Stage(steps=400, lr=1e-3, warmup=50, mix=(0.7, 0.3), final_lr_frac=1.0)
     parent_a: Stage = Stage(steps=300, lr=1e-4, warmup=20, mix=(1.0, 0.0))
     parent_b: Stage = Stage(steps=300, lr=1e-4, warmup=20, mix=(0.0, 1.0))
 

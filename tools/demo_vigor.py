@@ -29,24 +29,29 @@ import torch
 from darwin_stream.demo_models import DemoBuild, DemoSettings, GreedyEval, Skill, build_demo, one_thread
 
 
-def groups_of(names: list[str], layers: int) -> tuple[list[str], dict[str, int]]:
+def groups_of(names: list[str], layers: int, kind: str = "layer_role") -> tuple[list[str], dict[str, int]]:
     """Genome groups: per layer, self_attn and mlp; one more for everything else (embeddings, norms).
 
     That is what a mergekit-style gradient with `filter: self_attn`, `filter: mlp` and a default
-    value gives, so a winner written as a manifest reproduces the child.
+    value gives, so a winner written as a manifest reproduces the child. The ablations: "layer" (one
+    group per layer, self_attn and mlp together) and "global" (one group for the whole model).
     """
-    labels = [f"L{i}.{role}" for i in range(layers) for role in ("self_attn", "mlp")] + ["rest"]
+    if kind == "global":
+        return ["all"], dict.fromkeys(names, 0)
+    roles = ("self_attn", "mlp") if kind == "layer_role" else ("layer",)
+    labels = [f"L{i}.{role}" for i in range(layers) for role in roles] + ["rest"]
     of: dict[str, int] = {}
     for name in names:
         m = re.match(r"model\.layers\.(\d+)\.(self_attn|mlp)\.", name)
-        of[name] = labels.index(f"L{m.group(1)}.{m.group(2)}") if m else len(labels) - 1
+        label = None if not m else f"L{m.group(1)}.{m.group(2) if kind == 'layer_role' else 'layer'}"
+        of[name] = labels.index(label) if label else len(labels) - 1
     return labels, of
 
 
 class Arithmetic:
     """A live child model whose parameters are set from a genome in place (about 1 ms)."""
 
-    def __init__(self, build: DemoBuild):
+    def __init__(self, build: DemoBuild, groups: str = "layer_role"):
         from transformers import Qwen3ForCausalLM
 
         load = lambda p: Qwen3ForCausalLM.from_pretrained(p, dtype=torch.float32).eval()  # noqa: E731
@@ -57,7 +62,7 @@ class Arithmetic:
         for key, path in build.parents.items():
             sd = dict(load(path).named_parameters())
             self.delta[key] = {n: sd[n].detach() - base[n] for n in base}
-        self.labels, self.group = groups_of(list(base), self.model.config.num_hidden_layers)
+        self.labels, self.group = groups_of(list(base), self.model.config.num_hidden_layers, groups)
 
     @property
     def n_genes(self) -> int:
@@ -117,7 +122,7 @@ def run_seed(seed: int, args: argparse.Namespace, settings: DemoSettings) -> dic
     skills = [s.name for s in settings.skills()]
     with one_thread():
         t1, c1 = time.perf_counter(), time.process_time()
-        arith = Arithmetic(build)
+        arith = Arithmetic(build, args.groups)
         items, max_tokens = _eval_sets(build)
         evaluate = GreedyEval(items, max_tokens)
         on_fitness = GreedyEval({k: v for k, v in items.items() if k.startswith("fitness/")}, max_tokens)
@@ -233,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parent-lr", type=float)
     ap.add_argument("--parent-mix", type=float, help="share of the parent's own skill in its fine-tuning")
     ap.add_argument("--base-mix", type=float, help="share of skill A in the base's training")
+    ap.add_argument("--groups", choices=("layer_role", "layer", "global"), default="layer_role")
     ap.add_argument("--check-scorer", action="store_true", help="rescore the evolved child with the hf scorer")
     args = ap.parse_args(argv)
     settings = settings_from(args)
