@@ -477,7 +477,14 @@ def build_demo(out_dir: str | Path, *, seed: int = 0, settings: DemoSettings | N
     """
     settings = settings or DemoSettings()
     root = Path(out_dir)
+    if root.exists() and not root.is_dir():
+        raise DarwinError(f"{root}: the demo's build directory is a file")
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".*.tmp-*"):  # left by a killed build; never trusted, never finished
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
     record = _read_record(root)
     skills = settings.skills()
     splits = {s.name: make_splits(s, seed, settings.n_fitness, settings.n_heldout) for s in skills}
