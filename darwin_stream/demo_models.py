@@ -175,7 +175,7 @@ class DemoSettings:
     """Every number a build depends on; its hash names the build (see `build_demo`)."""
 
     skill_a: Skill = Skill("skill_a", "add", 1, 3)
-    skill_b: Skill = Skill("skill_b", "reverse", 5, 10)
+    skill_b: Skill = Skill("skill_b", "sort", 6, 12)
     n_fitness: int = 150
     n_heldout: int = 150
     batch: int = 128
@@ -185,7 +185,8 @@ class DemoSettings:
             num_key_value_heads=4, head_dim=32, max_position_embeddings=64, tie_word_embeddings=True,
         )
     )
-    base: Stage = Stage(steps=900, lr=1e-3, warmup=50, mix=(0.5, 0.5))
+    # Constant lr after warm-up: the base is stopped mid-learning, and a cosine would finish it.
+    base: Stage = Stage(steps=400, lr=1e-3, warmup=50, mix=(0.7, 0.3), final_lr_frac=1.0)
     parent_a: Stage = Stage(steps=300, lr=1e-4, warmup=20, mix=(1.0, 0.0))
     parent_b: Stage = Stage(steps=300, lr=1e-4, warmup=20, mix=(0.0, 1.0))
 
@@ -267,8 +268,12 @@ def lr_at(stage: Stage, step: int) -> float:
 
 
 def train(model: Any, stage: Stage, sampler: Callable[[int], list[tuple[str, str]]], batch: int,
-          *, name: str = "train", progress: Progress | None = None) -> list[float]:
-    """AdamW (0.9, 0.98), weight decay 0.01, gradient clip 1; returns the loss of every step."""
+          *, name: str = "train", progress: Progress | None = None,
+          on_step: Callable[[int, Any], None] | None = None) -> list[float]:
+    """AdamW (0.9, 0.98), weight decay 0.01, gradient clip 1; returns the loss of every step.
+
+    `on_step(steps_done, model)` runs after every step (the design experiments snapshot the base).
+    """
     opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, betas=(0.9, 0.98), weight_decay=0.01)
     model.train()
     losses = []
@@ -285,6 +290,8 @@ def train(model: Any, stage: Stage, sampler: Callable[[int], list[tuple[str, str
         losses.append(loss.item())
         if progress and (step + 1) % 25 == 0:
             progress(name, step + 1, stage.steps)
+        if on_step:
+            on_step(step + 1, model)
     model.eval()
     return losses
 
@@ -434,6 +441,9 @@ def _save_model(model: Any, dest: Path) -> None:
 
 def _load_model(path: Path) -> Any:
     from transformers import Qwen3ForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     return Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False).eval()
 
@@ -467,7 +477,14 @@ def build_demo(out_dir: str | Path, *, seed: int = 0, settings: DemoSettings | N
     """
     settings = settings or DemoSettings()
     root = Path(out_dir)
+    if root.exists() and not root.is_dir():
+        raise DarwinError(f"{root}: the demo's build directory is a file")
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".*.tmp-*"):  # left by a killed build; never trusted, never finished
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
     record = _read_record(root)
     skills = settings.skills()
     splits = {s.name: make_splits(s, seed, settings.n_fitness, settings.n_heldout) for s in skills}

@@ -97,6 +97,9 @@ def test_build_demo_writes_loadable_tasks_and_reuses_its_models(tmp_path):
 def test_build_demo_rebuilds_only_what_changed_or_was_cut_short(tmp_path):
     root = tmp_path / "demo"
     dm.build_demo(root, seed=0, settings=TINY)
+    # A killed build leaves a temporary directory; the next build removes it and trusts nothing in it.
+    (root / ".parent_b.tmp-999").mkdir()
+    (root / ".parent_b.tmp-999" / "config.json").write_text("{}")
     # A parent whose record is gone (a build killed after its rename, before build.json) is rebuilt.
     record = json.loads((root / "build.json").read_text())
     del record["A"]
@@ -109,6 +112,12 @@ def test_build_demo_rebuilds_only_what_changed_or_was_cut_short(tmp_path):
         "base": True, "A": False, "B": False}
     assert not any(s["reused"] for s in dm.build_demo(root, seed=1, settings=longer).stages.values())
     assert not list(root.glob(".*tmp*"))
+
+
+def test_build_dir_that_is_a_file_is_a_one_line_error(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(dm.DarwinError, match="is a file"):
+        dm.build_demo(tmp_path / "f", settings=TINY)
 
 
 def test_parents_are_fine_tuned_from_the_base(tmp_path):

@@ -29,24 +29,29 @@ import torch
 from darwin_stream.demo_models import DemoBuild, DemoSettings, GreedyEval, Skill, build_demo, one_thread
 
 
-def groups_of(names: list[str], layers: int) -> tuple[list[str], dict[str, int]]:
+def groups_of(names: list[str], layers: int, kind: str = "layer_role") -> tuple[list[str], dict[str, int]]:
     """Genome groups: per layer, self_attn and mlp; one more for everything else (embeddings, norms).
 
     That is what a mergekit-style gradient with `filter: self_attn`, `filter: mlp` and a default
-    value gives, so a winner written as a manifest reproduces the child.
+    value gives, so a winner written as a manifest reproduces the child. The ablations: "layer" (one
+    group per layer, self_attn and mlp together) and "global" (one group for the whole model).
     """
-    labels = [f"L{i}.{role}" for i in range(layers) for role in ("self_attn", "mlp")] + ["rest"]
+    if kind == "global":
+        return ["all"], dict.fromkeys(names, 0)
+    roles = ("self_attn", "mlp") if kind == "layer_role" else ("layer",)
+    labels = [f"L{i}.{role}" for i in range(layers) for role in roles] + ["rest"]
     of: dict[str, int] = {}
     for name in names:
         m = re.match(r"model\.layers\.(\d+)\.(self_attn|mlp)\.", name)
-        of[name] = labels.index(f"L{m.group(1)}.{m.group(2)}") if m else len(labels) - 1
+        label = None if not m else f"L{m.group(1)}.{m.group(2) if kind == 'layer_role' else 'layer'}"
+        of[name] = labels.index(label) if label else len(labels) - 1
     return labels, of
 
 
 class Arithmetic:
     """A live child model whose parameters are set from a genome in place (about 1 ms)."""
 
-    def __init__(self, build: DemoBuild):
+    def __init__(self, build: DemoBuild, groups: str = "layer_role"):
         from transformers import Qwen3ForCausalLM
 
         load = lambda p: Qwen3ForCausalLM.from_pretrained(p, dtype=torch.float32).eval()  # noqa: E731
@@ -57,7 +62,7 @@ class Arithmetic:
         for key, path in build.parents.items():
             sd = dict(load(path).named_parameters())
             self.delta[key] = {n: sd[n].detach() - base[n] for n in base}
-        self.labels, self.group = groups_of(list(base), self.model.config.num_hidden_layers)
+        self.labels, self.group = groups_of(list(base), self.model.config.num_hidden_layers, groups)
 
     @property
     def n_genes(self) -> int:
@@ -117,9 +122,11 @@ def run_seed(seed: int, args: argparse.Namespace, settings: DemoSettings) -> dic
     skills = [s.name for s in settings.skills()]
     with one_thread():
         t1, c1 = time.perf_counter(), time.process_time()
-        arith = Arithmetic(build)
-        evaluate = GreedyEval(*_eval_sets(build))
-        run = evolve(arith, evaluate, seed=seed, popsize=args.popsize, generations=args.generations,
+        arith = Arithmetic(build, args.groups)
+        items, max_tokens = _eval_sets(build)
+        evaluate = GreedyEval(items, max_tokens)
+        on_fitness = GreedyEval({k: v for k, v in items.items() if k.startswith("fitness/")}, max_tokens)
+        run = evolve(arith, on_fitness, seed=seed, popsize=args.popsize, generations=args.generations,
                      sigma0=args.sigma0, x0=args.x0, bounds=(args.lo, args.hi))
         evolve_s = {"wall_s": time.perf_counter() - t1, "cpu_s": time.process_time() - c1}
         n = arith.n_genes
@@ -127,6 +134,9 @@ def run_seed(seed: int, args: argparse.Namespace, settings: DemoSettings) -> dic
                  "linear 50/50": [0.5] * n, "TA 1/1": [1.0] * n}
         rows = {k: evaluate(arith.apply(g)) for k, g in fixed.items()}
         rows["evolved"] = evaluate(arith.apply(run["best"]["genome"]))
+        if args.check_scorer:
+            result_check = _check_with_scorer(arith, run["best"]["genome"], build, Path(args.out) / f"seed{seed}")
+            print(f"  scorer (hf backend) on the evolved child: {result_check}")
     child = combined(rows["evolved"], "heldout")
     rivals = {k: combined(v, "heldout") for k, v in rows.items() if k not in ("evolved", "TA 1/1")}
     margin = child - max(rivals.values())
@@ -146,6 +156,19 @@ def run_seed(seed: int, args: argparse.Namespace, settings: DemoSettings) -> dic
           f"evolve {evolve_s['wall_s']:.0f} s wall / {evolve_s['cpu_s']:.0f} s cpu")
     print("  genome " + " ".join(f"{k}={v}" for k, v in result["best_genome"].items()), flush=True)
     return result
+
+
+def _check_with_scorer(arith: Arithmetic, genome: list[float], build: DemoBuild, root: Path) -> dict[str, float]:
+    """Save the child and score it with darwin-stream's own scorer (hf backend): the same figures?"""
+    from darwin_stream.demo_models import _save_model
+    from darwin_stream.score.hf_backend import HfBackend
+    from darwin_stream.score.run import score_child
+    from darwin_stream.score.tasks import load_task
+
+    _save_model(arith.apply(genome), root / "evolved")
+    backend = HfBackend(str(root / "evolved"), dtype="float32", device="cpu")
+    report = score_child(backend, [load_task(p) for p in build.heldout])
+    return {name: r["score"] for name, r in report["tasks"].items()}
 
 
 def _eval_sets(build: DemoBuild) -> tuple[dict[str, list[tuple[str, str]]], dict[str, int]]:
@@ -181,12 +204,17 @@ def settings_from(args: argparse.Namespace) -> DemoSettings:
         s = replace(s, base=replace(s.base, steps=args.base_steps))
     if args.base_lr:
         s = replace(s, base=replace(s.base, lr=args.base_lr))
+    if args.base_mix is not None:
+        s = replace(s, base=replace(s.base, mix=(args.base_mix, 1 - args.base_mix)))
     for key in ("parent_a", "parent_b"):
         stage = getattr(s, key)
         if args.parent_steps:
             stage = replace(stage, steps=args.parent_steps)
         if args.parent_lr:
             stage = replace(stage, lr=args.parent_lr)
+        if args.parent_mix is not None:
+            own = args.parent_mix
+            stage = replace(stage, mix=(own, 1 - own) if key == "parent_a" else (1 - own, own))
         s = replace(s, **{key: stage})
     return s
 
@@ -208,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base-lr", type=float)
     ap.add_argument("--parent-steps", type=int)
     ap.add_argument("--parent-lr", type=float)
+    ap.add_argument("--parent-mix", type=float, help="share of the parent's own skill in its fine-tuning")
+    ap.add_argument("--base-mix", type=float, help="share of skill A in the base's training")
+    ap.add_argument("--groups", choices=("layer_role", "layer", "global"), default="layer_role")
+    ap.add_argument("--check-scorer", action="store_true", help="rescore the evolved child with the hf scorer")
     args = ap.parse_args(argv)
     settings = settings_from(args)
     print(f"settings: {settings}", flush=True)
