@@ -93,13 +93,15 @@ def test_merges_through_the_engine(trio, tmp_path, name):
     # Only the checked tensors: the whole path, in a fraction of the time of the full child.
     plan = dataclasses.replace(full, tensors=[tp for tp in full.tensors if tp.name in CHECKED])
     workers = engine.worker_count()
+    # As small as the engine accepts (it refuses a budget below one row per worker), never larger.
+    small_budget = max(SMALL, engine.minimum_budget(plan, workers)[0])
     big, vec = (next(tp for tp in plan.tensors if tp.name == k) for k in CHECKED)
-    assert engine.chunk_rows(plan, big, SMALL, workers) < big.shape[0], "the statistic must be split"
-    assert engine.block_rows(plan, vec, SMALL, workers) < vec.shape[0], "1-D tensors must be split"
+    assert engine.chunk_rows(plan, big, small_budget, workers) < big.shape[0], "the statistic must be split"
+    assert engine.block_rows(plan, vec, small_budget, workers) < vec.shape[0], "1-D tensors must be split"
     whole = tmp_path / "whole"
     darwin_stream.merge(plan, whole, memory_budget=2**30)
     small = tmp_path / "small"
-    darwin_stream.merge(plan, small, memory_budget=SMALL)
+    darwin_stream.merge(plan, small, memory_budget=small_budget)
     got, split = read_all(whole), read_all(small)
     assert got.keys() == split.keys() == set(CHECKED)
     for k in got:
