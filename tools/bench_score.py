@@ -88,6 +88,18 @@ def build_qwen3_06b(out: Path, seed: int) -> Path:
     return out
 
 
+def many_choices(task, n: int, path: Path):
+    """A choice task of n items: the shipped items, each prompt numbered so that no two are alike."""
+    from darwin_stream.score.tasks import load_task
+
+    lines = [json.dumps({"task": {"name": f"choice{n}", "kind": "choice", "metric": task.metric}})]
+    for i in range(n):
+        item = task.items[i % len(task.items)]
+        lines.append(json.dumps({**item, "prompt": f"{i}. {item['prompt']}"}))
+    path.write_text("\n".join(lines) + "\n")
+    return load_task(path)
+
+
 def parents(kind: str, work: Path) -> tuple[Path, Path]:
     if kind == "tiny":
         from darwin_stream.demo import build_model
@@ -111,6 +123,8 @@ def main() -> None:
     ap.add_argument("--fresh", type=int, default=2, help="children for the new-engine-per-child mode")
     ap.add_argument("--workdir", default=None, help="where parents and disk children go (default: a temp dir)")
     ap.add_argument("--max-model-len", type=int, default=512)
+    ap.add_argument("--choice-items", type=int, default=0,
+                    help="score a choice task of this many items (the shipped ones, numbered) instead of the two small tasks")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
@@ -123,6 +137,8 @@ def main() -> None:
     tasks = [load_task(data / "capitals_choice.jsonl"), load_task(data / "corpus_perplexity.jsonl")]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-score-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.choice_items:
+        tasks = [many_choices(tasks[0], args.choice_items, work / "choices.jsonl")]
     t0 = time.perf_counter()
     father, mother = parents(args.model, work / args.model)
     print(f"parents ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
