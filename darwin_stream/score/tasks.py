@@ -32,6 +32,9 @@ METRICS = {
     # mixes sensibly in a weighted mean. neg_nll (= -mean NLL) is offered for those who prefer logs.
     "perplexity": ("inv_perplexity", "neg_nll"),
 }
+# Bounded like every other read: 256 MiB holds a million items of a benchmark's size (MMLU's
+# 14k test items are 8 MB as JSONL); anything larger is not a task file.
+MAX_TASK_BYTES = 256 * 2**20
 OPTION_KEYS = {"name", "kind", "metric", "fewshot", "max_tokens", "weight", "extract", "stop", "limit"}
 
 
@@ -67,7 +70,13 @@ def load_task(path: str | Path) -> Task:
     """Read and check one task file; every problem is a one-line DarwinError naming file and line."""
     p = Path(path)
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
+        if not p.is_file():
+            raise DarwinError(f"{p}: cannot read task file (no such regular file)")
+        if p.stat().st_size > MAX_TASK_BYTES:
+            raise DarwinError(f"{p}: task file is larger than {MAX_TASK_BYTES >> 20} MiB")
+        lines = p.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise DarwinError(f"{p}: task file is not UTF-8 text") from None
     except OSError as e:
         raise DarwinError(f"{p}: cannot read task file ({e.strerror})") from None
     opts: dict[str, Any] = {}

@@ -239,3 +239,19 @@ def test_task_options_of_the_wrong_type_are_one_line(tmp_path, options, needle):
     with pytest.raises(DarwinError, match=needle) as e:
         load_task(_task_file(tmp_path, options))
     assert "\n" not in str(e.value) and len(str(e.value)) < 300
+
+
+def test_task_files_are_bounded_regular_utf8_files(tmp_path, monkeypatch):
+    from darwin_stream.score import tasks as tasks_mod
+
+    big = tmp_path / "big.jsonl"
+    big.write_text('{"prompt": "a", "answer": "b"}\n' * 40)
+    monkeypatch.setattr(tasks_mod, "MAX_TASK_BYTES", 100)
+    with pytest.raises(DarwinError, match="larger than"):
+        tasks_mod.load_task(big)
+    with pytest.raises(DarwinError, match="no such regular file"):
+        tasks_mod.load_task(tmp_path)
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"prompt": "caf\xe9", "answer": "x"}\n')
+    with pytest.raises(DarwinError, match="not UTF-8"):
+        tasks_mod.load_task(bad)
