@@ -148,3 +148,13 @@ def test_bad_input_is_one_line(trio, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not exist" in err[0]
     assert not (tmp_path / "r" / "history.jsonl").exists()
+
+
+def test_a_heldout_split_that_overlaps_the_fitness_split_is_a_warning_with_the_count(trio, tmp_path, capsys):
+    fitness = (f"    tasks: [{DATA / 'capitals_choice.jsonl'}]\n"
+               f"    heldout: [{DATA / 'capitals_choice.jsonl'}]\n")
+    p = tmp_path / "overlap.yaml"
+    p.write_text(evolve_yaml(trio, search="{popsize: 2, max_generations: 1}", fitness=fitness))
+    report = evolve(p, tmp_path / "run")
+    assert "warning: 6 held-out items also appear in the fitness split" in capsys.readouterr().err
+    assert report.evaluations == 2
