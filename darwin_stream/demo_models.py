@@ -23,7 +23,6 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 
 from darwin_stream.errors import DarwinError
+from darwin_stream.threads import torch_threads
 
 # Bumped whenever the meaning of a setting changes, so that an old build is never trusted.
 BUILD_FORMAT = 1
@@ -229,7 +229,6 @@ def new_model(settings: DemoSettings, seed: int) -> Any:
     return Qwen3ForCausalLM(config)
 
 
-@contextmanager
 def one_thread() -> Iterator[None]:
     """One torch thread: on the shared 2-core machine a step took 3.4 s with 2 threads, 0.20 s with 1."""
     before = torch.get_num_threads()
@@ -522,7 +521,7 @@ def _build_part(root: Path, record: dict[str, Any], part: str, dest: Path, start
     if done.get("hash") == digest and (dest / "config.json").is_file():
         return {**done, "reused": True}
     t0, c0 = time.perf_counter(), time.process_time()
-    with one_thread():
+    with torch_threads(1):
         model = new_model(settings, seed) if start is None else _load_model(start)
         rng = random.Random(f"darwin-demo:{seed}:{part}:train")
         losses = train(model, stage, mix_sampler(settings, splits, stage.mix, rng), settings.batch,

@@ -38,6 +38,7 @@ from darwin_stream.errors import DarwinError, SourceError
 from darwin_stream.export import PAGE, STAGE_BYTES, staging_buffer
 from darwin_stream.plan import Plan, SourceRef, TensorPlan, human_bytes
 from darwin_stream.sources import Parent, open_parent
+from darwin_stream.threads import torch_threads
 
 DEFAULT_BUDGET = 2**30
 
@@ -668,7 +669,7 @@ def run(plan: Plan, writer, *, budget: int = DEFAULT_BUDGET, client=None, device
     else:
         graph, outputs = build_graph(plan, writer, budget=budget, workers=workers, device=device, progress=progress)
         try:
-            with _single_threaded_torch():
+            with torch_threads(1):
                 results = dask.threaded.get(graph, outputs, num_workers=workers)
         finally:
             release_scratch()
@@ -696,17 +697,6 @@ def bound_allocator() -> None:
         libc.mallopt(_M_TRIM_THRESHOLD, 8 * MMAP_THRESHOLD)
     except (OSError, AttributeError):
         pass  # not glibc: nothing to tune
-
-
-@contextlib.contextmanager
-def _single_threaded_torch():
-    """dask runs one task per core; torch's own thread pool on top would oversubscribe them."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 class PeakMemory:

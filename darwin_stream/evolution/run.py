@@ -30,6 +30,7 @@ from darwin_stream.manifest import Manifest, load_manifest
 from darwin_stream.plan import Plan, build_plan
 from darwin_stream.plan.template import Template
 from darwin_stream.score.tasks import Task
+from darwin_stream.threads import torch_threads
 
 Progress = Callable[[dict[str, Any]], None]
 REFS_FILE = "refs.json"
@@ -95,24 +96,6 @@ def _stop_on_sigint() -> Iterator[dict[str, bool]]:
             signal.signal(signal.SIGINT, old)
     else:
         yield flag
-
-
-class TorchThreads:
-    """Set torch's intra-op thread count for the run, and put it back."""
-
-    def __init__(self, n: int | None):
-        import torch
-
-        self.old = torch.get_num_threads()
-        self.n = n
-        if n:
-            torch.set_num_threads(n)
-
-    def close(self) -> None:
-        import torch
-
-        if self.n:
-            torch.set_num_threads(self.old)
 
 
 def threading_main() -> bool:
@@ -307,18 +290,24 @@ def evolve(manifest: str | os.PathLike, run_dir: str | os.PathLike | None = None
         run_dir = default_run_dir(manifest)
     run = RunDir(run_dir)
     history = run.open(fingerprint(m, plan), resume=resume, manifest=os.fspath(manifest) if "\n" not in os.fspath(manifest) else "<text>")
+    opts: dict[str, Any] = {"dtype": sec.backend.dtype}
+    if sec.backend.max_model_len and (backend or sec.backend.name) == "vllm":
+        opts["max_model_len"] = sec.backend.max_model_len
+    with torch_threads(sec.backend.threads):
+        return _run(m, text, tpl, x0, run, history, sec, backend, opts, progress, t_start)
+
+
+def _run(m: Manifest, text: str, tpl: Template, x0: list[float], run: RunDir, history: list[Candidate],
+         sec: Any, backend: str | None, opts: dict[str, Any], progress: Progress | None,
+         t_start: float) -> rep.EvolveReport:
+    from darwin_stream.score.backend import open_backend
+
     fit_tasks = fit.copy_tasks(sec.fitness.tasks, run.path / "tasks" / "fitness")
     held = fit.copy_tasks(sec.fitness.heldout, run.path / "tasks" / "heldout")
     n_overlap = fit.overlap(fit_tasks, held)
     if n_overlap:
         print(f"darwin-stream: warning: {n_overlap} held-out items also appear in the fitness split", file=sys.stderr)
-
-    from darwin_stream.score.backend import open_backend
-
-    opts: dict[str, Any] = {"dtype": sec.backend.dtype}
-    if sec.backend.max_model_len and (backend or sec.backend.name) == "vllm":
-        opts["max_model_len"] = sec.backend.max_model_len
-    threads = TorchThreads(sec.backend.threads)
+    plan = tpl.plan
     t_engine = time.perf_counter()
     scorer = fit.Scorer(open_backend(backend or sec.backend.name, tpl.apply(x0), **opts))
     seconds = {"engine_start": time.perf_counter() - t_engine}
@@ -350,7 +339,6 @@ def evolve(manifest: str | os.PathLike, run_dir: str | os.PathLike | None = None
         child_held = _score(scorer, held) if held else None
     finally:
         scorer.close()
-        threads.close()
     if subset_info is not None:
         pairs = [(c.fitness, c.full_fitness) for c in {tuple(c.genome): c for c in loop.history}.values()
                  if c.full_fitness is not None]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -22,6 +21,7 @@ from darwin_stream.errors import PlanError
 from darwin_stream.plan import Plan
 from darwin_stream.score.breeding import changed_tensors, snapshot
 from darwin_stream.score.child import Child, plan_config, resolve_dtype
+from darwin_stream.threads import torch_threads
 
 BATCH = 16
 
@@ -110,7 +110,7 @@ class HfBackend:
 
         # Blended on the CPU, whatever the model's device: the same arithmetic as a disk merge, so
         # the bred child is the disk child bit for bit; the copy casts to the model's dtype.
-        with single_threaded_torch():
+        with torch_threads(1):
             for name, t in engine.iter_tensors(plan):
                 target = self._targets[name]
                 if tuple(target.shape) != tuple(t.shape):
@@ -178,18 +178,6 @@ def gen_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
             rows.append(i)
     return out
 
-
-@contextlib.contextmanager
-def single_threaded_torch() -> Iterator[None]:
-    """One intra-op thread while iter_tensors' pool threads blend, as in a disk merge (where dask
-    runs one task per core). Measured on the 0.6B geometry, the 2 cores shared with other jobs
-    (load average 7-11): a child blended in 24-63 s with torch's 2 threads per op, 4.5-5.5 s with 1."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def skipped_init() -> contextlib.AbstractContextManager:
