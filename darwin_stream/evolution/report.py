@@ -56,7 +56,9 @@ def plot_fitness(history: list[Candidate], parents: dict[str, float], path: Path
         ax.plot(gens, [s[1] for s in stats], marker="o", label="best so far")
         ax.plot(gens, [s[2] for s in stats], marker=".", linestyle="--", label="generation mean")
     for i, (name, f) in enumerate(parents.items()):
-        ax.axhline(f, color=f"C{i + 2}", linestyle=":", label=name)
+        # "parent /long/path/to/parent_a" -> "parent parent_a": the legend must not cover the curve
+        label = " ".join(part.rstrip("/").rsplit("/", 1)[-1] for part in name.split(" ", 1))
+        ax.axhline(f, color=f"C{i + 2}", linestyle=":", label=label)
     ax.set_xlabel("generation")
     ax.set_ylabel("fitness")
     ax.set_title("darwin-stream evolve")
