@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,6 @@ class Candidate:
     score_s: float = 0.0
     cached: bool = False  # the same genome was scored before: its result was reused
     full_fitness: float | None = None  # subset mode: fitness on the full set, where rescored
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_line(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))

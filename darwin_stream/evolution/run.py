@@ -11,6 +11,7 @@ The order of one run:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -29,7 +30,7 @@ from darwin_stream.evolution.search import Search
 from darwin_stream.manifest import Manifest, load_manifest
 from darwin_stream.plan import Plan, build_plan
 from darwin_stream.plan.template import Template
-from darwin_stream.score.tasks import Task
+from darwin_stream.score.tasks import MAX_TASK_BYTES, Task
 from darwin_stream.threads import torch_threads
 
 Progress = Callable[[dict[str, Any]], None]
@@ -54,9 +55,9 @@ def _file_digest(path: str) -> str:
     p = Path(path)
     if not p.is_file():
         raise EvolveError(f"evolve.fitness: task file {path} does not exist")
-    if p.stat().st_size > 256 * 2**20:
-        raise EvolveError(f"evolve.fitness: task file {path} is larger than 256 MiB")
-    return digest(p.read_bytes().hex())
+    if p.stat().st_size > MAX_TASK_BYTES:
+        raise EvolveError(f"evolve.fitness: task file {path} is larger than {MAX_TASK_BYTES >> 20} MiB")
+    return hashlib.blake2b(p.read_bytes(), digest_size=12).hexdigest()
 
 
 def fingerprint(m: Manifest, plan: Plan) -> dict[str, str]:
@@ -124,7 +125,7 @@ def reference_models(m: Manifest, plan: Plan, tpl: Template) -> dict[str, Any]:
 
         lines = {"merge_method": "linear", "models": [{"model": s, "parameters": {"weight": 1 / len(models)}} for s in models]}
         if m.dtype:
-            lines["dtype"] = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}[m.dtype]
+            lines["dtype"] = m.dtype  # a safetensors code: the manifest reads codes and names alike
         text = yaml.safe_dump(lines, sort_keys=False)
         refs["linear_50_50"] = build_plan(parse_manifest(text), text)
     return refs
@@ -321,7 +322,7 @@ def _run(m: Manifest, text: str, tpl: Template, x0: list[float], run: RunDir, hi
             search_tasks = fit.pick_subset(fit_tasks, per_item, sec.fitness.subset.items)
             subset_info = {"items": sum(len(t.items) for t in search_tasks),
                            "full_items": sum(len(t.items) for t in fit_tasks)}
-        loop = _Loop(tpl, run, fit.Scorer(scorer.backend), search_tasks, history, progress)
+        loop = _Loop(tpl, run, scorer, search_tasks, history, progress)
         search = Search(x0, sec.search.sigma0, lower=tpl.lower, upper=tpl.upper,
                         popsize=sec.search.popsize, seed=sec.search.seed)
         t0 = time.perf_counter()
