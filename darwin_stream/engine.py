@@ -116,8 +116,7 @@ def block_bytes_per_elem(plan: Plan, tp: TensorPlan) -> int:
     method = methods.get(tp.method)
     stat = method.statistic
     fill = 4 * n + (stat.dtype.itemsize * n if stat and stat.dtype != torch.float32 else 0)
-    temps = 0 if method.inplace else 8 * (n + 3)  # deltas, masks, int64 keys, accumulators
-    return fill + 4 + temps
+    return fill + 4 + method.temp_bytes(n)
 
 
 def stage_bytes(budget: int, workers: int) -> int:
@@ -289,17 +288,12 @@ def read_source(plan: Plan, ref: SourceRef, start: int, stop: int, device: str) 
     return fill(dst, rows, start, stop)
 
 
-def _scale(params: dict[str, Any]) -> float:
-    """passthrough's `scale`: absent or null (the manifest gave none) means 1."""
-    s = params.get("scale")
-    return 1.0 if s is None else float(s)
-
-
 def _is_copy(plan: Plan, tp: TensorPlan) -> bool:
-    """A passthrough whose bytes can go to the child unchanged."""
-    if tp.method != "passthrough" or tp.base or len(tp.models) != 1 or tp.models[0].pad_to:
+    """A tensor whose method declares it its one input unchanged, and whose bytes can go to the
+    child as they are: not padded, and already in the child's dtype."""
+    if tp.base or len(tp.models) != 1 or tp.models[0].pad_to:
         return False
-    if _scale(tp.params) != 1.0 or (tp.model_params and _scale(tp.model_params[0]) != 1.0):
+    if not methods.get(tp.method).is_identity(tp.params, tp.model_params):
         return False
     return get_parent_info(plan, tp.models[0]).dtype == tp.dtype
 

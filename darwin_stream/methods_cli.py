@@ -1,15 +1,15 @@
 """`darwin-stream methods [NAME ...]`: the merge methods and their parameters, from the registry.
 
-What a manifest may write under `parameters:` is exactly what the registry declares (anything else
-is refused by the planner), so the listing is read from the registry rather than from a doc that
-could drift from it.
+What a manifest may write under `parameters:` is exactly what each method declares (anything else
+is refused by the planner), so the listing is generated from those declarations (summary,
+parameters with their defaults and doc lines, base policy, arity, whether it breeds) rather than
+from a doc that could drift from them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import textwrap
 from typing import TYPE_CHECKING, Any
 
@@ -25,32 +25,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the methods as one JSON object")
 
 
-def _value(v: Any) -> Any:
-    from darwin_stream.methods import REQUIRED  # imports torch: not while building the parser
-
-    return "required" if v is REQUIRED else v
-
-
-def summary(method: MergeMethod) -> str:
-    """The first paragraph of the docstring of the module that registered `method`, without its
-    leading `name / other_name:`."""
-    for mod in list(sys.modules.values()):
-        if getattr(mod, "__name__", "").startswith("darwin_stream.methods.") and \
-                any(v is method for v in vars(mod).values()):
-            text = " ".join((mod.__doc__ or "").strip().split("\n\n")[0].split())
-            head, sep, rest = text.partition(": ")
-            return rest if sep and method.name in head.replace(" / ", " ").split() else text
-    return getattr(method, "description", "")
-
-
 def describe(method: MergeMethod) -> dict[str, Any]:
+    every = (*method.model_parameters, *method.parameters)
     return {
         "name": method.name,
-        "summary": summary(method),
+        "summary": method.summary,
         "needs_base": method.needs_base,
+        "base": method.base.value,
+        "models": method.arity.describe() if (method.arity.least, method.arity.most) != (0, None) else "any number",
         "random": method.random,
-        "model_parameters": {k: _value(v) for k, v in method.model_param_defaults.items()},
-        "parameters": {k: _value(v) for k, v in method.param_defaults.items()},
+        "breeds": method.breed is not None,
+        "model_parameters": {p.name: "required" if p.required else p.default for p in method.model_parameters},
+        "parameters": {p.name: "required" if p.required else p.default for p in method.parameters},
+        "docs": {p.name: p.doc for p in every},
     }
 
 
@@ -59,13 +46,19 @@ def _params(params: dict[str, Any]) -> str:
                      for k, v in params.items()) or "none"
 
 
+# BasePolicy values, as the listing says them
+_BASE = {"none": "not used (list it among the models to weigh it)", "required": "required",
+         "optional": "optional", "input": "one more input, averaged with the models"}
+
+
 def format_method(d: dict[str, Any]) -> str:
-    needs = ["needs base_model" if d["needs_base"] else "", "random: reproducible from darwin.seed" if d["random"] else ""]
     lines = [d["name"], *textwrap.wrap(d["summary"], 100, initial_indent="  ", subsequent_indent="  ")]
-    if any(needs):
-        lines.append("  " + "; ".join(n for n in needs if n))
+    if d["random"]:
+        lines.append("  random: reproducible from darwin.seed")
+    lines.append(f"  base_model:   {_BASE[d['base']]}; models besides it: {d['models']}")
     lines.append(f"  per model:    {_params(d['model_parameters'])}")
     lines.append(f"  method-level: {_params(d['parameters'])}")
+    lines += [f"    {name}: {doc}" for name, doc in d["docs"].items() if doc]
     return "\n".join(lines)
 
 

@@ -17,16 +17,66 @@ split) is gathered whole by its one pass, which gives both its KL and its thresh
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
-from darwin_stream.methods import Chunk, MergeMethod, Params, Statistic, register
-from darwin_stream.methods._order import hi_counts, key_value, lo_counts, ordered_keys, quantile_ranks
-from darwin_stream.methods._sparsify import RadixSelect, sum_tree
+from darwin_stream.methods.contract import (
+    Arity,
+    BasePolicy,
+    Chunk,
+    MergeMethod,
+    Params,
+    Statistic,
+    doc_summary,
+)
+from darwin_stream.methods.reduce import sum_tree
+from darwin_stream.methods.select import (
+    Located,
+    RadixSelect,
+    hi_counts,
+    key_value,
+    lo_counts,
+    ordered_keys,
+    quantile_ranks,
+)
 
 EPS = 1e-8
 QUANTILES = [0.25, 0.5, 0.75]
+
+
+@dataclass(frozen=True)
+class _Whole:
+    """A 1-D tensor's rows from `offset` on, gathered whole by its one pass."""
+
+    offset: int
+    b: torch.Tensor
+    x: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _Counts:
+    counts: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _Low:
+    lo: dict[int, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """After pass 1: the bins of the three quantiles."""
+
+    located: tuple[Located | None, ...]
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """The final state: the importance threshold (and a 1-D tensor's KL, computed whole)."""
+
+    threshold: float
+    kl: torch.Tensor | None = None
 
 
 def _pair(chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,54 +110,54 @@ def _passes(shape: tuple[int, ...], params: Params) -> int:
     return 1 if len(shape) <= 1 else 2
 
 
-def _partial(chunk: Chunk, state: Any) -> dict[str, Any]:
+def _partial(chunk: Chunk, state: Ranked | None) -> _Whole | _Counts | _Low:
     b, x = _pair(chunk)
     if _one_d(chunk):
-        return {"offset": chunk.offset, "b": b.reshape(-1).clone(), "x": x.reshape(-1).clone()}
+        return _Whole(chunk.offset, b.reshape(-1).clone(), x.reshape(-1).clone())
     keys = ordered_keys(importance(x, b, kl_rows(x, b)))
     if state is None:
-        return {"counts": hi_counts(keys)}
-    return {"lo": {h: lo_counts(keys, h) for h in RadixSelect.bins(state["located"])}}
+        return _Counts(hi_counts(keys))
+    return _Low({h: lo_counts(keys, h) for h in RadixSelect.bins(state.located)})
 
 
-def _combine(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    if "offset" in parts[0]:
-        ordered = sorted(parts, key=lambda p: p["offset"])
-        return {"offset": 0, "b": torch.cat([p["b"] for p in ordered]), "x": torch.cat([p["x"] for p in ordered])}
+def _combine(parts: Sequence[_Whole | _Counts | _Low]) -> _Whole | _Counts | _Low:
+    if isinstance(parts[0], _Whole):
+        ordered = sorted(parts, key=lambda p: p.offset)  # type: ignore[union-attr]
+        return _Whole(0, torch.cat([p.b for p in ordered]), torch.cat([p.x for p in ordered]))  # type: ignore[union-attr]
     return sum_tree(parts)
 
 
-def _finish(combined: dict[str, Any], state: Any) -> dict[str, Any]:
-    if "offset" in combined:  # a whole 1-D tensor
-        b, x = combined["b"], combined["x"]
+def _finish(combined: _Whole | _Counts | _Low, state: Ranked | None) -> Ranked | Threshold:
+    if isinstance(combined, _Whole):  # a whole 1-D tensor
+        b, x = combined.b, combined.x
         kl = kl_rows(x, b)
         imp = torch.sort(importance(x, b, kl)).values
         idx = (torch.tensor(QUANTILES, dtype=torch.float32) * (imp.numel() - 1)).long()
         q1, med, q3 = (float(v) for v in imp[idx])
-        return {"kl": kl, "threshold": threshold(q1, med, q3)}
-    if state is None:
-        counts = combined["counts"]
-        return {"located": RadixSelect.first(counts, quantile_ranks(int(counts.sum()), QUANTILES))}
-    keys = RadixSelect.second(state["located"], combined["lo"])
+        return Threshold(threshold(q1, med, q3), kl)
+    if isinstance(combined, _Counts):
+        counts = combined.counts
+        return Ranked(tuple(RadixSelect.first(counts, quantile_ranks(int(counts.sum()), QUANTILES))))
+    assert state is not None
+    keys = RadixSelect.second(state.located, combined.lo)
     q1, med, q3 = (key_value(k) for k in keys)
-    return {"threshold": threshold(q1, med, q3)}
+    return Threshold(threshold(q1, med, q3))
 
 
-def blend(chunk: Chunk, state: Any) -> torch.Tensor:
+def blend(chunk: Chunk, state: Ranked | Threshold | None) -> torch.Tensor:
     b, x = _pair(chunk)
-    if state is None or "threshold" not in state:
+    if not isinstance(state, Threshold):
         raise ValueError("arcee_fusion needs its statistic state")
-    kl = state["kl"] if _one_d(chunk) else kl_rows(x, b)
-    keep = importance(x, b, kl) >= state["threshold"]
+    kl = state.kl if _one_d(chunk) and state.kl is not None else kl_rows(x, b)
+    keep = importance(x, b, kl) >= state.threshold
     return b + (x - b) * keep.to(x.dtype)
 
 
-ARCEE_FUSION = register(
-    MergeMethod(
-        name="arcee_fusion",
-        blend=blend,
-        statistic=Statistic(passes=_passes, partial=_partial, combine=_combine, finish=_finish),
-        needs_base=True,
-        non_base=(1, 1),
-    )
+ARCEE_FUSION = MergeMethod(
+    name="arcee_fusion",
+    summary=doc_summary(__doc__, "arcee_fusion"),
+    blend=blend,
+    statistic=Statistic(passes=_passes, partial=_partial, combine=_combine, finish=_finish),
+    base=BasePolicy.REQUIRED,
+    arity=Arity(1, 1),
 )

@@ -16,13 +16,49 @@ hash of (seed, model, flat index) as DARE's, so a child does not depend on chunk
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from darwin_stream.methods import REQUIRED, Chunk, MergeMethod, Params, Statistic, register
-from darwin_stream.methods._gta import RESCALE_EPS, gta_blend
-from darwin_stream.methods._sparsify import magnitude_keys, uniform_bits
+from darwin_stream.methods.breeding import TASK_VECTOR
+from darwin_stream.methods.contract import (
+    BasePolicy,
+    Chunk,
+    MergeMethod,
+    Params,
+    Statistic,
+    doc_summary,
+    param,
+)
+from darwin_stream.methods.gta import (
+    DENSITY,
+    INT8_MASK,
+    LAMBDA,
+    RESCALE_EPS,
+    WEIGHT,
+    gta_blend,
+    normalize_param,
+    rescale_param,
+)
+from darwin_stream.methods.masks import uniform_bits
+from darwin_stream.methods.select import magnitude_keys
+
+
+@dataclass(frozen=True)
+class _Part:
+    """A pass's partial: per model, a 1-D tensor's magnitude keys (`gather`) or its two L1 norms."""
+
+    gather: bool
+    models: tuple[torch.Tensor | None, ...]
+
+
+@dataclass(frozen=True)
+class MagPrune:
+    """The state: per model, a 1-D tensor's sorted keys (ranks), and the L1 rescale once known."""
+
+    sorted: tuple[torch.Tensor | None, ...]
+    scale: tuple[float, ...] | None = None
 
 
 def _check(density: float, epsilon: float) -> None:
@@ -77,9 +113,9 @@ def _passes(shape: tuple[int, ...], params: Params) -> int:
     return int(len(shape) <= 1) + int(bool(params.get("rescale", True)))
 
 
-def _partial(chunk: Chunk, state: Any) -> dict[str, Any]:
+def _partial(chunk: Chunk, state: MagPrune | None) -> _Part:
     gather = len(chunk.shape) <= 1 and state is None
-    models: list[Any] = []
+    models: list[torch.Tensor | None] = []
     for i, mp in enumerate(chunk.model_params):
         if not _pruned(mp):
             models.append(None)
@@ -89,40 +125,38 @@ def _partial(chunk: Chunk, state: Any) -> dict[str, Any]:
         if gather:
             models.append(_composite(magnitude_keys(delta), chunk.offset))
             continue
-        sorted_keys = state["sorted"][i] if state else None
+        sorted_keys = state.sorted[i] if state else None
         mag = delta.abs().to(torch.float64)
         kept = keep(chunk, i, delta, sorted_keys)
         models.append(torch.stack([mag.sum(), (mag * kept).sum()]))
-    return {"gather": gather, "models": models}
+    return _Part(gather, tuple(models))
 
 
-def _combine(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    out = []
-    for i in range(len(parts[0]["models"])):
-        xs = [p["models"][i] for p in parts]
+def _combine(parts: Sequence[_Part]) -> _Part:
+    out: list[torch.Tensor | None] = []
+    for i in range(len(parts[0].models)):
+        xs = [p.models[i] for p in parts]
         if xs[0] is None:
             out.append(None)
-        elif parts[0]["gather"]:
-            out.append(torch.cat(xs))
+        elif parts[0].gather:
+            out.append(torch.cat(xs))  # type: ignore[arg-type]
         else:
-            out.append(torch.stack(xs).sum(0))
-    return {"gather": parts[0]["gather"], "models": out}
+            out.append(torch.stack(xs).sum(0))  # type: ignore[arg-type]
+    return _Part(parts[0].gather, tuple(out))
 
 
-def _finish(combined: dict[str, Any], state: Any) -> dict[str, Any]:
-    state = dict(state or {"sorted": [None] * len(combined["models"]), "scale": None})
-    if combined["gather"]:
-        state["sorted"] = [None if k is None else torch.sort(k).values for k in combined["models"]]
-        return state
+def _finish(combined: _Part, state: MagPrune | None) -> MagPrune:
+    state = state or MagPrune(sorted=(None,) * len(combined.models))
+    if combined.gather:
+        return replace(state, sorted=tuple(None if k is None else torch.sort(k).values for k in combined.models))
     scales = []
-    for s in combined["models"]:
+    for s in combined.models:
         before, after = (1.0, 1.0) if s is None else (float(s[0]), float(s[1]))
         scales.append(before / after if before >= RESCALE_EPS and after >= RESCALE_EPS else 1.0)
-    state["scale"] = scales
-    return state
+    return replace(state, scale=tuple(scales))
 
 
-def sparsify(chunk: Chunk, state: Any, i: int) -> torch.Tensor:
+def sparsify(chunk: Chunk, state: MagPrune | None, i: int) -> torch.Tensor:
     """Model i's task vector after MagPrune (and the L1 rescale, when asked for)."""
     delta = _delta(chunk, i)
     mp = chunk.model_params[i]
@@ -132,9 +166,9 @@ def sparsify(chunk: Chunk, state: Any, i: int) -> torch.Tensor:
     if density <= 0:
         return torch.zeros_like(delta)
     _check(density, float(mp.get("epsilon", 0.15)))
-    kept = keep(chunk, i, delta, state["sorted"][i] if state else None)
+    kept = keep(chunk, i, delta, state.sorted[i] if state else None)
     delta = torch.where(kept, delta, torch.zeros((), dtype=delta.dtype))
-    scale = state["scale"][i] if state and state["scale"] else 1.0
+    scale = state.scale[i] if state and state.scale else 1.0
     return delta * scale if scale != 1.0 else delta
 
 
@@ -144,14 +178,17 @@ def _make(name: str, consensus: bool, normalize: bool) -> MergeMethod:
 
     return MergeMethod(
         name=name,
+        summary=doc_summary(__doc__, name),
         blend=blend,
         statistic=Statistic(passes=_passes, partial=_partial, combine=_combine, finish=_finish),
-        needs_base=True,
+        base=BasePolicy.REQUIRED,
         random=True,
-        model_param_defaults={"weight": REQUIRED, "density": 1.0, "epsilon": 0.15},
-        param_defaults={"int8_mask": False, "normalize": normalize, "rescale": True, "lambda": 1.0},
+        model_parameters=(WEIGHT, DENSITY, EPSILON),
+        parameters=(INT8_MASK, normalize_param(normalize), rescale_param(True), LAMBDA),
+        breed=TASK_VECTOR,
     )
 
 
-DELLA = register(_make("della", consensus=True, normalize=True))
-DELLA_LINEAR = register(_make("della_linear", consensus=False, normalize=False))
+EPSILON = param("epsilon", 0.15, "keep probabilities range over density +/- epsilon by magnitude rank")
+DELLA = _make("della", consensus=True, normalize=True)
+DELLA_LINEAR = _make("della_linear", consensus=False, normalize=False)

@@ -15,9 +15,16 @@ from typing import Any
 
 import torch
 
-from darwin_stream.methods import Chunk, MergeMethod, Statistic, register
-from darwin_stream.methods._sparsify import sum_tree
-from darwin_stream.methods.multislerp import gram
+from darwin_stream.methods.contract import (
+    Arity,
+    BasePolicy,
+    Chunk,
+    MergeMethod,
+    Statistic,
+    doc_summary,
+    param,
+)
+from darwin_stream.methods.reduce import gram, sum_tree
 
 
 def _norm(c: torch.Tensor, k: torch.Tensor) -> float:
@@ -87,13 +94,15 @@ def blend(chunk: Chunk, state: Any) -> torch.Tensor:
     return out
 
 
-KARCHER = register(
-    MergeMethod(
-        name="karcher",
-        blend=blend,
-        statistic=Statistic(passes=1, partial=_partial, combine=sum_tree, finish=_finish, dtype=torch.float64),
-        base_is_input=True,
-        non_base=(1, None),
-        param_defaults={"max_iter": 10, "tol": 1e-5},
-    )
+KARCHER = MergeMethod(
+    name="karcher",
+    summary=doc_summary(__doc__, "karcher"),
+    blend=blend,
+    statistic=Statistic(passes=1, partial=_partial, combine=sum_tree, finish=_finish, dtype=torch.float64),
+    base=BasePolicy.INPUT,
+    arity=Arity(1),
+    parameters=(
+        param("max_iter", 10, "most iterations of the mean"),
+        param("tol", 1e-5, "stop when the tangent step is shorter than this"),
+    ),
 )

@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from darwin_stream.methods import REQUIRED, Chunk, MergeMethod, register
+from darwin_stream.methods.breeding import WEIGHTS
+from darwin_stream.methods.contract import Chunk, MergeMethod, doc_summary, param, required
 
 
 def blend(chunk: Chunk, state: Any = None) -> torch.Tensor:
@@ -45,13 +46,13 @@ def check(params: Any, model_params: Any, numel: int) -> str | None:
     return None
 
 
-LINEAR = register(
-    MergeMethod(
-        name="linear",
-        blend=blend,
-        model_param_defaults={"weight": REQUIRED},
-        param_defaults={"normalize": True},
-        inplace=True,
-        check=check,
-    )
+LINEAR = MergeMethod(
+    name="linear",
+    summary=doc_summary(__doc__, "linear"),
+    blend=blend,
+    model_parameters=(required("weight", "this model's share of the average"),),
+    parameters=(param("normalize", True, "divide by the sum of the weights"),),
+    inplace=True,
+    check=check,
+    breed=WEIGHTS,
 )

@@ -12,8 +12,16 @@ from typing import Any
 
 import torch
 
-from darwin_stream.methods import Chunk, MergeMethod, Statistic, register
-from darwin_stream.methods._sparsify import sum_tree
+from darwin_stream.methods.contract import (
+    Arity,
+    BasePolicy,
+    Chunk,
+    MergeMethod,
+    Statistic,
+    doc_summary,
+    param,
+)
+from darwin_stream.methods.reduce import sum_tree
 
 NORM_FLOOR = 1e-6  # mergekit clamps the product of the two norms to at least this
 
@@ -89,12 +97,14 @@ def blend(chunk: Chunk, state: float | None) -> torch.Tensor:
     return avg * t + base * (1 - t)
 
 
-MODEL_STOCK = register(
-    MergeMethod(
-        name="model_stock",
-        blend=blend,
-        statistic=Statistic(passes=_passes, partial=_partial, combine=sum_tree, finish=_finish),
-        needs_base=True,
-        param_defaults={"filter_wise": False},
-    )
+MODEL_STOCK = MergeMethod(
+    name="model_stock",
+    summary=doc_summary(__doc__, "model_stock"),
+    blend=blend,
+    statistic=Statistic(passes=_passes, partial=_partial, combine=sum_tree, finish=_finish),
+    base=BasePolicy.REQUIRED,
+    # found only mid-merge, after .partial, before the planner checked it
+    arity=Arity(2, None, "needs the base_model and at least 2 other models, got {inputs} inputs"),
+    parameters=(param("filter_wise", False, "the angle per last-dim vector instead of the whole tensor"),),
+    breed_refusal="model_stock needs several fine-tunes of one base; a breed has one mother",
 )

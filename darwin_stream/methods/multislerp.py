@@ -14,8 +14,17 @@ from typing import Any
 
 import torch
 
-from darwin_stream.methods import REQUIRED, Chunk, MergeMethod, Statistic, register
-from darwin_stream.methods._sparsify import sum_tree
+from darwin_stream.methods.contract import (
+    Arity,
+    BasePolicy,
+    Chunk,
+    MergeMethod,
+    Statistic,
+    doc_summary,
+    param,
+    required,
+)
+from darwin_stream.methods.reduce import gram, sum_tree
 
 
 def _vectors(chunk: Chunk) -> list[torch.Tensor]:
@@ -24,17 +33,6 @@ def _vectors(chunk: Chunk) -> list[torch.Tensor]:
     if chunk.base is None:
         return list(chunk.models)
     return [m - chunk.base for m in chunk.models]
-
-
-def gram(vectors: list[torch.Tensor]) -> torch.Tensor:
-    """float64 Gram matrix of the flattened vectors."""
-    flat = [v.reshape(-1).to(torch.float64) for v in vectors]
-    k = len(flat)
-    g = torch.empty((k, k), dtype=torch.float64)
-    for i in range(k):
-        for j in range(i, k):
-            g[i, j] = g[j, i] = flat[i] @ flat[j]
-    return g
 
 
 def weights_of(model_params: Any, normalize: bool) -> list[float]:
@@ -85,14 +83,16 @@ def blend(chunk: Chunk, state: Any) -> torch.Tensor:
     return out + chunk.base if chunk.base is not None else out
 
 
-MULTISLERP = register(
-    MergeMethod(
-        name="multislerp",
-        blend=blend,
-        statistic=Statistic(passes=1, partial=_partial, combine=sum_tree, finish=_finish, dtype=torch.float64),
-        base_optional=True,
-        non_base=(1, None),
-        model_param_defaults={"weight": REQUIRED},
-        param_defaults={"normalize_weights": True, "eps": 1e-8},
-    )
+MULTISLERP = MergeMethod(
+    name="multislerp",
+    summary=doc_summary(__doc__, "multislerp"),
+    blend=blend,
+    statistic=Statistic(passes=1, partial=_partial, combine=sum_tree, finish=_finish, dtype=torch.float64),
+    base=BasePolicy.OPTIONAL,
+    arity=Arity(1),
+    model_parameters=(required("weight", "this model's share of the barycentre"),),
+    parameters=(
+        param("normalize_weights", True, "divide the weights by their sum"),
+        param("eps", 1e-8, "added to each norm before dividing by it"),
+    ),
 )

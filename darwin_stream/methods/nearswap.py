@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from darwin_stream.methods import REQUIRED, Chunk, MergeMethod, register
+from darwin_stream.methods.contract import Arity, BasePolicy, Chunk, MergeMethod, doc_summary, required
 
 FLOOR = 1e-6  # mergekit clamps |b - x| to at least this before dividing
 
@@ -30,13 +30,12 @@ def blend(chunk: Chunk, state: Any = None) -> torch.Tensor:
     return torch.add(xb, xa, out=w)
 
 
-NEARSWAP = register(
-    MergeMethod(
-        name="nearswap",
-        blend=blend,
-        needs_base=True,
-        inplace=True,
-        non_base=(1, 1),
-        param_defaults={"t": REQUIRED},
-    )
+NEARSWAP = MergeMethod(
+    name="nearswap",
+    summary=doc_summary(__doc__, "nearswap"),
+    blend=blend,
+    base=BasePolicy.REQUIRED,
+    inplace=True,
+    arity=Arity(1, 1),
+    parameters=(required("t", "the distance below which the other model's value is taken whole"),),
 )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from darwin_stream.methods import Chunk, MergeMethod, register
+from darwin_stream.methods.breeding import CHOOSE
+from darwin_stream.methods.contract import Arity, Chunk, MergeMethod, Params, doc_summary, param
 
 
 def blend(chunk: Chunk, state: Any = None) -> torch.Tensor:
@@ -20,4 +22,24 @@ def blend(chunk: Chunk, state: Any = None) -> torch.Tensor:
     return x * float(scale) if scale is not None else x.clone()
 
 
-PASSTHROUGH = register(MergeMethod(name="passthrough", blend=blend, model_param_defaults={"scale": None}, inplace=True))
+def _scale(params: Params) -> float:
+    """`scale`: absent or null (the manifest gave none) means 1."""
+    s = params.get("scale")
+    return 1.0 if s is None else float(s)
+
+
+def identity(params: Params, model_params: Sequence[Params]) -> bool:
+    """Unscaled: the child's tensor is the input's bytes."""
+    return _scale(params) == 1.0 and not (model_params and _scale(model_params[0]) != 1.0)
+
+
+PASSTHROUGH = MergeMethod(
+    name="passthrough",
+    summary=doc_summary(__doc__, "passthrough"),
+    blend=blend,
+    model_parameters=(param("scale", None, "multiply the tensor by it (none: copy)"),),
+    arity=Arity(1, 1, "takes exactly 1 model per slice, got {inputs}"),
+    inplace=True,
+    identity=identity,
+    breed=CHOOSE,
+)

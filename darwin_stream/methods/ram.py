@@ -13,12 +13,13 @@ clamp(rho_i, 0, alpha)`. Those two integers per model are counted exactly in one
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from darwin_stream.methods import Chunk, MergeMethod, Statistic, register
-from darwin_stream.methods._sparsify import sum_tree
+from darwin_stream.methods.contract import BasePolicy, Chunk, MergeMethod, Statistic, doc_summary, param
+from darwin_stream.methods.reduce import sum_tree
 
 
 def _masks(chunk: Chunk) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
@@ -54,13 +55,28 @@ def merge(chunk: Chunk, lambdas: list[float] | None) -> torch.Tensor:
     return base + out
 
 
-def _partial(chunk: Chunk, state: Any) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Counts:
+    """Per model, (shared, unique) counts of its counting elements, and the parameters of the boost."""
+
+    counts: torch.Tensor
+    r: float
+    alpha: float
+    eps: float
+
+
+@dataclass(frozen=True)
+class Boosts:
+    lambdas: tuple[float, ...]
+
+
+def _partial(chunk: Chunk, state: Any) -> _Counts:
     _, nonzero, counts = _masks(chunk)
     shared, unique = counts > 1, counts == 1
     per_model = [torch.stack([(nz & shared).sum(), (nz & unique).sum()]) for nz in nonzero]
-    return {"counts": torch.stack(per_model) if per_model else torch.zeros((0, 2), dtype=torch.int64),
-            "r": float(chunk.params.get("r", 0.1)), "alpha": float(chunk.params.get("alpha", 0.2)),
-            "eps": float(chunk.params.get("epsilon", 1e-5))}
+    return _Counts(torch.stack(per_model) if per_model else torch.zeros((0, 2), dtype=torch.int64),
+                   r=float(chunk.params.get("r", 0.1)), alpha=float(chunk.params.get("alpha", 0.2)),
+                   eps=float(chunk.params.get("epsilon", 1e-5)))
 
 
 def lambdas(shared: torch.Tensor, unique: torch.Tensor, r: float, alpha: float, eps: float) -> list[float]:
@@ -69,28 +85,38 @@ def lambdas(shared: torch.Tensor, unique: torch.Tensor, r: float, alpha: float, 
     return [float(x) for x in 1 + r * rho.clamp(min=0, max=alpha)]
 
 
-def _finish(combined: dict[str, Any], state: Any) -> dict[str, Any]:
-    c = combined["counts"]
-    return {"lambdas": lambdas(c[:, 0], c[:, 1], combined["r"], combined["alpha"], combined["eps"])}
+def _finish(combined: _Counts, state: Any) -> Boosts:
+    c = combined.counts
+    return Boosts(tuple(lambdas(c[:, 0], c[:, 1], combined.r, combined.alpha, combined.eps)))
 
 
 def _ram_blend(chunk: Chunk, state: Any) -> torch.Tensor:
     return merge(chunk, None)
 
 
-def _plus_blend(chunk: Chunk, state: Any) -> torch.Tensor:
+def _plus_blend(chunk: Chunk, state: Boosts | None) -> torch.Tensor:
     if state is None:
         raise ValueError("ramplus_tl needs its statistic state")
-    return merge(chunk, state["lambdas"])
+    return merge(chunk, list(state.lambdas))
 
 
-RAM = register(MergeMethod(name="ram", blend=_ram_blend, needs_base=True, param_defaults={"epsilon": 1e-5}))
-RAMPLUS_TL = register(
-    MergeMethod(
-        name="ramplus_tl",
-        blend=_plus_blend,
-        statistic=Statistic(passes=1, partial=_partial, combine=sum_tree, finish=_finish),
-        needs_base=True,
-        param_defaults={"r": 0.1, "alpha": 0.2, "epsilon": 1e-5},
-    )
+EPSILON = param("epsilon", 1e-5, "a task-vector element counts when its magnitude is above this")
+RAM = MergeMethod(
+    name="ram",
+    summary=doc_summary(__doc__, "ram"),
+    blend=_ram_blend,
+    base=BasePolicy.REQUIRED,
+    parameters=(EPSILON,),
+)
+RAMPLUS_TL = MergeMethod(
+    name="ramplus_tl",
+    summary=doc_summary(__doc__, "ramplus_tl"),
+    blend=_plus_blend,
+    statistic=Statistic(passes=1, partial=_partial, combine=sum_tree, finish=_finish),
+    base=BasePolicy.REQUIRED,
+    parameters=(
+        param("r", 0.1, "how much a model's unique values are boosted by what it shares"),
+        param("alpha", 0.2, "the most the share ratio counts"),
+        EPSILON,
+    ),
 )

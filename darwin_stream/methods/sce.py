@@ -14,14 +14,61 @@ each masked task vector's squares in float64. Without selection, only that last 
 
 from __future__ import annotations
 
-from typing import Any
+import enum
+from dataclasses import dataclass, replace
 
 import torch
 
-from darwin_stream.methods import Chunk, MergeMethod, Params, Statistic, register
-from darwin_stream.methods._sparsify import RadixSelect, hi_histogram, lo_histogram, magnitude_keys, sum_tree
+from darwin_stream.methods.contract import (
+    BasePolicy,
+    Chunk,
+    MergeMethod,
+    Params,
+    Statistic,
+    doc_summary,
+    param,
+)
+from darwin_stream.methods.gta import INT8_MASK
+from darwin_stream.methods.reduce import sum_tree
+from darwin_stream.methods.select import Located, RadixSelect, hi_histogram, lo_histogram, magnitude_keys
 
 WEIGHT_FLOOR = 1e-6  # mergekit: weights sum below this -> equal weights; divisor clamped to this
+
+
+class Stage(enum.Enum):
+    """What a pass of sce's statistic gathers."""
+
+    COUNTS = "counts"  # top-bin histogram of the variance keys
+    LOW = "low"  # low-bit histograms inside the threshold's bin
+    SQUARES = "squares"  # float64 sums of each selected task vector's squares
+
+
+@dataclass(frozen=True)
+class _Counts:
+    counts: torch.Tensor
+    zeros: torch.Tensor
+    topk: float
+
+
+@dataclass(frozen=True)
+class _Low:
+    lo: dict[int, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class _Squares:
+    squares: torch.Tensor
+    numel: int
+
+
+@dataclass(frozen=True)
+class SceState:
+    """The statistic's state: the next pass, then the threshold key, then the per-model weights."""
+
+    next: Stage
+    located: tuple[Located | None, ...] = ()
+    threshold: int | None = None
+    weights: tuple[float, ...] | None = None
 
 
 def _topk(params: Params) -> float:
@@ -43,55 +90,64 @@ def _passes(shape: tuple[int, ...], params: Params) -> int:
     return 3 if 0 < _topk(params) < 1 else 1
 
 
-def selected(chunk: Chunk, state: Any, deltas: list[torch.Tensor]) -> list[torch.Tensor]:
+def selected(chunk: Chunk, state: SceState | None, deltas: list[torch.Tensor]) -> list[torch.Tensor]:
     """The task vectors after the top-variance selection."""
     topk = _topk(chunk.params)
     if topk >= 1:
         return deltas
     if topk <= 0:
         return [torch.zeros_like(d) for d in deltas]
-    keep = variance_keys(deltas) >= state["threshold"]
+    assert state is not None and state.threshold is not None
+    keep = variance_keys(deltas) >= state.threshold
     zero = torch.zeros((), dtype=deltas[0].dtype)
     return [torch.where(keep, d, zero) for d in deltas]
 
 
-def _partial(chunk: Chunk, state: Any) -> dict[str, Any]:
+def _stage(chunk: Chunk, state: SceState | None) -> Stage:
+    if state is None:
+        return Stage.COUNTS if 0 < _topk(chunk.params) < 1 else Stage.SQUARES
+    return state.next
+
+
+def _partial(chunk: Chunk, state: SceState | None) -> _Counts | _Low | _Squares:
     deltas = _deltas(chunk)
-    stage = "counts" if state is None and 0 < _topk(chunk.params) < 1 else (state or {}).get("next", "squares")
-    if stage == "counts":
+    stage = _stage(chunk, state)
+    if stage is Stage.COUNTS:
         keys = variance_keys(deltas)
         counts, _ = hi_histogram(keys, with_sums=False)
-        return {"stage": stage, "counts": counts, "zeros": (keys == 0).sum(), "topk": _topk(chunk.params)}
-    if stage == "low":
+        return _Counts(counts, (keys == 0).sum(), _topk(chunk.params))
+    if stage is Stage.LOW:
+        assert state is not None
         keys = variance_keys(deltas)
-        return {"stage": stage, "lo": {b: lo_histogram(keys, b) for b in RadixSelect.bins(state["located"])}}
+        return _Low({b: lo_histogram(keys, b) for b in RadixSelect.bins(state.located)})
     sq = torch.stack([(d.to(torch.float64) ** 2).sum() for d in selected(chunk, state, deltas)])
-    return {"stage": "squares", "squares": sq, "numel": chunk.numel}
+    return _Squares(sq, chunk.numel)
 
 
-def _finish(combined: dict[str, Any], state: Any) -> dict[str, Any]:
-    stage, params = combined["stage"], dict(state or {})
-    if stage == "counts":
-        nonzero = int(combined["counts"].sum()) - int(combined["zeros"])
+def _finish(combined: _Counts | _Low | _Squares, state: SceState | None) -> SceState:
+    if isinstance(combined, _Counts):
+        nonzero = int(combined.counts.sum()) - int(combined.zeros)
         # mergekit: int(count_nonzero(var) * density), the product a float32 tensor
-        k = int(torch.tensor(nonzero) * combined["topk"])
-        return {**params, "located": RadixSelect.first(combined["counts"], [k]), "next": "low"}
-    if stage == "low":
-        return {**params, "threshold": RadixSelect.second(params["located"], combined["lo"])[0], "next": "squares"}
-    means = combined["squares"] / max(int(combined["numel"]), 1)
+        k = int(torch.tensor(nonzero) * combined.topk)
+        return SceState(Stage.LOW, located=tuple(RadixSelect.first(combined.counts, [k])))
+    assert state is not None or isinstance(combined, _Squares)
+    if isinstance(combined, _Low):
+        assert state is not None
+        return replace(state, next=Stage.SQUARES, threshold=RadixSelect.second(state.located, combined.lo)[0])
+    means = combined.squares / max(int(combined.numel), 1)
     total = float(means.sum())
     n = means.numel()
     weights = [1.0 / n] * n if abs(total) < WEIGHT_FLOOR else [float(m) / total for m in means]
-    return {**params, "weights": weights}
+    return replace(state or SceState(Stage.SQUARES), weights=tuple(weights))
 
 
-def blend(chunk: Chunk, state: Any) -> torch.Tensor:
+def blend(chunk: Chunk, state: SceState | None) -> torch.Tensor:
     base = chunk.base
     deltas = _deltas(chunk)
     if not deltas:
         assert base is not None
         return base.clone()
-    if state is None or "weights" not in state:
+    if state is None or state.weights is None:
         raise ValueError("sce needs its statistic state")
     deltas = selected(chunk, state, deltas)
     total = deltas[0].clone()
@@ -101,7 +157,7 @@ def blend(chunk: Chunk, state: Any) -> torch.Tensor:
     merged = torch.zeros_like(total)
     divisor = torch.zeros_like(total)
     zero = torch.zeros((), dtype=total.dtype)
-    for d, w in zip(deltas, state["weights"], strict=True):
+    for d, w in zip(deltas, state.weights, strict=True):
         ew = torch.where(torch.where(positive, d > 0, d < 0), torch.tensor(w, dtype=d.dtype), zero)
         merged += d * ew
         divisor += ew
@@ -109,12 +165,11 @@ def blend(chunk: Chunk, state: Any) -> torch.Tensor:
     return base + merged / divisor.clamp_(min=WEIGHT_FLOOR)
 
 
-SCE = register(
-    MergeMethod(
-        name="sce",
-        blend=blend,
-        statistic=Statistic(passes=_passes, partial=_partial, combine=sum_tree, finish=_finish),
-        needs_base=True,
-        param_defaults={"int8_mask": False, "select_topk": 1.0},
-    )
+SCE = MergeMethod(
+    name="sce",
+    summary=doc_summary(__doc__, "sce"),
+    blend=blend,
+    statistic=Statistic(passes=_passes, partial=_partial, combine=sum_tree, finish=_finish),
+    base=BasePolicy.REQUIRED,
+    parameters=(INT8_MASK, param("select_topk", 1.0, "fraction of the elements, by variance across the models, kept")),
 )

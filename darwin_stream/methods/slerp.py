@@ -11,8 +11,17 @@ from typing import Any
 
 import torch
 
-from darwin_stream.methods import REQUIRED, Chunk, MergeMethod, Statistic, register
-from darwin_stream.methods._sparsify import sum_tree
+from darwin_stream.methods.breeding import T_PARAM
+from darwin_stream.methods.contract import (
+    Arity,
+    BasePolicy,
+    Chunk,
+    MergeMethod,
+    Statistic,
+    doc_summary,
+    required,
+)
+from darwin_stream.methods.reduce import sum_tree
 
 DOT_THRESHOLD = 0.9995  # |cos| above this: nearly colinear, mergekit falls back to lerp
 EPS = 1e-8  # a vector with norm <= EPS is not normalised (mergekit)
@@ -56,13 +65,14 @@ def blend(chunk: Chunk, state: tuple[float, float]) -> torch.Tensor:
     return torch.add(a.mul_(s0), b.mul_(s1), out=chunk.out)
 
 
-SLERP = register(
-    MergeMethod(
-        name="slerp",
-        blend=blend,
-        statistic=Statistic(passes=1, partial=_partial, combine=sum_tree, finish=_finish, dtype=torch.float64),
-        needs_base=True,
-        inplace=True,
-        param_defaults={"t": REQUIRED},
-    )
+SLERP = MergeMethod(
+    name="slerp",
+    summary=doc_summary(__doc__, "slerp"),
+    blend=blend,
+    statistic=Statistic(passes=1, partial=_partial, combine=sum_tree, finish=_finish, dtype=torch.float64),
+    base=BasePolicy.REQUIRED,
+    arity=Arity(1, 1, "blends exactly 2 models (base_model and one other), got {inputs}"),
+    inplace=True,
+    parameters=(required("t", "0 gives the base, 1 the other model"),),
+    breed=T_PARAM,
 )

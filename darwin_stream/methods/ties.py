@@ -1,8 +1,13 @@
 """ties: keep each task vector's top-`density` magnitudes, elect a sign by weighted sum, merge agreeing deltas."""
 
-from darwin_stream.methods import register
-from darwin_stream.methods._gta import MAGNITUDE, make_gta
+from darwin_stream.methods.contract import doc_summary
+from darwin_stream.methods.gta import Sparsification, make_gta
 
-TIES = register(
-    make_gta("ties", sparsification=MAGNITUDE, consensus=True, default_normalize=True, default_rescale=False)
+TIES = make_gta(
+    "ties",
+    summary=doc_summary(__doc__, "ties"),
+    sparsification=Sparsification.MAGNITUDE,
+    consensus=True,
+    default_normalize=True,
+    default_rescale=False,
 )

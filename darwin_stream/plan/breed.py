@@ -16,17 +16,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from darwin_stream import arch, dtypes
+from darwin_stream import arch, dtypes, methods
 from darwin_stream.errors import PlanError
 from darwin_stream.manifest import BlendSpec, BreedSection, Gene, Gradient
 from darwin_stream.plan.types import Plan, SourceRef, TensorPlan
 
 # Roles whose one dimension is the FFN intermediate size, and which dimension it is.
 FFN_DIM: dict[str, int] = {"ffn_gate": 0, "ffn_up": 0, "ffn_down": 1, "ffn_gate_up": 0}
-# Methods that blend a base (the father) with task vectors (mother - father).
-TASK_VECTOR_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
-# Parameters mergekit reads per model rather than per method.
-MODEL_LEVEL = ("weight", "density", "gamma", "epsilon", "lambda_", "scale")
 
 
 # --- genes and layer maps ----------------------------------------------------------------------
@@ -129,30 +125,17 @@ def _seed(base: int, name: str) -> int:
 # --- methods -----------------------------------------------------------------------------------
 
 
-def _method_defaults(name: str) -> tuple[dict[str, Any], dict[str, Any], bool] | None:
-    """(model-level defaults, method-level defaults, known) from the registry, None if it is not loadable."""
-    from darwin_stream import methods
-
+def _method(name: str, where: str) -> methods.MergeMethod:
     try:
-        m = methods.get(name)
+        return methods.get(name)
     except KeyError:
-        return {}, {}, False
-    except ImportError:
-        return None  # the methods package is incomplete: trust the manifest's parameters
-    return dict(m.model_param_defaults), dict(m.param_defaults), True
+        raise PlanError(f"{where}.method: unknown method {name!r}; expected one of {', '.join(methods.names())}") from None
 
 
 def _split_extras(method: str, extras: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """A blend's extra keys, routed to per-model or method-level parameters as the method declares."""
-    from darwin_stream import methods
-
-    d = _method_defaults(method)
-    if d is None:
-        model = {k: v for k, v in extras.items() if k in MODEL_LEVEL}
-        return model, {k: v for k, v in extras.items() if k not in MODEL_LEVEL}
-    mdef, pdef, known = d
-    if not known:
-        raise PlanError(f"{where}.method: unknown method {method!r}; expected one of {', '.join(methods.names())}")
+    m = _method(method, where)
+    mdef, pdef = m.model_param_defaults, m.param_defaults
     model, params = {}, {}
     for k, v in extras.items():
         if k in mdef:
@@ -161,32 +144,41 @@ def _split_extras(method: str, extras: dict[str, Any], where: str) -> tuple[dict
             params[k] = v
         else:
             raise PlanError(f"{where}.{k}: method {method} has no parameter {k!r}; expected some of {sorted({*mdef, *pdef})}")
-    required = getattr(methods, "REQUIRED", object())
-    model = {**{k: v for k, v in mdef.items() if v is not required}, **model}
-    params = {**{k: v for k, v in pdef.items() if v is not required}, **params}
+    model = {**{p.name: p.default for p in m.model_parameters if not p.required}, **model}
+    params = {**{p.name: p.default for p in m.parameters if not p.required}, **params}
     return model, params
+
+
+def breeding_methods() -> list[str]:
+    """The methods a breed section may name: those that declare how `t` maps onto their inputs."""
+    return [m.name for m in methods.METHODS if m.breed is not None]
 
 
 def method_inputs(
     method: str, t: float, father: SourceRef, mother: SourceRef, extras: dict[str, Any], where: str
 ) -> dict[str, Any]:
     """TensorPlan fields for one blended tensor: how `t` (the mother's share) becomes the method's own
-    parameters. t = 0 always means the father's tensor, t = 1 the mother's (or the full task vector)."""
+    parameters, as the method declares (`MergeMethod.breed`). t = 0 always means the father's tensor,
+    t = 1 the mother's (or the full task vector)."""
     model_extra, params = _split_extras(method, extras, where)
-    if method == "linear":
-        return dict(models=(father, mother), model_params=({**model_extra, "weight": 1.0 - t}, {**model_extra, "weight": t}),
-                    params=params, base=None)
-    if method == "slerp":
-        return dict(models=(mother,), model_params=(model_extra,), params={**params, "t": t}, base=father)
-    if method in TASK_VECTOR_METHODS:
-        return dict(models=(mother,), model_params=({**model_extra, "weight": t},), params=params, base=father)
-    if method == "passthrough":
-        if t not in (0.0, 1.0):
-            raise PlanError(f"{where}.t: passthrough takes one parent whole: t must be 0 (father) or 1 (mother), got {t}")
-        return dict(models=(father if t == 0.0 else mother,), model_params=(), params=params, base=None)
-    if method == "model_stock":
-        raise PlanError(f"{where}.method: model_stock needs several fine-tunes of one base; a breed has one mother")
-    raise PlanError(f"{where}.method: {method!r} cannot be used in a breed section; use linear, slerp, passthrough or one of {', '.join(TASK_VECTOR_METHODS)}")
+    m = methods.get(method)
+    if m.breed is None:
+        if m.breed_refusal:
+            raise PlanError(f"{where}.method: {m.breed_refusal}")
+        raise PlanError(f"{where}.method: {method!r} cannot be used in a breed section; use one of {', '.join(breeding_methods())}")
+    try:
+        got = m.breed.inputs(t, model_extra, params)
+    except methods.BreedError as e:
+        raise PlanError(f"{where}.t: {e}") from None
+    side = {methods.Side.FATHER: father, methods.Side.MOTHER: mother}
+    return dict(models=tuple(side[s] for s in got.models), model_params=got.model_params, params=got.params,
+                base=side[got.base] if got.base is not None else None)
+
+
+def _copied_from_father(tp: TensorPlan, father: str) -> bool:
+    """A tensor the child takes from the father unchanged (up to padding): not blended."""
+    return (methods.get(tp.method).is_identity(tp.params, tp.model_params) and len(tp.sources()) == 1
+            and tp.sources()[0].parent == father)
 
 
 # --- the plan ----------------------------------------------------------------------------------
@@ -333,7 +325,7 @@ def plan_breed(manifest: Any, text: str = "") -> Plan:
         dtype = out_dtype or f.dtype
         common = dict(name=f.name, shape=shape, dtype=dtype, layer=f.layer, role=f.role, seed=_seed(seed, f.name))
         if f.name not in pairs:
-            tensors.append(TensorPlan(method="passthrough", models=(fref,), **common))
+            tensors.append(TensorPlan(method=methods.COPY.name, models=(fref,), **common))
             continue
         m, key, t = pairs[f.name]
         if len(m.shape) != len(shape) or (m.shape != shape and f.role not in FFN_DIM):
@@ -359,7 +351,7 @@ def plan_breed(manifest: Any, text: str = "") -> Plan:
         tensors.append(TensorPlan(method=spec.method, **fields, **common))
 
     # What the model card must say.
-    blended_roles = {tp.role for tp in tensors if tp.method != "passthrough" or tp.models[0].parent != fk}
+    blended_roles = {tp.role for tp in tensors if not _copied_from_father(tp, fk)}
     if blended_roles & set(FFN_DIM):
         fa = fcfg.get(arch.adapter_for(father.config).activation_key) or fcfg.get("hidden_act") or fcfg.get("hidden_activation")
         ma = mcfg.get(arch.adapter_for(mother.config).activation_key) or mcfg.get("hidden_act") or mcfg.get("hidden_activation")

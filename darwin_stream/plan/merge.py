@@ -176,25 +176,22 @@ def _no_duplicates(inputs: list[tuple[str, Any]], where: str) -> None:
 
 
 def _check_slice(sl: _Slice, method: Any) -> None:
+    """The slice's inputs against the method's declared arity and base policy."""
     n = len(sl.sources)
-    if method.name == "slerp" and n != 2:
-        raise PlanError(f"{sl.where}: slerp blends exactly 2 models (base_model and one other), got {n}")
-    if method.name == "passthrough" and n != 1:
-        raise PlanError(f"{sl.where}: passthrough takes exactly 1 model per slice, got {n}")
-    if method.name == "model_stock" and n < 3:  # found only mid-merge, after .partial, before
-        raise PlanError(f"{sl.where}: model_stock needs the base_model and at least 2 other models, got {n} inputs")
-    if method.needs_base or (method.base_optional and sl.base is not None):
+    arity = method.arity
+    # The method's own words for a wrong count come first, over the inputs it would be handed.
+    if arity.message is not None and not arity.admits(n - int(method.uses_base(sl.base is not None))):
+        raise PlanError(f"{sl.where}: {method.name} " + arity.message.format(inputs=n))
+    if method.uses_base(sl.base is not None):
         if sl.base is None:
             raise PlanError(f"base_model: {method.name} needs a base_model, and none is given")
         if not any(_same(s.spec, sl.base) for s in sl.sources):
             raise PlanError(
                 f"{sl.where}: base_model {sl.base} is not among the inputs, and {method.name} needs it"
             )
-    lo, hi = method.non_base
     k = n - int(method.uses_base(sl.base is not None) and any(_same(s.spec, sl.base) for s in sl.sources))
-    if k < lo or (hi is not None and k > hi):
-        want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo} to {hi}"
-        raise PlanError(f"{sl.where}: {method.name} takes {want} model(s) besides the base, got {k}")
+    if not arity.admits(k):
+        raise PlanError(f"{sl.where}: {method.name} takes {arity.describe()} model(s) besides the base, got {k}")
 
 
 def _resolve(
@@ -224,8 +221,8 @@ class _Builder:
         self.method = method
         self.ps = ps
         self.config_spec = config_spec
-        self.required = getattr(methods, "REQUIRED", object())
-        self.passthrough = methods.get("passthrough") if "passthrough" in methods.names() else None
+        self.required = methods.REQUIRED
+        self.copy = methods.COPY  # how a tensor that is not blended (an integer buffer) is planned
         self.keys: dict[str, str] = {}
         self.tensors: list[TensorPlan] = []
 
@@ -290,14 +287,13 @@ class _Builder:
 
         if ref_info.dtype not in dtypes.FLOAT_CODES:
             # Integer buffers are not blended: they come from the template parent unchanged.
-            mp = dict(self.passthrough.model_param_defaults) if self.passthrough else {}
-            mp = {k: (None if v is self.required else v) for k, v in mp.items()}
+            mp = {p.name: (None if p.required else p.default) for p in self.copy.model_parameters}
             self.tensors.append(
                 TensorPlan(
                     child,
                     shape,
                     ref_info.dtype,
-                    "passthrough",
+                    self.copy.name,
                     (SourceRef(self.key(tpl.spec), tpl_name),),
                     (mp,),
                     {},

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from darwin_stream import arch
+from darwin_stream import arch, methods
 from darwin_stream.errors import EvolveError
 from darwin_stream.manifest import EvolveSection, GeneSection, Manifest, interpolate
 from darwin_stream.plan.breed import blend_for, method_inputs
@@ -179,11 +179,10 @@ class Template:
 
     def _targets(self, tp: TensorPlan, g: Gene) -> list[tuple[str, int]]:
         if self.breed:
-            if tp.method == "passthrough" or self._blend_key(tp) is None:
+            breed = methods.get(tp.method).breed
+            if breed is None or not breed.searchable or self._blend_key(tp) is None:
                 return []
             return [("breed_t", -1)]
-        if tp.method == "passthrough" and not tp.params and not any(tp.model_params):
-            return []
         if g.model is not None:
             return [("model", i) for i, r in enumerate(tp.models)
                     if r.parent == g.model and i < len(tp.model_params) and g.param in tp.model_params[i]]
@@ -252,11 +251,9 @@ class Template:
         if s.where == "params":
             return float(tp.params[self.genes[s.gene].param])
         # breed t: the mother's share, read back through the method's own mapping
-        if tp.method == "linear":
-            return float(tp.model_params[1]["weight"])
-        if tp.method == "slerp":
-            return float(tp.params["t"])
-        return float(tp.model_params[0]["weight"])
+        breed = methods.get(tp.method).breed
+        assert breed is not None  # a slot is only taken where the method declares one (_targets)
+        return breed.read(tp.model_params, tp.params)
 
     def check(self, x: Sequence[float]) -> None:
         if len(x) != self.dim:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from darwin_stream.methods import Chunk, get, pass_count
-from darwin_stream.methods._sparsify import uniform_bits
+from darwin_stream.methods.masks import uniform_bits
 
 F64 = torch.float64
 

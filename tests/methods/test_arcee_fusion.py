@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from darwin_stream.methods._order import key_value, ordered_keys
+from darwin_stream.methods.select import key_value, ordered_keys
 from tests.methods.mergekit_reference import ref_arcee_fusion, run_blocks
 from tests.methods.methods_reference import assert_bf16_close, make_inputs
 

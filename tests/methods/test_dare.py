@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from darwin_stream.methods._sparsify import _lowbias32, keep_mask, uniform_bits
+from darwin_stream.methods.masks import keep_mask, lowbias32, uniform_bits
 from tests.methods.methods_reference import assert_bf16_close, make_inputs, ref_gta, run_method
 
 
@@ -23,7 +23,7 @@ def test_hash_matches_python_integers():
     g = torch.Generator().manual_seed(30)
     x = torch.randint(0, 2**32, (2000,), generator=g, dtype=torch.int64)
     x[:3] = torch.tensor([0, 2**32 - 1, 2**31])
-    got = _lowbias32(x).tolist()
+    got = lowbias32(x).tolist()
     assert got == [_lowbias32_py(v) for v in x.tolist()]
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from darwin_stream.methods.karcher import coefficients
-from darwin_stream.methods.multislerp import gram
+from darwin_stream.methods.reduce import gram
 from tests.methods.mergekit_reference import ref_karcher, run_blocks
 from tests.methods.methods_reference import assert_bf16_close, make_inputs
 

@@ -2,12 +2,12 @@ import pytest
 import torch
 
 from darwin_stream.methods import get
-from darwin_stream.methods._sparsify import (
+from darwin_stream.methods.reduce import sum_tree
+from darwin_stream.methods.select import (
     RadixSelect,
     hi_histogram,
     lo_histogram,
     magnitude_keys,
-    sum_tree,
     total_at_or_above,
 )
 from tests.methods.methods_reference import (

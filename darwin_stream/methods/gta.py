@@ -15,28 +15,78 @@ blend stays elementwise and never holds more than a few chunk-sized temporaries.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
 
-from darwin_stream.methods import REQUIRED, Chunk, MergeMethod, Statistic
-from darwin_stream.methods._sparsify import (
+from darwin_stream.methods.breeding import TASK_VECTOR
+from darwin_stream.methods.contract import (
+    BasePolicy,
+    Chunk,
+    MergeMethod,
+    Param,
+    Params,
+    Statistic,
+    param,
+    required,
+)
+from darwin_stream.methods.masks import keep_mask
+from darwin_stream.methods.reduce import sum_tree
+from darwin_stream.methods.select import (
     NOTHING,
+    Located,
     RadixSelect,
     hi_histogram,
-    keep_mask,
     lo_histogram,
     magnitude_keys,
-    sum_tree,
     total_at_or_above,
 )
 
 RESCALE_EPS = 1e-7  # mergekit: no rescale when either L1 norm is below this
-MAGNITUDE = "magnitude"
-RANDOM = "random"
-OUTLIERS = "magnitude_outliers"
+
+
+class Sparsification(enum.Enum):
+    """How each task vector is trimmed before the merge (mergekit's SparsificationMethod)."""
+
+    NONE = "none"
+    MAGNITUDE = "magnitude"  # keep the top-density magnitudes (ties)
+    RANDOM = "random"  # keep each element with probability density (dare)
+    OUTLIERS = "magnitude_outliers"  # drop the top gamma, keep the next density (breadcrumbs)
+
+
+class Keep(enum.Enum):
+    """What a magnitude selection keeps of one task vector before its thresholds are known."""
+
+    SOME = "some"  # the elements between two ranks: thresholds follow in pass 2
+    NOTHING = "nothing"  # mergekit's empty slice: the delta vanishes
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """A trimmed task vector: keep `lo <= key < hi` (hi None: no upper bound), times `scale`."""
+
+    lo: int
+    hi: int | None
+    scale: float
+
+
+@dataclass(frozen=True)
+class Drop:
+    """A dropped-at-random task vector: keep with probability `density`, times `scale`."""
+
+    density: float
+    scale: float
+
+
+@dataclass(frozen=True)
+class Sparse:
+    """The final state: per model, how its task vector is sparsified (None: untouched)."""
+
+    models: tuple[Bounds | Drop | None, ...]
 
 
 def _deltas(chunk: Chunk, i: int) -> torch.Tensor:
@@ -52,142 +102,189 @@ def _scale(before: float, after: float) -> float:
 # --- magnitude / magnitude_outliers: exact thresholds by radix select (2 passes) ---
 
 
-def _magnitude_targets(method: str, mp: dict[str, Any], n: int) -> list[int] | str | None:
+@dataclass(frozen=True)
+class _Histogram:
+    """Pass 1 partial for one model: counts (and float64 magnitude sums) per top bin."""
+
+    counts: torch.Tensor
+    sums: torch.Tensor | None
+    density: float
+    gamma: float
+
+
+@dataclass(frozen=True)
+class _Counted:
+    """Pass 1 partial of a chunk (or of the tensor, once combined)."""
+
+    rescale: bool
+    models: tuple[_Histogram | dict[int, torch.Tensor] | None, ...]
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """Pass 1 state for one model: where its threshold ranks lie, their bins to refine in pass 2."""
+
+    keep: Keep
+    located: tuple[Located | None, ...] = ()
+    sums: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class _Ranked:
+    rescale: bool
+    models: tuple[_Pending | None, ...]
+
+
+def _magnitude_targets(kind: Sparsification, density: float, gamma: float, n: int) -> list[int] | Keep:
     """Ranks (1-based, largest first) whose magnitudes bound the kept set, per mergekit's arithmetic."""
-    density = float(mp.get("density", 1.0))
-    if density >= 1:
-        return None
-    if method == MAGNITUDE:
+    if kind is Sparsification.MAGNITUDE:
         k = int(density * n)
         if k <= 0:
             raise ValueError(f"ties: density {density} keeps no element of a tensor with {n} elements")
         return [k]
     target_n = int(density * n)
-    n_top = int(float(mp.get("gamma", 0.01)) * n)
+    n_top = int(gamma * n)
     n_bot = n - target_n - n_top
     if n_bot < 0:
         n_top += n_bot
     if n_top == 0:
         # mergekit keeps sorted[n_bot:-n_top], which is empty when n_top == 0: the delta vanishes.
-        return "none"
+        return Keep.NOTHING
     return [n_top, n_top + target_n]
 
 
-def _magnitude_partial(chunk: Chunk, state: Any, kind: str, rescale_default: bool) -> Any:
+def _magnitude_partial(chunk: Chunk, state: _Ranked | None, rescale_default: bool) -> _Counted:
     rescale = bool(chunk.params.get("rescale", rescale_default))
-    out = []
+    out: list[_Histogram | dict[int, torch.Tensor] | None] = []
     for i, mp in enumerate(chunk.model_params):
-        if float(mp.get("density", 1.0)) >= 1:
+        density = float(mp.get("density", 1.0))
+        if density >= 1:
             out.append(None)
             continue
         keys = magnitude_keys(_deltas(chunk, i))
         if state is None:
             counts, sums = hi_histogram(keys, rescale)
-            out.append({"counts": counts, "sums": sums, "mp": dict(mp)})
+            out.append(_Histogram(counts, sums, density, float(mp.get("gamma", 0.01))))
         else:
-            located = state["models"][i]["located"] if state["models"][i] else []
+            pending = state.models[i]
+            located = pending.located if pending is not None else ()
             out.append({b: lo_histogram(keys, b) for b in RadixSelect.bins(located)})
-    return {"rescale": rescale, "models": out}
+    return _Counted(rescale, tuple(out))
 
 
-def _magnitude_finish(combined: Any, state: Any, kind: str) -> Any:
-    if state is None:
-        models = []
-        for m in combined["models"]:
-            if m is None:
-                models.append(None)
-                continue
-            n = int(m["counts"].sum())
-            targets = _magnitude_targets(kind, m["mp"], n)
-            if targets is None or targets == "none":
-                models.append({"targets": targets, "located": []})
-            else:
-                located = RadixSelect.first(m["counts"], targets)
-                models.append({"targets": targets, "located": located, "sums": m["sums"]})
-        return {"rescale": combined["rescale"], "models": models}
-    specs = []
-    for m, lo in zip(state["models"], combined["models"], strict=True):
-        if m is None or m["targets"] is None:
+def _rank(combined: _Counted, kind: Sparsification) -> _Ranked:
+    models: list[_Pending | None] = []
+    for m in combined.models:
+        if not isinstance(m, _Histogram):
+            models.append(None)
+            continue
+        targets = _magnitude_targets(kind, m.density, m.gamma, int(m.counts.sum()))
+        if targets is Keep.NOTHING:
+            models.append(_Pending(Keep.NOTHING))
+        else:
+            models.append(_Pending(Keep.SOME, tuple(RadixSelect.first(m.counts, targets)), m.sums))
+    return _Ranked(combined.rescale, tuple(models))
+
+
+def _bounds(combined: _Counted, state: _Ranked) -> Sparse:
+    specs: list[Bounds | Drop | None] = []
+    for m, lo in zip(state.models, combined.models, strict=True):
+        if m is None:
             specs.append(None)
             continue
-        if m["targets"] == "none":
-            specs.append({"lo": NOTHING, "hi": None, "scale": 1.0})
+        if m.keep is Keep.NOTHING:
+            specs.append(Bounds(NOTHING, None, 1.0))
             continue
-        keys = RadixSelect.second(m["located"], lo)
+        assert isinstance(lo, dict)
+        keys = RadixSelect.second(m.located, lo)
         lo_key, hi_key = (keys[0], None) if len(keys) == 1 else (keys[1], keys[0])
         scale = 1.0
-        if state["rescale"]:
-            sums = m["sums"]
+        if state.rescale:
+            sums = m.sums
+            assert sums is not None
 
             def at_or_above(key: int, lo: dict = lo, sums: torch.Tensor = sums) -> float:
                 return total_at_or_above(key, sums, lo.get(key >> 16, torch.zeros(1)))
 
             kept = at_or_above(lo_key) - (at_or_above(hi_key) if hi_key is not None else 0.0)
             scale = _scale(float(sums.sum()), kept)
-        specs.append({"lo": lo_key, "hi": hi_key, "scale": scale})
-    return {"models": specs}
+        specs.append(Bounds(lo_key, hi_key, scale))
+    return Sparse(tuple(specs))
+
+
+def _magnitude_finish(combined: _Counted, state: _Ranked | None, kind: Sparsification) -> _Ranked | Sparse:
+    return _rank(combined, kind) if state is None else _bounds(combined, state)
 
 
 # --- random (DARE): hashed Bernoulli mask, one pass for the L1 rescale ---
 
 
-def _random_partial(chunk: Chunk, state: Any, rescale_default: bool) -> Any:
+@dataclass(frozen=True)
+class _L1:
+    """One model's L1 norms before and after the drop (None without rescale)."""
+
+    density: float
+    before: torch.Tensor | None
+    after: torch.Tensor | None
+
+
+def _random_partial(chunk: Chunk, state: Any, rescale_default: bool) -> tuple[_L1 | None, ...]:
     rescale = bool(chunk.params.get("rescale", rescale_default))
-    out = []
+    out: list[_L1 | None] = []
     for i, mp in enumerate(chunk.model_params):
         density = float(mp.get("density", 1.0))
         if density >= 1:
             out.append(None)
             continue
-        entry: dict[str, Any] = {"density": density, "before": None, "after": None}
+        before = after = None
         if rescale:
             mag = _deltas(chunk, i).abs().to(torch.float64)
-            entry["before"] = mag.sum()
+            before = mag.sum()
             mask = keep_mask(chunk.seed, i, chunk.offset, mag.shape, density)
-            entry["after"] = (mag * mask).sum()
-        out.append(entry)
-    return {"models": out}
+            after = (mag * mask).sum()
+        out.append(_L1(density, before, after))
+    return tuple(out)
 
 
-def _random_finish(combined: Any, state: Any) -> Any:
-    specs = []
-    for m in combined["models"]:
+def _random_finish(combined: tuple[_L1 | None, ...], state: Any) -> Sparse:
+    specs: list[Bounds | Drop | None] = []
+    for m in combined:
         if m is None:
             specs.append(None)
             continue
-        scale = 1.0 if m["before"] is None else _scale(float(m["before"]), float(m["after"]))
-        specs.append({"density": m["density"], "scale": scale})
-    return {"models": specs}
+        scale = 1.0 if m.before is None or m.after is None else _scale(float(m.before), float(m.after))
+        specs.append(Drop(m.density, scale))
+    return Sparse(tuple(specs))
 
 
 Sparsify = Callable[[Chunk, Any, int], torch.Tensor]  # (chunk, state, model) -> sparsified task vector
 
 
-def sparsified_delta(chunk: Chunk, state: Any, i: int, sparsification: str | Sparsify | None) -> torch.Tensor:
+def sparsified_delta(chunk: Chunk, state: Any, i: int, sparsification: Sparsification | Sparsify) -> torch.Tensor:
     """Model i's task vector on this chunk after trimming/dropping and rescaling."""
     if callable(sparsification):  # a method's own sparsification (della's magprune)
         return sparsification(chunk, state, i)
     delta = _deltas(chunk, i)
-    if sparsification is None:
+    if sparsification is Sparsification.NONE:
         return delta
-    if state is None:
-        raise ValueError(f"{sparsification} sparsification needs the statistic state")
-    spec = state["models"][i]
+    if not isinstance(state, Sparse):
+        raise ValueError(f"{sparsification.value} sparsification needs the statistic state")
+    spec = state.models[i]
     if spec is None:
         return delta
-    if sparsification == RANDOM:
-        keep = keep_mask(chunk.seed, i, chunk.offset, delta.shape, spec["density"])
+    if isinstance(spec, Drop):
+        keep = keep_mask(chunk.seed, i, chunk.offset, delta.shape, spec.density)
     else:
         keys = magnitude_keys(delta)
-        keep = keys >= spec["lo"]
-        if spec["hi"] is not None:
-            keep &= keys < spec["hi"]
+        keep = keys >= spec.lo
+        if spec.hi is not None:
+            keep &= keys < spec.hi
     delta = torch.where(keep, delta, torch.zeros((), dtype=delta.dtype))
-    return delta * spec["scale"] if spec["scale"] != 1.0 else delta
+    return delta * spec.scale if spec.scale != 1.0 else delta
 
 
 def gta_blend(
-    chunk: Chunk, state: Any, sparsification: str | Sparsify | None, consensus: bool, normalize_default: bool
+    chunk: Chunk, state: Any, sparsification: Sparsification | Sparsify, consensus: bool, normalize_default: bool
 ) -> torch.Tensor:
     if chunk.base is None:
         raise ValueError("task-arithmetic methods need a base model")
@@ -231,7 +328,7 @@ def gta_blend(
     return torch.add(base, mixed, out=mixed) if inplace else base + mixed
 
 
-def _check_sparsity(name: str, sparsification: str | None, model_params: Any, numel: int) -> str | None:
+def _check_sparsity(name: str, sparsification: Sparsification, model_params: Sequence[Params], numel: int) -> str | None:
     """density in (0, 1] for every sparsifying method, as ties has always needed: dare with density
     0 or -1 kept nothing and silently gave the base model. gamma (breadcrumbs) lies in [0, 1]."""
     for i, mp in enumerate(model_params):
@@ -241,29 +338,45 @@ def _check_sparsity(name: str, sparsification: str | None, model_params: Any, nu
         gamma = float(mp.get("gamma", 0.0))
         if not 0 <= gamma <= 1:
             return f"model {i}: {name} needs gamma in [0, 1], got {gamma}"
-        if sparsification == MAGNITUDE and density < 1 and int(density * numel) <= 0:
+        if sparsification is Sparsification.MAGNITUDE and density < 1 and int(density * numel) <= 0:
             return f"model {i}: {name}: density {density} keeps no element of a tensor with {numel} elements"
     return None
+
+
+WEIGHT = required("weight", "this model's task vector is scaled by it")
+DENSITY = param("density", 1.0, "fraction of the task vector kept")
+GAMMA = param("gamma", 0.01, "fraction of the largest magnitudes dropped as outliers")
+INT8_MASK = param("int8_mask", False, "only the dtype of mergekit's masks; results are identical")
+LAMBDA = param("lambda", 1.0, "the merged task vector is scaled by it")
+
+
+def normalize_param(default: bool) -> Param:
+    return param("normalize", default, "divide by the sum of the weights (of the agreeing models, with consensus)")
+
+
+def rescale_param(default: bool) -> Param:
+    return param("rescale", default, "match each sparsified task vector's L1 norm to the unsparsified one")
 
 
 def make_gta(
     name: str,
     *,
-    sparsification: str | None,
+    summary: str,
+    sparsification: Sparsification,
     consensus: bool,
     default_normalize: bool,
     default_rescale: bool,
 ) -> MergeMethod:
     """A GTA-family MergeMethod with mergekit's parameter names and defaults for `name`."""
     statistic = None
-    if sparsification in (MAGNITUDE, OUTLIERS):
+    if sparsification in (Sparsification.MAGNITUDE, Sparsification.OUTLIERS):
         statistic = Statistic(
             passes=2,
-            partial=partial(_magnitude_partial, kind=sparsification, rescale_default=default_rescale),
+            partial=partial(_magnitude_partial, rescale_default=default_rescale),
             combine=sum_tree,
             finish=partial(_magnitude_finish, kind=sparsification),
         )
-    elif sparsification == RANDOM:
+    elif sparsification is Sparsification.RANDOM:
         statistic = Statistic(
             passes=1,
             partial=partial(_random_partial, rescale_default=default_rescale),
@@ -271,29 +384,24 @@ def make_gta(
             finish=_random_finish,
         )
 
-    model_params: dict[str, Any] = {"weight": REQUIRED, "density": 1.0}
-    if sparsification == OUTLIERS:
-        model_params["gamma"] = 0.01
+    model_params = (WEIGHT, DENSITY) + ((GAMMA,) if sparsification is Sparsification.OUTLIERS else ())
 
     def blend(chunk: Chunk, state: Any) -> torch.Tensor:
         return gta_blend(chunk, state, sparsification, consensus, default_normalize)
 
-    def check(params: Any, model_params: Any, numel: int) -> str | None:
+    def check(params: Params, model_params: Sequence[Params], numel: int) -> str | None:
         return _check_sparsity(name, sparsification, model_params, numel)
 
     return MergeMethod(
         name=name,
+        summary=summary,
         blend=blend,
         statistic=statistic,
-        needs_base=True,
-        random=sparsification == RANDOM,
-        inplace=sparsification is None and not consensus,
-        model_param_defaults=model_params,
-        check=check if sparsification else None,
-        param_defaults={
-            "int8_mask": False,  # only the dtype of mergekit's mask; results are identical
-            "normalize": default_normalize,
-            "rescale": default_rescale,
-            "lambda": 1.0,
-        },
+        base=BasePolicy.REQUIRED,
+        random=sparsification is Sparsification.RANDOM,
+        inplace=sparsification is Sparsification.NONE and not consensus,
+        model_parameters=model_params,
+        parameters=(INT8_MASK, normalize_param(default_normalize), rescale_param(default_rescale), LAMBDA),
+        check=check if sparsification is not Sparsification.NONE else None,
+        breed=TASK_VECTOR,
     )

@@ -1,16 +1,19 @@
-"""Exact streaming order statistics and chunking-independent randomness for the sparsifying methods.
+"""Exact streamed order statistics over float32 bit patterns (k-th largest, quantiles).
 
 Magnitudes are ranked by the bit patterns of their float32 values: for non-negative floats the
 integer order of the bits is the value order, so the k-th largest magnitude of a tensor can be found
 exactly with two histogram passes (top 16 bits, then the low 16 bits inside one top bin), whatever
-the chunking. Randomness is a counter-based hash of (seed, model, flat element index), so a chunk
-draws the same numbers as the whole tensor would at the same positions.
+the chunking. A signed value needs its bits remapped first (`ordered_keys`): flipping every bit of a
+negative float and only the sign bit of a positive one gives unsigned 32-bit keys that order like
+the floats (-0.0 just below +0.0); their top bins number 2^16 instead of 2^15.
+
+Used by ties and breadcrumbs (magnitudes of task vectors), sce (variances) and arcee_fusion
+(signed importances).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
@@ -18,8 +21,7 @@ HI_BINS = 1 << 15  # |x| has sign bit 0, so its top 16 bits are < 2**15
 LO_BINS = 1 << 16
 NOTHING = 0x7FFFFFFF  # a key above every non-NaN magnitude: "keep nothing"
 
-_M32 = 0xFFFFFFFF
-_M64 = 0xFFFFFFFFFFFFFFFF
+Located = tuple[int, int]  # (top bin, 1-based rank inside it)
 
 
 def magnitude_keys(x: torch.Tensor) -> torch.Tensor:
@@ -47,7 +49,7 @@ def lo_histogram(keys: torch.Tensor, hi_bin: int) -> torch.Tensor:
     return torch.bincount(inside & 0xFFFF, minlength=LO_BINS)
 
 
-def locate(counts: torch.Tensor, k: int) -> tuple[int, int]:
+def locate(counts: torch.Tensor, k: int) -> Located:
     """Bin holding the k-th largest (1-based) element, and its 1-based rank inside that bin."""
     at_or_above = counts.flip(0).cumsum(0).flip(0)
     b = int(torch.nonzero(at_or_above >= k).max())
@@ -72,15 +74,15 @@ class RadixSelect:
     """
 
     @staticmethod
-    def first(counts: torch.Tensor, ks: Sequence[int]) -> list[tuple[int, int] | None]:
+    def first(counts: torch.Tensor, ks: Sequence[int]) -> list[Located | None]:
         return [None if k <= 0 else locate(counts, k) for k in ks]
 
     @staticmethod
-    def bins(located: Sequence[tuple[int, int] | None]) -> list[int]:
+    def bins(located: Sequence[Located | None]) -> list[int]:
         return sorted({loc[0] for loc in located if loc is not None})
 
     @staticmethod
-    def second(located: Sequence[tuple[int, int] | None], lo: dict[int, torch.Tensor]) -> list[int]:
+    def second(located: Sequence[Located | None], lo: dict[int, torch.Tensor]) -> list[int]:
         keys = []
         for loc in located:
             if loc is None:
@@ -92,53 +94,39 @@ class RadixSelect:
         return keys
 
 
-def sum_tree(parts: Sequence[Any]) -> Any:
-    """Combine partials: tensors are summed, anything else (parameters, flags) is taken from the first part."""
-    first = parts[0]
-    if isinstance(first, torch.Tensor):
-        out = first.clone()
-        for p in parts[1:]:
-            out += p
-        return out
-    if isinstance(first, dict):
-        return {k: sum_tree([p[k] for p in parts]) for k in first}
-    if isinstance(first, (list, tuple)):
-        return type(first)(sum_tree([p[i] for p in parts]) for i in range(len(first)))
-    return first
+# --- signed values ---------------------------------------------------------------------------
+
+SIGNED_BINS = 1 << 16
+_SIGN = 1 << 31
 
 
-def _mix64(x: int) -> int:
-    x &= _M64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
-    return x ^ (x >> 31)
+def ordered_keys(x: torch.Tensor) -> torch.Tensor:
+    """int64 keys in [0, 2^32) ordered like the float32 values of `x`."""
+    bits = x.to(torch.float32).reshape(-1).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    return torch.where(bits >= _SIGN, 0xFFFFFFFF - bits, bits + _SIGN)
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    # (x * c) mod 2**32 without int64 overflow: split x into 16-bit halves.
-    return ((x & 0xFFFF) * c + ((((x >> 16) * c) & 0xFFFF) << 16)) & _M32
+def key_value(key: int) -> float:
+    """The float32 value a key of `ordered_keys` stands for."""
+    bits = key - _SIGN if key >= _SIGN else 0xFFFFFFFF - key
+    signed = bits - (1 << 32) if bits >= _SIGN else bits
+    return float(torch.tensor([signed], dtype=torch.int32).view(torch.float32))
 
 
-def _lowbias32(x: torch.Tensor) -> torch.Tensor:
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+def hi_counts(keys: torch.Tensor) -> torch.Tensor:
+    """Pass 1 partial over signed keys: counts per top-16-bit bin."""
+    return torch.bincount(keys >> 16, minlength=SIGNED_BINS)
 
 
-def uniform_bits(seed: int, model: int, offset: int, n: int) -> torch.Tensor:
-    """32 random bits (int64 in [0, 2**32)) for flat elements offset..offset+n of one model's tensor."""
-    key = _mix64(_mix64(seed) ^ _mix64(model + 0x9E3779B97F4A7C15))
-    idx = torch.arange(offset, offset + n, dtype=torch.int64)
-    h = _lowbias32((idx & _M32) ^ (key & _M32))
-    return _lowbias32(h ^ (idx >> 32) ^ (key >> 32))
+def lo_counts(keys: torch.Tensor, hi_bin: int) -> torch.Tensor:
+    """Pass 2 partial over signed keys: counts per low-16-bit value among the keys in top bin `hi_bin`."""
+    return torch.bincount(keys[(keys >> 16) == hi_bin] & 0xFFFF, minlength=SIGNED_BINS)
 
 
-def keep_mask(seed: int, model: int, offset: int, shape: Sequence[int], density: float) -> torch.Tensor:
-    """DARE's Bernoulli(density) keep mask for a chunk, identical however the tensor is chunked."""
-    n = 1
-    for s in shape:
-        n *= s
-    threshold = round(min(max(density, 0.0), 1.0) * 2**32)
-    return (uniform_bits(seed, model, offset, n) < threshold).reshape(tuple(shape))
+def quantile_ranks(n: int, qs: list[float]) -> list[int]:
+    """1-based ranks, largest first, of mergekit's quantiles `sorted[int(q * (n - 1))]`.
+
+    The index is computed as mergekit does (a float32 product, truncated), so that it is the same
+    element for every n."""
+    idx = (torch.tensor(qs, dtype=torch.float32) * (n - 1)).long().tolist()
+    return [n - i for i in idx]
