@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from darwin_stream import engine, identity, outputs
+from darwin_stream import engine, identity, outputs, pool
 from darwin_stream.errors import DarwinError
 from darwin_stream.export import ChildWriter
 from darwin_stream.plan import Plan
@@ -132,7 +132,7 @@ def merge(
     interrupted merge of the same plan resumes from its finished chunks.
     """
     start = engine.now()
-    with engine.PeakMemory() as mem:
+    with engine.PeakMemory() as mem, pool.session():  # each parent opened once, closed at the end
         plan = load_plan(manifest)
         opts = plan.options or {}
         budget = int(memory_budget or opts.get("memory_budget") or engine.DEFAULT_BUDGET)

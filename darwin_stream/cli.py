@@ -151,20 +151,17 @@ def _print_genome(manifest: str, plan) -> None:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from darwin_stream import store
+    from darwin_stream import pool, store
 
     kwargs = {}
     if args.chunk_size:
         kwargs["chunk_bytes"] = args.chunk_size
     if args.zstd:
         kwargs["compressor"] = "zstd"
-    with _Bar("ingest", args.quiet) as bar:
-        if not args.quiet:
-            from darwin_stream.sources import open_parent
-
-            with open_parent(args.source) as parent:
-                bar.start(sum(t.nbytes for t in parent.tensors.values()))
-        report = store.ingest(args.source, args.store, mode=args.mode, progress=bar.callback(), **kwargs)
+    with _Bar("ingest", args.quiet) as bar, pool.session():  # one open parent for the bar and the ingest
+        parent = pool.get_parent(args.source)
+        bar.start(sum(t.nbytes for t in parent.tensors.values()))
+        report = store.ingest(parent, args.store, mode=args.mode, progress=bar.callback(), **kwargs)
     print(json.dumps(report) if args.json else f"store: {args.store} ({report.get('mode', args.mode)} mode)")
     return 0
 
