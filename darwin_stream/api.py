@@ -161,6 +161,7 @@ def merge(
             final = writer.finish()
             if out_format == "zarr":
                 final = _to_store(final, paths, overwrite=overwrite)
+        predicted = engine.predicted_peak(plan, budget, engine.worker_count(client))  # reads parents' dtypes
     return MergeReport(
         out=str(final),
         wall_s=round(engine.now() - start, 3),
@@ -169,7 +170,7 @@ def merge(
         peak_anon_bytes=mem.peak,
         baseline_anon_bytes=mem.baseline,
         memory_budget=budget,
-        predicted_peak_bytes=engine.predicted_peak(plan, budget, engine.worker_count(client)),
+        predicted_peak_bytes=predicted,
         tensors=len(plan.tensors),
         chunks=stats.chunks,
         resumed_chunks=stats.skipped_chunks,

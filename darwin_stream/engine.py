@@ -448,20 +448,28 @@ class Task:
         return _refuse_child(self.tp, r0, r1)
 
 
-def task_plan(plan: Plan, tp: TensorPlan) -> Plan:
+def task_plan(plan: Plan, tp: TensorPlan, shared: dict | None = None) -> Plan:
     """What a task of `tp` keeps of the plan: the specs of the parents it reads and the options.
 
     A task is pickled for every dask.distributed worker that runs it; with the whole plan inside,
     that was 50 KiB per task on the 0.6B geometry for a tensor plan of 0.3 KiB (docs/benchmarks.md,
     "Task size"). The parents themselves come from each worker's pool, by spec.
+    `shared` (one dict per graph) gives tasks that read the same parents one object, which the
+    graph's pickle, sent once to the scheduler, then holds once.
     """
-    keys = sorted({r.parent for r in tp.sources()})
-    return Plan(parents={k: plan.parents[k] for k in keys}, tensors=[], config_from="", tokenizer_from="",
-                options=dict(plan.options or {}))
+    keys = tuple(sorted({r.parent for r in tp.sources()}))
+    slim = shared.get(keys) if shared is not None else None
+    if slim is None:
+        slim = Plan(parents={k: plan.parents[k] for k in keys}, tensors=[], config_from="", tokenizer_from="",
+                    options=dict(plan.options or {}))
+        if shared is not None:
+            shared[keys] = slim
+    return slim
 
 
-def make_task(plan: Plan, tp: TensorPlan, start: int, stop: int, device: str, budget: int, workers: int) -> Task:
-    return Task(task_plan(plan, tp), tp, start, stop, block_rows(plan, tp, budget, workers), device,
+def make_task(plan: Plan, tp: TensorPlan, start: int, stop: int, device: str, budget: int, workers: int,
+              shared: dict | None = None) -> Task:
+    return Task(task_plan(plan, tp, shared), tp, start, stop, block_rows(plan, tp, budget, workers), device,
                 stage_bytes(budget, workers))
 
 
@@ -600,12 +608,14 @@ def build_graph(plan: Plan, writer, *, budget: int, workers: int, device: str, p
     """
     graph: dict = {WRITER: writer}  # one key: shipped once per worker, not inside every task
     outputs: list = []
+    shared: dict = {}
     for tp in plan.tensors:
         if _numel(tp.shape) == 0:
             continue  # nothing to read or write: its header entry is the whole tensor
         total = _rows(tp.shape)
         rows = chunk_rows(plan, tp, budget, workers)
-        tasks = [make_task(plan, tp, s, min(s + rows, total), device, budget, workers) for s in range(0, total, rows)]
+        tasks = [make_task(plan, tp, s, min(s + rows, total), device, budget, workers, shared)
+                 for s in range(0, total, rows)]
         todo = [t for t in tasks if not writer.is_done(tp.name, t.start, t.stop)]
         if not todo:
             continue
