@@ -276,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--format", choices=["safetensors", "zarr"],
                    help="the child's form: a safetensors checkpoint (default) or a zarr copy store")
     m.add_argument("--scheduler", metavar="ADDRESS",
-                   help="address of a dask.distributed scheduler (default: threads in this process)")
+                   help="address of a dask.distributed scheduler (default: threads in this process); "
+                        "the memory budget then applies to each worker process")
     m.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
     m.add_argument("--page-cache", action="store_true",
                    help="write the child through the page cache, leaving it cached for a following load "

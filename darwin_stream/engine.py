@@ -451,9 +451,10 @@ class Task:
 def task_plan(plan: Plan, tp: TensorPlan, shared: dict | None = None) -> Plan:
     """What a task of `tp` keeps of the plan: the specs of the parents it reads and the options.
 
-    A task is pickled for every dask.distributed worker that runs it; with the whole plan inside,
-    that was 50 KiB per task on the 0.6B geometry for a tensor plan of 0.3 KiB (docs/benchmarks.md,
-    "Task size"). The parents themselves come from each worker's pool, by spec.
+    A task is pickled for the dask.distributed worker that runs it; with the whole plan (and the
+    writer) inside, a task of the 0.6B geometry was 112 KB for a tensor plan of 0.4 KB; it is now
+    0.9 KB (docs/benchmarks.md, "Task size"). The parents come from each worker's pool, by spec.
+
     `shared` (one dict per graph) gives tasks that read the same parents one object, which the
     graph's pickle, sent once to the scheduler, then holds once.
     """

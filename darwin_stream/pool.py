@@ -37,7 +37,8 @@ def open_parent(spec: str | os.PathLike, *, storage_options: dict | None = None)
 
 
 def _key(spec: str, storage_options: dict | None) -> tuple[str, str]:
-    return spec, json.dumps(storage_options or {}, sort_keys=True, default=str)
+    # Every task asks once per input: no JSON for the common case of no options.
+    return spec, json.dumps(storage_options, sort_keys=True, default=str) if storage_options else ""
 
 
 class ParentPool:
