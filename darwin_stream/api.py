@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from darwin_stream import engine, identity, outputs
+from darwin_stream import engine, identity, outputs, pool
 from darwin_stream.errors import DarwinError
 from darwin_stream.export import ChildWriter
 from darwin_stream.plan import Plan
@@ -132,7 +132,7 @@ def merge(
     interrupted merge of the same plan resumes from its finished chunks.
     """
     start = engine.now()
-    with engine.PeakMemory() as mem:
+    with engine.PeakMemory() as mem, pool.session():  # each parent opened once, closed at the end
         plan = load_plan(manifest)
         opts = plan.options or {}
         budget = int(memory_budget or opts.get("memory_budget") or engine.DEFAULT_BUDGET)
@@ -161,6 +161,7 @@ def merge(
             final = writer.finish()
             if out_format == "zarr":
                 final = _to_store(final, paths, overwrite=overwrite)
+        predicted = engine.predicted_peak(plan, budget, engine.worker_count(client))  # reads parents' dtypes
     return MergeReport(
         out=str(final),
         wall_s=round(engine.now() - start, 3),
@@ -169,7 +170,7 @@ def merge(
         peak_anon_bytes=mem.peak,
         baseline_anon_bytes=mem.baseline,
         memory_budget=budget,
-        predicted_peak_bytes=engine.predicted_peak(plan, budget, engine.worker_count(client)),
+        predicted_peak_bytes=predicted,
         tensors=len(plan.tensors),
         chunks=stats.chunks,
         resumed_chunks=stats.skipped_chunks,

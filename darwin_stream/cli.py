@@ -151,20 +151,17 @@ def _print_genome(manifest: str, plan) -> None:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from darwin_stream import store
+    from darwin_stream import pool, store
 
     kwargs = {}
     if args.chunk_size:
         kwargs["chunk_bytes"] = args.chunk_size
     if args.zstd:
         kwargs["compressor"] = "zstd"
-    with _Bar("ingest", args.quiet) as bar:
-        if not args.quiet:
-            from darwin_stream.sources import open_parent
-
-            with open_parent(args.source) as parent:
-                bar.start(sum(t.nbytes for t in parent.tensors.values()))
-        report = store.ingest(args.source, args.store, mode=args.mode, progress=bar.callback(), **kwargs)
+    with _Bar("ingest", args.quiet) as bar, pool.session():  # one open parent for the bar and the ingest
+        parent = pool.get_parent(args.source)
+        bar.start(sum(t.nbytes for t in parent.tensors.values()))
+        report = store.ingest(parent, args.store, mode=args.mode, progress=bar.callback(), **kwargs)
     print(json.dumps(report) if args.json else f"store: {args.store} ({report.get('mode', args.mode)} mode)")
     return 0
 
@@ -279,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--format", choices=["safetensors", "zarr"],
                    help="the child's form: a safetensors checkpoint (default) or a zarr copy store")
     m.add_argument("--scheduler", metavar="ADDRESS",
-                   help="address of a dask.distributed scheduler (default: threads in this process)")
+                   help="address of a dask.distributed scheduler (default: threads in this process); "
+                        "the memory budget then applies to each worker process")
     m.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
     m.add_argument("--page-cache", action="store_true",
                    help="write the child through the page cache, leaving it cached for a following load "

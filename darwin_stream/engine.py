@@ -33,35 +33,25 @@ from typing import Any
 import dask.threaded
 import torch
 
-from darwin_stream import dtypes, methods
+from darwin_stream import dtypes, methods, pool
 from darwin_stream.errors import DarwinError, SourceError
 from darwin_stream.export import PAGE, STAGE_BYTES, staging_buffer
 from darwin_stream.plan import Plan, SourceRef, TensorPlan, human_bytes
-from darwin_stream.sources import Parent, open_parent
+from darwin_stream.sources import Parent
 from darwin_stream.threads import torch_threads
 
 DEFAULT_BUDGET = 2**30
 
-_parents: dict[str, Parent] = {}
-_parents_lock = threading.Lock()
-
 
 def get_parent(spec: str) -> Parent:
-    """One open Parent per spec per process: tasks carry specs, not file handles, so they pickle."""
-    with _parents_lock:
-        p = _parents.get(spec)
-        if p is None:
-            p = _parents[spec] = open_parent(spec)
-        return p
+    """The open parent of `spec` in this process, from the parent pool: tasks carry specs, not
+    file handles, so they pickle, and each process (a dask worker too) opens a parent once."""
+    return pool.get_parent(spec)
 
 
 def release_parents() -> None:
-    with _parents_lock:
-        for p in _parents.values():
-            close = getattr(p, "close", None)
-            if close:
-                close()
-        _parents.clear()
+    """Close this process's parents (the next read opens them afresh, as they now are)."""
+    pool.release_default()
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -452,8 +442,30 @@ class Task:
         return _refuse_child(self.tp, r0, r1)
 
 
-def make_task(plan: Plan, tp: TensorPlan, start: int, stop: int, device: str, budget: int, workers: int) -> Task:
-    return Task(plan, tp, start, stop, block_rows(plan, tp, budget, workers), device, stage_bytes(budget, workers))
+def task_plan(plan: Plan, tp: TensorPlan, shared: dict | None = None) -> Plan:
+    """What a task of `tp` keeps of the plan: the specs of the parents it reads and the options.
+
+    A task is pickled for the dask.distributed worker that runs it; with the whole plan (and the
+    writer) inside, a task of the 0.6B geometry was 112 KB for a tensor plan of 0.4 KB; it is now
+    0.9 KB (docs/benchmarks.md, "Task size"). The parents come from each worker's pool, by spec.
+
+    `shared` (one dict per graph) gives tasks that read the same parents one object, which the
+    graph's pickle, sent once to the scheduler, then holds once.
+    """
+    keys = tuple(sorted({r.parent for r in tp.sources()}))
+    slim = shared.get(keys) if shared is not None else None
+    if slim is None:
+        slim = Plan(parents={k: plan.parents[k] for k in keys}, tensors=[], config_from="", tokenizer_from="",
+                    options=dict(plan.options or {}))
+        if shared is not None:
+            shared[keys] = slim
+    return slim
+
+
+def make_task(plan: Plan, tp: TensorPlan, start: int, stop: int, device: str, budget: int, workers: int,
+              shared: dict | None = None) -> Task:
+    return Task(task_plan(plan, tp, shared), tp, start, stop, block_rows(plan, tp, budget, workers), device,
+                stage_bytes(budget, workers))
 
 
 def iter_tensors(plan: Plan, *, device: str = "cpu", workers: int | None = None,
@@ -580,20 +592,25 @@ def _finish_task(tp: TensorPlan, state: Any, parts: list) -> Any:
         return stat.finish(stat.combine(parts), state)
 
 
+WRITER = "child-writer"  # the graph key of the writer, which every blend task depends on
+
+
 def build_graph(plan: Plan, writer, *, budget: int, workers: int, device: str, progress=None) -> tuple[dict, list]:
     """A dask task graph: per layer, per tensor, per row chunk, one read-blend-write task.
 
     A tensor split into several chunks whose method needs a statistic gets, per pass, one partial
     task per chunk (run in parallel) and a task that folds them into the next state.
     """
-    graph: dict = {}
+    graph: dict = {WRITER: writer}  # one key: shipped once per worker, not inside every task
     outputs: list = []
+    shared: dict = {}
     for tp in plan.tensors:
         if _numel(tp.shape) == 0:
             continue  # nothing to read or write: its header entry is the whole tensor
         total = _rows(tp.shape)
         rows = chunk_rows(plan, tp, budget, workers)
-        tasks = [make_task(plan, tp, s, min(s + rows, total), device, budget, workers) for s in range(0, total, rows)]
+        tasks = [make_task(plan, tp, s, min(s + rows, total), device, budget, workers, shared)
+                 for s in range(0, total, rows)]
         todo = [t for t in tasks if not writer.is_done(tp.name, t.start, t.stop)]
         if not todo:
             continue
@@ -611,7 +628,7 @@ def build_graph(plan: Plan, writer, *, budget: int, workers: int, device: str, p
                 state_key = (f"state-{layer}", tp.name, p)
         for t in todo:
             key = (f"blend-{layer}", tp.name, t.start)
-            graph[key] = (_write_task, t, state_key, writer, progress)
+            graph[key] = (_write_task, t, state_key, WRITER, progress)
             outputs.append(key)
     return graph, outputs
 
@@ -625,9 +642,12 @@ class RunStats:
 
 
 def worker_count(client=None) -> int:
-    """Tasks in flight at once: one per core, or one per thread of a distributed cluster."""
+    """Tasks in flight at once in one process, which share its memory budget: one per core, or on a
+    dask.distributed cluster the threads of its largest worker. The budget applies per worker
+    process (each holds its own rows, scratch and staging buffers), so a cluster of 4 single-thread
+    workers under a 1 GiB budget sizes its tasks as one process would, not as 4 threads sharing 1 GiB."""
     if client is not None:
-        return max(1, sum(client.nthreads().values()))
+        return max(1, max(client.nthreads().values(), default=1))
     return os.cpu_count() or 1
 
 
@@ -655,11 +675,16 @@ def run(plan: Plan, writer, *, budget: int = DEFAULT_BUDGET, client=None, device
 
         graph, outputs = build_graph(plan, writer, budget=budget, workers=workers, device=device)
         results = []
-        for future in as_completed(client.get(graph, outputs, sync=False)):
-            n = future.result()
-            results.append(n)
-            if progress:
-                progress(n)
+        try:
+            for future in as_completed(client.get(graph, outputs, sync=False)):
+                n = future.result()
+                results.append(n)
+                if progress:
+                    progress(n)
+        finally:
+            # Workers outlive the merge: a parent replaced before the next one must not be read
+            # through this merge's maps of the old file.
+            client.run(pool.release_default)
     else:
         graph, outputs = build_graph(plan, writer, budget=budget, workers=workers, device=device, progress=progress)
         try:

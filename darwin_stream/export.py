@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from darwin_stream import dtypes, outputs
+from darwin_stream import dtypes, outputs, pool
 from darwin_stream.errors import DarwinError
 from darwin_stream.identity import plan_identities
 from darwin_stream.plan import Plan
@@ -240,7 +240,7 @@ class ChildWriter:
     The output is resolved first (a symlinked OUT_DIR is written at its target and the link kept).
     The caller holds the output's lock (`outputs.OutputLock`, taken by `api.merge`) and has checked
     that no output path is an input. `identities` are the parents' content digests
-    (`identity.plan_identities`); by default the parents are opened here to compute them. When a
+    (`identity.plan_identities`); by default they are computed from the parent pool's parents. When a
     stale partial child is discarded, `restarted` says why, for the report's notes.
     """
 
@@ -252,7 +252,7 @@ class ChildWriter:
             raise DarwinError(f"output {self.final} already exists (use --overwrite to replace it)")
         self.tmp = self.paths.tmp
         self.layout = layout(plan, shard_size)
-        ids = identities if identities is not None else plan_identities(plan)
+        ids = identities if identities is not None else plan_identities(plan, pool.get_parent)
         self.fingerprint = plan_fingerprint(plan, self.layout, ids)
         self.done: set[tuple[str, int, int]] = set()
         self.restarted: str | None = None

@@ -10,7 +10,9 @@ and changes whenever the content does:
   * URLs: each shard's ETag / version id / modification time and size as the filesystem reports
     them, plus the tensor table parsed from the headers;
   * stores: the root index with its per-tensor checksums, and for a reference store the size and
-    mtime_ns of every shard it points into (its checksums may have been skipped at ingest).
+    mtime_ns of every shard it points into (its checksums may have been skipped at ingest); the
+    store parent says so itself (`Parent.identity_parts`, store/parent.py), so this module does
+    not import store/.
 
 `parent_locations` lists what a run reads, so that no output can land on it (see outputs.py).
 """
@@ -23,7 +25,7 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from darwin_stream.sources import MAX_HEADER_BYTES, Parent, SafetensorsParent, StoreParent, open_parent
+from darwin_stream.sources import MAX_HEADER_BYTES, Parent, SafetensorsParent
 
 if TYPE_CHECKING:
     from darwin_stream.plan import Plan
@@ -60,23 +62,6 @@ def _url_shard(parent: SafetensorsParent, url: str) -> list:
     return [url, {k: str(info[k]) for k in _URL_KEYS if k in info}]
 
 
-def _store(parent: StoreParent) -> list:
-    from darwin_stream.store import api as store_api  # zarr is heavy: only store parents need it
-    from darwin_stream.store.layout import ROOT_ATTR
-
-    meta = dict(parent.group.attrs[ROOT_ATTR])  # type: ignore[arg-type]
-    shards = []
-    local = "://" not in parent.spec  # a URL store's credentials are not ours to reuse here: its index decides
-    for t in store_api.reference_targets(parent.spec) if local else []:
-        path = t[len("file://"):] if t.startswith("file://") else t
-        try:
-            st = os.stat(path) if "://" not in path else None
-        except OSError:
-            st = None
-        shards.append([t, st.st_size if st else None, st.st_mtime_ns if st else None])
-    return [meta, shards]
-
-
 def parent_identity(parent: Parent) -> str:
     """A digest that changes whenever the parent's tensors can have changed (see the module doc)."""
     if isinstance(parent, SafetensorsParent):
@@ -84,21 +69,13 @@ def parent_identity(parent: Parent) -> str:
         if parent.is_local:
             return _digest(["local", [_local_shard(f) for f in files]])
         return _digest(["url", _table(parent), [_url_shard(parent, f) for f in files]])
-    if isinstance(parent, StoreParent):
-        return _digest(["store", _store(parent)])
-    return _digest(["other", type(parent).__name__, parent.spec, _table(parent)])
+    return _digest(parent.identity_parts())  # stores (store/parent.py) and any other form
 
 
-def plan_identities(plan: Plan, get: Callable[[str], Parent] | None = None) -> dict[str, str]:
-    """`parent_identity` of every parent of the plan, by key; `get` opens a spec (default: open and close)."""
-    out: dict[str, str] = {}
-    for key, spec in plan.parents.items():
-        if get is not None:
-            out[key] = parent_identity(get(spec))
-        else:
-            with open_parent(spec) as p:
-                out[key] = parent_identity(p)
-    return out
+def plan_identities(plan: Plan, get: Callable[[str], Parent]) -> dict[str, str]:
+    """`parent_identity` of every parent of the plan, by key; `get` gives the open parent of a spec
+    (`pool.get_parent`)."""
+    return {key: parent_identity(get(spec)) for key, spec in plan.parents.items()}
 
 
 def parent_locations(parent: Parent) -> set[str]:
@@ -111,11 +88,8 @@ def parent_locations(parent: Parent) -> set[str]:
             out.add(f)
             if parent.is_local:
                 out.add(os.path.realpath(f))
-    elif isinstance(parent, StoreParent):
-        from darwin_stream.store import api as store_api  # zarr is heavy: only store parents need it
-
-        if "://" not in parent.spec:
-            out.update(store_api.reference_targets(parent.spec))
+    else:
+        out |= parent.locations()  # a store: itself and the shards a reference store points into
     return {p for p in out if "://" in p or os.path.exists(p) or os.path.isabs(p)}
 
 

@@ -13,16 +13,14 @@ stores are read chunk by chunk. Nothing is ever unpickled: a checkpoint that hol
 
 from __future__ import annotations
 
-import contextlib
 import math
-import mmap
 import os
 import re
-import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -30,6 +28,8 @@ import torch
 from darwin_stream import dtypes
 from darwin_stream.bounded import MAX_FILE_BYTES, check_local_file, clip, load_json, read_local, show
 from darwin_stream.errors import DarwinError, SourceError
+from darwin_stream.names import name_problem
+from darwin_stream.transports import MemoryMap, RangedReads, Transport
 
 if TYPE_CHECKING:
     import fsspec
@@ -118,8 +118,6 @@ def read_safetensors_header(path: str, data: bytes | memoryview, file_size: int)
     the file, a SIGBUS), so it fails here, by name. Tensor names are checked too: a name that
     could escape a zarr store (`../x`) is refused when the parent is opened, not during an ingest.
     """
-    from darwin_stream.store.layout import name_problem
-
     if file_size < 8:
         raise SourceError(f"{path}: not a safetensors file (only {file_size} bytes)")
     n = int.from_bytes(bytes(data[:8]), "little")
@@ -287,8 +285,18 @@ class Parent:
         """The tensor as a read-only zarr array: the one read path every parent form shares."""
         raise NotImplementedError
 
+    def identity_parts(self) -> list:
+        """What `identity.parent_identity` digests for a parent form it does not know itself
+        (stores: store/parent.py); by default, the spec and the tensor table."""
+        table = [[t.name, t.dtype, list(t.shape), t.file, t.offset, t.nbytes] for t in self.tensors.values()]
+        return ["other", type(self).__name__, self.spec, table]
+
+    def locations(self) -> set[str]:
+        """Everything a run reads of this parent besides its spec (see `identity.parent_locations`)."""
+        return {self.spec}
+
     def close(self) -> None:
-        """Release file handles and maps; the parent may not be read afterwards."""
+        """Release file handles and maps; a later read opens them again."""
 
     def __enter__(self) -> Parent:
         return self
@@ -303,8 +311,9 @@ class Parent:
 class SafetensorsParent(Parent):
     """Safetensors shards in a local directory (memory-mapped) or behind an fsspec URL (ranged reads).
 
-    `array()` serves the reference view (zarr arrays whose chunks are byte ranges of the shards),
-    built in memory on first use.
+    The bytes come through a `transports.Transport`. `array()` serves the reference view (zarr
+    arrays whose chunks are byte ranges of the shards), built on first use by `view` (name -> array),
+    which the parent pool supplies: store/ builds the view, and sources.py does not import store/.
     """
 
     def __init__(
@@ -315,62 +324,26 @@ class SafetensorsParent(Parent):
         fs: fsspec.AbstractFileSystem | None = None,
         storage_options: dict | None = None,
         confine: str | None = None,
+        view: Callable[[SafetensorsParent], Callable[[str], zarr.Array]] | None = None,
     ):
         self.spec = spec
         self.root = root  # local directory, or URL prefix when fs is set
         # Local files only: the directory no symlink may leave (the parent, or a hub repo's cache).
         self.confine = confine if confine is not None else (root if fs is None else None)
         self.tensors = tensors
-        # The size each shard had when its header was read: a shard shortened since then is refused
-        # before its missing pages are touched (a read past the end of a mapping is a SIGBUS).
-        self._sizes: dict[str, int] = {}
+        # The size each shard had when its header was read (see transports.MemoryMap).
+        sizes: dict[str, int] = {}
         for t in tensors.values():
-            self._sizes[t.file] = max(self._sizes.get(t.file, 0), t.offset + t.nbytes)
-        self._fds: dict[str, int] = {}
+            sizes[t.file] = max(sizes.get(t.file, 0), t.offset + t.nbytes)
         self.fs = fs  # None: local files, read by mmap
         self.storage_options = storage_options or {}
-        self._maps: dict[str, mmap.mmap] = {}
-        self._lock = threading.Lock()
-        self._view: zarr.Group | None = None
-        self._paths: dict[str, str] = {}
+        self.transport: Transport = MemoryMap(spec, sizes) if fs is None else RangedReads(spec, fs)
+        self._make_view = view
+        self._view: Callable[[str], zarr.Array] | None = None
 
     @property
     def is_local(self) -> bool:
-        return self.fs is None
-
-    def _map(self, file: str) -> mmap.mmap:
-        m = self._maps.get(file)
-        if m is None:
-            with self._lock:
-                m = self._maps.get(file)
-                if m is None:
-                    try:
-                        # The file is opened read-only and mapped copy-on-write (MAP_PRIVATE): the
-                        # parent on disk can never change, pages stay shared with the page cache,
-                        # and tensors over the map are writable (no torch warning), where a write
-                        # would only make a private copy of that page.
-                        fd = os.open(file, os.O_RDONLY)
-                        try:
-                            self._check_size(file, fd)
-                            m = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
-                        except BaseException:
-                            os.close(fd)
-                            raise
-                    except OSError as e:
-                        raise SourceError(f"parent {self.spec}: cannot read {file} ({e.strerror})") from None
-                    self._fds[file] = fd  # kept open: `_check_size` asks it before each read
-                    self._maps[file] = m
-        return m
-
-    def _check_size(self, file: str, fd: int) -> None:
-        """Refuse a shard shorter than its header says (truncated since the parent was opened):
-        touching a mapped page past the end of the file kills the process with SIGBUS."""
-        size = os.fstat(fd).st_size
-        want = self._sizes.get(file, 0)
-        if size < want:
-            raise SourceError(
-                f"parent {self.spec}: shard {file} was truncated while in use ({size} bytes, its header needs {want})"
-            )
+        return self.transport.is_local
 
     def read_rows(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows [start, stop) along dim 0; zero-copy from the page cache for local shards.
@@ -380,19 +353,7 @@ class SafetensorsParent(Parent):
         """
         t, start, stop = self._rows(name, start, stop)
         shape = (stop - start, *t.shape[1:]) if t.shape else ()
-        lo = t.offset + start * t.row_bytes
-        n = (stop - start) * t.row_bytes
-        if self.fs is None:
-            m = self._map(t.file)
-            self._check_size(t.file, self._fds[t.file])  # one fstat: microseconds per task
-            buf: Any = memoryview(m)[lo : lo + n]
-        else:
-            try:
-                buf = bytearray(self.fs.cat_file(t.file, start=lo, end=lo + n)) if n else bytearray()
-            except OSError as e:
-                raise SourceError(f"parent {self.spec}: cannot read {t.file} ({e})") from None
-            if len(buf) != n:
-                raise SourceError(f"parent {self.spec}: truncated shard {t.file} (short read for {name!r})")
+        buf = self.transport.read(t.file, t.offset + start * t.row_bytes, (stop - start) * t.row_bytes)
         return bytes_to_tensor(buf, t.dtype, shape)
 
     def _aux_path(self, name: str) -> str:
@@ -424,73 +385,16 @@ class SafetensorsParent(Parent):
         return data
 
     def array(self, name: str) -> zarr.Array:
-        from darwin_stream.store import layout
-        from darwin_stream.store.reference import reference_view
-
         self.info(name)
         if self._view is None:
-            self._view = reference_view(self)
-            self._paths = layout.store_paths(list(self.tensors))
-        return self._view[self._paths[name]]  # type: ignore[return-value]
+            if self._make_view is None:
+                raise SourceError(f"parent {self.spec}: opened without a zarr view (open it with pool.open_parent)")
+            self._view = self._make_view(self)
+        return self._view(name)
 
     def close(self) -> None:
-        maps, self._maps = self._maps, {}
-        for m in maps.values():
-            with contextlib.suppress(BufferError):  # a tensor still views it: unmapped when freed
-                m.close()
-        fds, self._fds = self._fds, {}
-        for fd in fds.values():
-            os.close(fd)
+        self.transport.close()
         self._view = None
-
-
-class StoreParent(Parent):
-    """A darwin-stream zarr store (reference JSON or copy) opened as a parent, read through zarr."""
-
-    def __init__(self, spec: str, group: zarr.Group):
-        from darwin_stream.store.layout import ROOT_ATTR
-
-        self.spec = spec
-        self.group = group
-        meta = group.attrs[ROOT_ATTR]
-        self._paths: dict[str, str] = {}
-        self.tensors = {}
-        for name, entry in meta["tensors"].items():
-            code, shape = entry["dtype"], tuple(entry["shape"])
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtypes.itemsize(code)
-            self.tensors[name] = TensorInfo(name, code, shape, spec, 0, nbytes)
-            self._paths[name] = entry["path"]
-        self._checksums: dict[str, str | None] = {n: e.get("checksum") for n, e in meta["tensors"].items()}
-        self._aux_names: list[str] = list(meta.get("aux", []))
-        self._arrays: dict[str, zarr.Array] = {}
-
-    def array(self, name: str) -> zarr.Array:
-        self.info(name)
-        a = self._arrays.get(name)
-        if a is None:
-            try:
-                a = self._arrays[name] = self.group[self._paths[name]]  # type: ignore[assignment]
-            except KeyError:
-                raise SourceError(f"parent {self.spec}: store has no array for {name!r}") from None
-        return a
-
-    def read_rows(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        from darwin_stream.store.api import read_array, verify_checksum
-
-        t, start, stop = self._rows(name, start, stop)
-        sel = slice(start, stop) if t.shape else ()
-        data = read_array(self.array(name), sel, f"parent {self.spec}: tensor {name!r}", SourceError)
-        if start == 0 and stop == t.rows:  # a whole tensor: check it (a lost chunk reads as zeros)
-            verify_checksum(data, self._checksums.get(name), f"parent {self.spec}: tensor {name!r}")
-        return numpy_to_tensor(data, t.dtype)
-
-    def aux_names(self) -> list[str]:
-        return list(self._aux_names)
-
-    def read_aux_file(self, name: str) -> bytes | None:
-        from darwin_stream.store.api import read_aux_file
-
-        return read_aux_file(self.group, name) if name in self._aux_names else None
 
 
 def _is_url(spec: str) -> bool:
@@ -585,7 +489,19 @@ def _read_header(spec: str, path: str, size: int) -> dict[str, TensorInfo]:
     return read_safetensors_header(path, data, size)
 
 
-def _open_local_dir(spec: str, root: Path, confine: Path | None = None) -> SafetensorsParent:
+class StoreOpener(Protocol):
+    """Opens `spec` as a store parent, or returns None when it is not a store (store/parent.py).
+
+    The plug point through which stores are opened without sources.py importing store/, which
+    itself reads safetensors parents through this module."""
+
+    def __call__(self, spec: str, storage_options: dict | None, *, probe_options: bool) -> Parent | None: ...
+
+
+View = Callable[[SafetensorsParent], Callable[[str], "zarr.Array"]]
+
+
+def _open_local_dir(spec: str, root: Path, confine: Path | None = None, view: View | None = None) -> SafetensorsParent:
     """A local checkpoint directory; `confine` (default: `root`) is where its symlinks may lead."""
     top = str(confine or root)
     try:
@@ -598,27 +514,26 @@ def _open_local_dir(spec: str, root: Path, confine: Path | None = None) -> Safet
         shard = str(root / s)
         _add(spec, tensors, _read_header(spec, shard, check_local_file(spec, shard, top, limit=None)))
     _check_index(spec, tensors, weight_map)
-    return SafetensorsParent(spec, str(root), tensors, confine=top)
+    return SafetensorsParent(spec, str(root), tensors, confine=top, view=view)
 
 
-def _open_url(spec: str, storage_options: dict | None) -> Parent:
+def _open_url(spec: str, storage_options: dict | None, stores: StoreOpener | None, view: View | None) -> Parent:
     try:
-        return _open_url_unchecked(spec, storage_options)
+        return _open_url_unchecked(spec, storage_options, stores, view)
     except DarwinError:
         raise
     except Exception as e:  # remote backends raise their own types (botocore, aiohttp, ...)
         raise SourceError(f"parent {spec}: cannot open URL ({type(e).__name__}: {e})") from None
 
 
-def _open_url_unchecked(spec: str, storage_options: dict | None) -> Parent:
+def _open_url_unchecked(spec: str, storage_options: dict | None, stores: StoreOpener | None, view: View | None) -> Parent:
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(spec, **(storage_options or {}))
     url = fs.unstrip_protocol  # full URLs in TensorInfo.file, so reference views find their filesystem
-    from darwin_stream.store import api as store_api
-
-    if store_api.is_store(spec, storage_options=storage_options):
-        return StoreParent(spec, store_api.open_store(spec, storage_options=storage_options))
+    store = stores(spec, storage_options, probe_options=True) if stores is not None else None
+    if store is not None:
+        return store
     try:
         if fs.isfile(path):
             raise SourceError(f"parent {spec}: is a file, not a checkpoint directory or store")
@@ -655,7 +570,7 @@ def _open_url_unchecked(spec: str, storage_options: dict | None) -> Parent:
         _add(spec, tensors, read_safetensors_header(url(e["name"]), data, size))
     _check_index(spec, tensors, weight_map)
     root = url(path)
-    return SafetensorsParent(spec, root, tensors, fs=fs, storage_options=storage_options, confine=local_root)
+    return SafetensorsParent(spec, root, tensors, fs=fs, storage_options=storage_options, confine=local_root, view=view)
 
 
 def _is_local_fs(fs: Any) -> bool:
@@ -730,34 +645,36 @@ def _hub_files(repo_id: str, revision: str | None, snap: Path) -> list[str]:
     return names
 
 
-def open_parent(spec: str | os.PathLike, *, storage_options: dict | None = None) -> Parent:
-    """Open a parent: a local directory, a darwin-stream store, an fsspec URL or a hub repo id.
+def open_source(spec: str | os.PathLike, *, storage_options: dict | None = None, stores: StoreOpener | None = None,
+                view: View | None = None) -> Parent:
+    """Open a parent: a local directory, a store (through `stores`), an fsspec URL or a hub repo id.
 
     Resolution order: URL (has `://`), then an existing local path (store or directory), then a
-    `org/name[@revision]` hub repo id. Everything is opened read-only.
+    `org/name[@revision]` hub repo id. Everything is opened read-only. Callers get parents from the
+    parent pool (`pool.get_parent`, or `pool.open_parent` for one of their own), which passes the
+    store opener and the zarr view of store/.
     """
     s = os.fspath(spec)
     try:
         if _is_url(s):
-            return _open_url(s, storage_options)
-        from darwin_stream.store import api as store_api
-
+            return _open_url(s, storage_options, stores, view)
         root = Path(s)
         if root.exists():
-            if store_api.is_store(s):
-                return StoreParent(s, store_api.open_store(s, storage_options=storage_options))
+            store = stores(s, storage_options, probe_options=False) if stores is not None else None
+            if store is not None:
+                return store
             if not root.is_dir():
                 if root.suffix in PICKLE_SUFFIXES:
                     _check_pickles(s, [root.name])
                 raise SourceError(f"parent {s}: is a file, not a checkpoint directory or store")
-            return _open_local_dir(s, root)
+            return _open_local_dir(s, root, view=view)
         repo, _, rev = s.partition("@")
         if _REPO_ID.match(repo) and not s.startswith((".", "/", "~")):
             snap = resolve_hub(repo, rev or None)
             if not any(snap.glob("*.safetensors")):
                 _check_pickles(s, _hub_files(repo, rev or None, snap))
             # Snapshot files are symlinks into the repo's blobs/: they may lead that far, no further.
-            return _open_local_dir(s, snap, confine=snap.parent.parent)
+            return _open_local_dir(s, snap, confine=snap.parent.parent, view=view)
         raise SourceError(f"parent {s}: no such directory, store, URL or cached Hugging Face repo")
     except DarwinError as e:
         if isinstance(e, SourceError):

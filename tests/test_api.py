@@ -87,7 +87,7 @@ def test_out_dir_that_exists_is_refused_unless_overwrite(tiny_parents, tmp_path)
 
 
 def test_zarr_child_equals_the_safetensors_child(tiny_parents, tmp_path):
-    from darwin_stream.sources import open_parent
+    from darwin_stream.pool import open_parent
 
     a, b = tiny_parents
     manifest = tmp_path / "linear.yaml"

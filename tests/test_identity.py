@@ -8,7 +8,7 @@ import fsspec
 import pytest
 
 from darwin_stream.identity import parent_identity, parent_locations
-from darwin_stream.sources import open_parent
+from darwin_stream.pool import open_parent
 from darwin_stream.store import ingest
 from tests.helpers import build_toy
 

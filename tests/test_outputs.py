@@ -78,7 +78,7 @@ def test_merge_never_writes_over_a_parent(capsys, toy, tmp_path, where, fmt):
 def test_plan_locations_cover_a_hub_snapshot_and_its_blobs(tmp_path, monkeypatch):
     """A hub parent's shards are links into blobs/: an output over the blobs is an output over it."""
     from darwin_stream.identity import parent_locations
-    from darwin_stream.sources import open_parent
+    from darwin_stream.pool import open_parent
 
     # The layout of a Hugging Face cache: snapshot files link into the repo's blobs/.
     repo = tmp_path / "hub" / "models--org--toy"

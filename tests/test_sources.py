@@ -13,8 +13,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from darwin_stream.errors import SourceError
-from darwin_stream.sources import SafetensorsParent, StoreParent, open_parent
+from darwin_stream.pool import open_parent
+from darwin_stream.sources import SafetensorsParent
 from darwin_stream.store import ingest
+from darwin_stream.store.parent import StoreParent
 
 
 def raw(t: torch.Tensor) -> bytes:
@@ -498,7 +500,7 @@ def test_index_ignores_a_consolidated_file_beside_it(tmp_path):
 _TRUNCATE_MID_MERGE = """
 import os, sys
 from darwin_stream.errors import SourceError
-from darwin_stream.sources import open_parent
+from darwin_stream.pool import open_parent
 p = open_parent(sys.argv[1])
 p.read_rows("w", 0, 1)  # the shard is now mapped
 os.truncate(os.path.join(sys.argv[1], "model.safetensors"), 8)

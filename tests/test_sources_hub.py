@@ -6,7 +6,8 @@ import pytest
 from huggingface_hub import errors
 
 from darwin_stream.errors import SourceError
-from darwin_stream.sources import hub_failure, open_parent
+from darwin_stream.pool import open_parent
+from darwin_stream.sources import hub_failure
 
 
 def test_offline_names_the_repo_the_cache_and_that_the_machine_is_offline(tmp_path, monkeypatch):

@@ -97,10 +97,10 @@ def inspect(model_spec: str, *, layers: list[int] | None = None) -> str:
     Why a table and not JSON: it is for a person checking that a new architecture's tensors land in the
     roles a breed section will blend; `--json` in the CLI gives the machine form.
     """
+    from darwin_stream import pool  # the pool opens stores through zarr: only for `inspect`
     from darwin_stream.arch.adapters import text_config
-    from darwin_stream.sources import open_parent
 
-    parent = open_parent(model_spec)
+    parent = pool.get_parent(model_spec)
     cfg = parent.config
     tc = text_config(cfg)
     adapter = adapter_for(cfg)

@@ -23,9 +23,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.json:
         print(arch.inspect(args.model, layers=args.layer))
         return 0
-    from darwin_stream.sources import open_parent
+    from darwin_stream import pool
 
-    parent = open_parent(args.model)
+    parent = pool.get_parent(args.model)
     rows = [
         {"name": n, "layer": r.layer, "role": r.role, "group": r.group,
          "shape": list(parent.tensors[n].shape), "dtype": parent.tensors[n].dtype}

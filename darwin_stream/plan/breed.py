@@ -226,7 +226,7 @@ def _ffn_width(t: _Tensor) -> int:
 
 def plan_breed(manifest: Any, text: str = "") -> Plan:
     """Manifest with a breed section -> plan.Plan (every father tensor, blended or passed through)."""
-    from darwin_stream.sources import open_parent
+    from darwin_stream import pool  # the pool opens stores through zarr: only when planning
 
     sec = _section(manifest)
     if sec.adapters is not None:
@@ -241,7 +241,7 @@ def plan_breed(manifest: Any, text: str = "") -> Plan:
     for key, spec in sec.blend.items():
         _split_extras(spec.method, spec.extras(), f"breed.blend.{key}")  # unknown methods/params fail early
 
-    father, mother = open_parent(sec.father), open_parent(sec.mother)
+    father, mother = pool.get_parent(sec.father), pool.get_parent(sec.mother)
     fk, mk = sec.father, sec.mother
     ftensors, mtensors = _index(father), _index(mother)
     nf = 1 + max((t.layer for t in ftensors if t.layer is not None), default=-1)

@@ -68,7 +68,7 @@ class _Index:
 
 
 class _Parents:
-    """Opens each parent once per plan; `given` lets callers (tests, the CLI) reuse open parents."""
+    """Each parent of a plan, from the parent pool; `given` lets callers (tests) pass open parents."""
 
     def __init__(self, given: Mapping[str, Parent] | None):
         self._open: dict[str, Parent] = dict(given or {})
@@ -76,9 +76,9 @@ class _Parents:
 
     def get(self, spec: str) -> Parent:
         if spec not in self._open:
-            from darwin_stream.sources import open_parent
+            from darwin_stream import pool  # the pool opens stores through zarr: only when planning
 
-            self._open[spec] = open_parent(spec)  # SourceError propagates: it already names the parent
+            self._open[spec] = pool.get_parent(spec)  # SourceError propagates: it already names the parent
         return self._open[spec]
 
     def index(self, spec: str) -> _Index:

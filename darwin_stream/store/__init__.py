@@ -15,10 +15,10 @@ import contextlib
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from darwin_stream import identity, outputs
 from darwin_stream.errors import StoreError
+from darwin_stream.sources import Parent, SafetensorsParent
 from darwin_stream.store.api import check_ours, is_store, open_store
 from darwin_stream.store.copy import DEFAULT_SHARD_BYTES, copy_ingest
 from darwin_stream.store.export import DEFAULT_SHARD_SIZE, export_store
@@ -29,9 +29,6 @@ from darwin_stream.store.reference import (
     reference_view,
     write_refs,
 )
-
-if TYPE_CHECKING:
-    from darwin_stream.sources import Parent
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -62,13 +59,23 @@ def ingest(
     mode None picks "reference" for local safetensors parents (nothing copied) and "copy" for
     everything else (URLs, stores). `progress(nbytes)` is called with the bytes just processed
     (hashed in reference mode, copied or verified in copy mode), like the engine's callback; they
-    add up to `sum(t.nbytes for t in open_parent(source).tensors.values())`. `checksum=False` skips hashing
-    in reference mode, making its cost independent of the bytes (the checksums are then null).
+    add up to the source's `sum(t.nbytes for t in parent.tensors.values())`. `checksum=False` skips hashing
+    in reference mode, making its cost independent of the bytes (the checksums are then null). A
+    source given as a spec is opened here and closed at the end; the CLI passes the pool's parent.
     """
-    from darwin_stream.sources import Parent, SafetensorsParent, open_parent
+    if isinstance(source, Parent):
+        return _ingest(source, os.fspath(store), mode, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes,
+                       compressor=compressor, checksum=checksum, progress=progress, storage_options=storage_options)
+    from darwin_stream.store.parent import open_source
 
-    parent = source if isinstance(source, Parent) else open_parent(source, storage_options=storage_options)
-    store = os.fspath(store)
+    with open_source(source, storage_options=storage_options) as parent:
+        return _ingest(parent, os.fspath(store), mode, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes,
+                       compressor=compressor, checksum=checksum, progress=progress, storage_options=storage_options)
+
+
+def _ingest(parent: Parent, store: str, mode: str | None, *, chunk_bytes: int, shard_bytes: int,
+            compressor: str | None, checksum: bool, progress: Callable[[int], None] | None,
+            storage_options: dict | None) -> dict:
     if mode is None:
         mode = "reference" if isinstance(parent, SafetensorsParent) and parent.is_local else "copy"
     if mode not in ("reference", "copy"):

@@ -11,8 +11,7 @@ Layout (docs/store.md has the full description):
 Tensor names become node names, so a name that could climb out of the store (`..`, `/`, `\\`, a
 drive letter, control characters, zarr's reserved `__` prefix) is refused before anything is written.
 
-This module imports nothing from the rest of darwin_stream except errors/dtypes, so that sources.py
-can use it without an import cycle.
+`name_problem` lives in darwin_stream/names.py, a leaf that sources.py uses when it opens a parent.
 """
 
 from __future__ import annotations
@@ -22,16 +21,15 @@ import re
 from typing import Any
 
 from darwin_stream import dtypes
+from darwin_stream.names import MAX_NAME_CHARS, name_problem  # noqa: F401  (re-exported)
 
 FORMAT_VERSION = 1
 ROOT_ATTR = "darwin_stream"
 AUX_PREFIX = "aux/"
 CHECKSUM_ALGO = "sha256"  # hardware-accelerated on x86/arm: ~1.5 GB/s per core, twice blake2b
-MAX_NAME_CHARS = 200  # a node name is a file name on local stores; most filesystems stop at 255 bytes
 
 # Decoder layers as the common architectures spell them; group(1) is the layer index.
 _LAYER = re.compile(r"^(?:model\.|model\.language_model\.|language_model\.model\.|transformer\.)?(?:layers|h|blocks)\.(\d+)\.(.+)$")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 # safetensors code -> zarr v3 data_type name (bfloat16 is the zarr-extensions name, see bfloat16.py)
 ZARR_DTYPE = {
@@ -46,25 +44,6 @@ ZARR_DTYPE = {
     "U8": "uint8",
     "BOOL": "bool",
 }
-
-
-def name_problem(name: str) -> str | None:
-    """Why `name` cannot be a node name inside a store, or None when it is safe."""
-    if not name:
-        return "is empty"
-    if len(name) > MAX_NAME_CHARS:
-        return f"is longer than {MAX_NAME_CHARS} characters"
-    if "/" in name or "\\" in name:
-        return "contains a path separator and would escape the store"
-    if ".." in name:
-        return "contains '..' and would escape the store"
-    if ":" in name:
-        return "contains ':' (a drive or URL prefix)"
-    if _CONTROL.search(name):
-        return "contains control characters"
-    if name.startswith("__"):
-        return "starts with '__', which zarr reserves"
-    return None
 
 
 def store_path(name: str) -> str:

@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from darwin_stream import demo
 from darwin_stream.errors import PlanError
 from darwin_stream.plan import breed
-from darwin_stream.sources import open_parent
+from darwin_stream.pool import open_parent
 
 FFN = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
 

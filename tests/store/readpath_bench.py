@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from darwin_stream.sources import open_parent
+from darwin_stream.pool import open_parent
 from darwin_stream.store import ingest
 
 CHUNK = 16 * 2**20

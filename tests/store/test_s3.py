@@ -7,8 +7,10 @@ import socket
 import pytest
 import torch
 
-from darwin_stream.sources import SafetensorsParent, StoreParent, open_parent
+from darwin_stream.pool import open_parent
+from darwin_stream.sources import SafetensorsParent
 from darwin_stream.store import export_store, ingest, is_store
+from darwin_stream.store.parent import StoreParent
 
 pytestmark = pytest.mark.s3
 

@@ -13,7 +13,8 @@ import zarr
 from safetensors.torch import save_file
 
 from darwin_stream.errors import SourceError, StoreError
-from darwin_stream.sources import TensorInfo, open_parent
+from darwin_stream.pool import open_parent
+from darwin_stream.sources import TensorInfo
 from darwin_stream.store import export_store, ingest, is_store, layout, open_store, reference_view
 from darwin_stream.store.reference import build_refs
 

@@ -19,7 +19,7 @@ import zarr
 from darwin_stream import api
 from darwin_stream.cli import main
 from darwin_stream.errors import DarwinError, SourceError, StoreError
-from darwin_stream.sources import open_parent
+from darwin_stream.pool import open_parent
 from darwin_stream.store import export_store, ingest, layout
 from darwin_stream.store.api import write_aux_file
 from tests.helpers import TOY_MANIFEST, build_toy, read_all

@@ -1,0 +1,119 @@
+"""The parent pool: one open parent per spec per process, closed at the end.
+
+Planners, the engine, breeding (`engine.iter_tensors`, the score backends) and the CLI get their
+parents here, so a merge opens each parent once: before the pool, the planner, the engine and
+`api.merge`'s identity check each opened their own (a local parent's headers parsed three times,
+a URL parent's listing and headers fetched three times).
+
+    get_parent(spec)     the open parent of `spec` in this process (opened on first use)
+    session()            a scope (api.merge, the CLI): parents opened inside are closed when the
+                         outermost scope ends, so a changed parent is read afresh by the next run
+    ParentPool()         a pool of one's own (a context manager that closes what it opened)
+    open_parent(spec)    one parent, afresh and unpooled: for callers that own and close it
+
+Outside any session (a dask.distributed worker, a vLLM worker process, an evolve loop) the
+process-level default pool serves: tasks carry parent specs, never open parents, and each worker
+process opens a parent once, the first time one of its tasks reads it. `release_default()` closes
+the default pool's parents (`engine.run` calls it on every worker when a distributed merge ends).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from darwin_stream.sources import Parent
+from darwin_stream.store.parent import open_source
+
+
+def open_parent(spec: str | os.PathLike, *, storage_options: dict | None = None) -> Parent:
+    """Open a parent afresh, outside any pool: a local directory, a darwin-stream store, an fsspec
+    URL or a hub repo id (`sources.open_source` says in which order). The caller closes it."""
+    return open_source(spec, storage_options=storage_options)
+
+
+def _key(spec: str, storage_options: dict | None) -> tuple[str, str]:
+    # Every task asks once per input: no JSON for the common case of no options.
+    return spec, json.dumps(storage_options, sort_keys=True, default=str) if storage_options else ""
+
+
+class ParentPool:
+    """Open parents by spec (and storage options), each opened once; thread-safe.
+
+    `opened` counts, per spec, how many times this pool has opened it: over a pool's life it stays
+    1 per spec unless the pool was closed in between (tests read it on dask workers).
+    """
+
+    def __init__(self) -> None:
+        self._parents: dict[tuple[str, str], Parent] = {}
+        self._lock = threading.Lock()
+        self.opened: Counter[str] = Counter()
+
+    def get(self, spec: str | os.PathLike, storage_options: dict | None = None) -> Parent:
+        key = _key(os.fspath(spec), storage_options)
+        p = self._parents.get(key)
+        if p is None:
+            with self._lock:  # one opener at a time: two threads never open the same parent twice
+                p = self._parents.get(key)
+                if p is None:
+                    p = self._parents[key] = open_parent(key[0], storage_options=storage_options)
+                    self.opened[key[0]] += 1
+        return p
+
+    def __contains__(self, spec: str) -> bool:
+        return any(k[0] == spec for k in self._parents)
+
+    def close(self) -> None:
+        """Close every parent; the pool may be used again (it then reopens them)."""
+        with self._lock:
+            parents, self._parents = self._parents, {}
+        for p in parents.values():
+            p.close()
+
+    def __enter__(self) -> ParentPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_default = ParentPool()
+_sessions = 0
+_sessions_lock = threading.Lock()
+
+
+def default() -> ParentPool:
+    """This process's pool: the one `get_parent` serves from."""
+    return _default
+
+
+def get_parent(spec: str | os.PathLike, storage_options: dict | None = None) -> Parent:
+    """The open parent of `spec` in this process, opened on first use."""
+    return _default.get(spec, storage_options)
+
+
+def release_default() -> None:
+    """Close the process pool's parents: the next `get_parent` opens them afresh."""
+    _default.close()
+
+
+@contextmanager
+def session() -> Iterator[ParentPool]:
+    """A scope whose parents are closed when the outermost scope ends (scopes nest and may overlap
+    across threads). A merge runs in one, so that the next merge in the same process reads a
+    parent changed in between as it now is, not through a map of the replaced file."""
+    global _sessions
+    with _sessions_lock:
+        _sessions += 1
+    try:
+        yield _default
+    finally:
+        with _sessions_lock:
+            _sessions -= 1
+            last = _sessions == 0
+        if last:
+            release_default()

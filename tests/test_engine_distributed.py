@@ -1,0 +1,108 @@
+"""dask.distributed: a cluster of worker processes makes the threaded scheduler's child, bit for bit.
+
+One `LocalCluster` of 2 worker processes (one thread each) serves the module: a merge and a breed
+through `api.merge(client=...)`, and `darwin-stream merge --scheduler ADDRESS` in a subprocess.
+Each worker opens each parent once however many tasks it runs (the pool's counters, read on the
+workers), and sizes its tasks with the whole memory budget (the budget applies per worker).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from darwin_stream import api, engine, pool
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+BUDGET = 192 * 2**10  # small enough that the tiny parents' larger tensors take several tasks each
+
+
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as c:
+        yield c
+
+
+def _merge_yaml(tmp_path: Path, a: Path, b: Path) -> Path:
+    p = tmp_path / "merge.yaml"
+    p.write_text(f"merge_method: slerp\nbase_model: {a}\nmodels:\n  - model: {a}\n  - model: {b}\n"
+                 "parameters:\n  t: 0.3\ndtype: bfloat16\n")
+    return p
+
+
+def _breed_yaml(tmp_path: Path, a: Path, b: Path) -> Path:
+    p = tmp_path / "breed.yaml"
+    p.write_text(f"breed:\n  father: {a}\n  mother: {b}\n  blend:\n    mlp: {{method: linear, t: 0.4}}\n"
+                 "    self_attn: {method: slerp, t: 0.7}\n")
+    return p
+
+
+def _shards(child: Path) -> dict[str, bytes]:
+    out = {p.name: p.read_bytes() for p in sorted(child.glob("*.safetensors"))}
+    assert out, f"no shards in {child}"
+    return out
+
+
+def _opened(client) -> dict[str, dict[str, int]]:
+    return client.run(lambda: dict(pool.default().opened))
+
+
+def _opened_during(client, run) -> tuple[dict[str, dict[str, int]], api.MergeReport]:
+    """Per worker, how many times each parent was opened while `run()` ran."""
+    before = _opened(client)
+    result = run()
+    after = _opened(client)
+    return {w: {s: n - before.get(w, {}).get(s, 0) for s, n in counts.items()} for w, counts in after.items()}, result
+
+
+@pytest.mark.parametrize("kind", ["merge", "breed"])
+def test_a_two_process_cluster_makes_the_threaded_child(client, tiny_parents, tmp_path, kind):
+    a, b = tiny_parents
+    manifest = (_merge_yaml if kind == "merge" else _breed_yaml)(tmp_path, a, b)
+    threaded = api.merge(str(manifest), tmp_path / "threads", memory_budget=BUDGET)
+    opened, report = _opened_during(
+        client, lambda: api.merge(str(manifest), tmp_path / "cluster", client=client, memory_budget=BUDGET))
+    assert _shards(tmp_path / "cluster") == _shards(tmp_path / "threads")
+    # Several tasks per large tensor. Fewer than the threaded run's: a single-thread worker has the
+    # whole budget to itself, where this process's threads share it.
+    assert threaded.chunks >= report.chunks > report.tensors
+    specs = {str(a), str(b)}
+    for worker, counts in opened.items():
+        assert set(counts) <= specs and all(n <= 1 for n in counts.values()), (worker, counts)
+    for spec in specs:  # every parent was read on the cluster, and opened once by each worker that read it
+        assert sum(c.get(spec, 0) for c in opened.values()) >= 1, spec
+
+
+def test_the_budget_applies_per_worker(client):
+    # 2 single-thread workers: each holds one task at a time under the whole budget (threads in one
+    # process share it). Counting the cluster's threads would halve every worker's tasks.
+    assert engine.worker_count(client) == 1
+
+
+def test_workers_close_their_parents_when_the_merge_ends(client, tiny_parents, tmp_path):
+    a, b = tiny_parents
+    api.merge(str(_merge_yaml(tmp_path, a, b)), tmp_path / "c", client=client, memory_budget=BUDGET)
+    held = client.run(lambda: [s for s in (str(a), str(b)) if s in pool.default()])
+    assert all(not specs for specs in held.values()), held
+
+
+def test_the_cli_runs_on_a_scheduler_address(client, tiny_parents, tmp_path):
+    a, b = tiny_parents
+    manifest = _merge_yaml(tmp_path, a, b)
+    api.merge(str(manifest), tmp_path / "threads", memory_budget=BUDGET)
+    address = client.scheduler.address
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "darwin_stream.cli", "merge", str(manifest), str(tmp_path / "cli"),
+                           "--scheduler", address, "--memory-budget", "192KiB", "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert _shards(tmp_path / "cli") == _shards(tmp_path / "threads")
