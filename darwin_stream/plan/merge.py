@@ -358,6 +358,45 @@ class _Builder:
         return sl.sources[0]
 
 
+# Config lists that hold layer *indices* rather than one value per layer (Qwen3-MoE's dense layers).
+INDEX_LISTS = ("mlp_only_layers",)
+# Where a multimodal config keeps its language model's geometry.
+TEXT_SECTIONS = ("text_config", "language_config", "llm_config")
+
+
+def stacked_config(config: dict, layers: list[tuple[dict, int]]) -> dict[str, Any]:
+    """Config overrides that keep a stacked child (slices) consistent with its layers.
+
+    `layers[j]` is child layer j's (template parent's config, layer index there). Every list with one
+    entry per layer (layer_types, and any other list as long as num_hidden_layers: Gemma-3n's
+    per-layer intermediate_size, SmolLM3's no_rope_layers) is rebuilt from the stacked layers, and
+    index lists are renumbered. Transformers 5 refuses a config whose layer_types disagrees with
+    num_hidden_layers; mergekit 0.1.5 copies layer_types unchanged, so its stacked child does not load.
+    """
+    out: dict[str, Any] = {}
+    nested = [k for k in TEXT_SECTIONS if isinstance(config.get(k), dict) and "num_hidden_layers" in config[k]]
+    for key in nested:
+        out[key] = _stacked_section(config[key], [(c.get(key) or {}, i) for c, i in layers])
+    if "num_hidden_layers" in config or not nested:
+        out.update(_stacked_section(config, layers))
+    return out
+
+
+def _stacked_section(config: dict, layers: list[tuple[dict, int]]) -> dict[str, Any]:
+    n = config.get("num_hidden_layers")
+    out: dict[str, Any] = {"num_hidden_layers": len(layers)}
+    for key, v in config.items():
+        if not isinstance(v, list):
+            continue
+        if key in INDEX_LISTS:
+            out[key] = [j for j, (c, i) in enumerate(layers) if i in (c.get(key) or [])]
+        elif len(v) == n:
+            srcs = [c.get(key) for c, _ in layers]
+            if all(isinstance(src, list) and i < len(src) for src, (_, i) in zip(srcs, layers, strict=True)):
+                out[key] = [src[i] for src, (_, i) in zip(srcs, layers, strict=True)]
+    return out
+
+
 def plan_merge(manifest: Manifest, text: str = "", *, parents: Mapping[str, Parent] | None = None) -> Plan:
     """Resolve a manifest against its parents into a Plan: every child tensor, its inputs and params.
 
@@ -403,27 +442,21 @@ def plan_merge(manifest: Manifest, text: str = "", *, parents: Mapping[str, Pare
 
     outside(slices[0], pre)
     out_layer = 0
-    layer_types: list[Any] = []
+    stacked: list[tuple[dict, int]] = []  # per child layer: its template parent's config, its layer there
     for sl in slices:
         tpl = b.template(sl)
         tpl_idx = ps.index(tpl.spec)
-        tpl_types = tpl_idx.parent.config.get("layer_types")
         for i in range(sl.length):
             src_layer = tpl.start + i
             for n in tpl_idx.by_layer.get(src_layer, []):
                 b.tensor(sl, tpl, n, _renumber(n, src_layer, out_layer), layer_t(i, sl.length), out_layer)
-            if isinstance(tpl_types, list) and src_layer < len(tpl_types):
-                layer_types.append(tpl_types[src_layer])
+            stacked.append((tpl_idx.parent.config, src_layer))
             out_layer += 1
     outside(slices[-1], post)
 
-    overrides: dict[str, Any] = {}
-    if manifest.slices is not None:
-        overrides["num_hidden_layers"] = out_layer
-        if len(layer_types) == out_layer and isinstance(cfg_idx.parent.config.get("layer_types"), list):
-            overrides["layer_types"] = layer_types
+    overrides: dict[str, Any] = stacked_config(cfg_idx.parent.config, stacked) if manifest.slices is not None else {}
 
-    notes = []
+    notes = list(manifest.warnings)
     if manifest.dtype and manifest.dtype != "F32":
         notes.append(
             f"dtype {manifest.dtype}: mergekit computes in this dtype; darwin-stream computes in float32 "
