@@ -23,7 +23,14 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from darwin_stream.sources import MAX_HEADER_BYTES, Parent, SafetensorsParent, StoreParent, open_parent
+from darwin_stream.sources import (
+    MAX_HEADER_BYTES,
+    LoraParent,
+    Parent,
+    SafetensorsParent,
+    StoreParent,
+    open_parent,
+)
 
 if TYPE_CHECKING:
     from darwin_stream.plan import Plan
@@ -86,6 +93,8 @@ def parent_identity(parent: Parent) -> str:
         return _digest(["url", _table(parent), [_url_shard(parent, f) for f in files]])
     if isinstance(parent, StoreParent):
         return _digest(["store", _store(parent)])
+    if isinstance(parent, LoraParent):  # a changed base or a changed adapter changes the rows
+        return _digest(["lora", parent_identity(parent.base), parent_identity(parent.adapter)])
     return _digest(["other", type(parent).__name__, parent.spec, _table(parent)])
 
 
@@ -105,6 +114,8 @@ def parent_locations(parent: Parent) -> set[str]:
     """Everything a run reads of this parent, as paths or URLs: its directory or store, its shards
     (resolved, so a hub snapshot's blobs count) and the shards a reference store points into."""
     out = {parent.spec}
+    if isinstance(parent, LoraParent):
+        return parent_locations(parent.base) | parent_locations(parent.adapter)
     if isinstance(parent, SafetensorsParent):
         out.add(parent.root)
         for f in {t.file for t in parent.tensors.values()}:

@@ -1,7 +1,7 @@
 """The manifest: a mergekit YAML, read unchanged, plus darwin-stream's own optional sections.
 
 Users arrive with mergekit configs they already trust, so every mergekit key this project supports
-means exactly what it means in mergekit (see docs/manifest.md). What we cannot honour (LoRA, union
+means exactly what it means in mergekit (see docs/manifest.md). What we cannot honour (union
 tokenizers, multi-module configs) is refused by name rather than silently ignored: a merge that
 differs from what the user asked for is worse than one that does not start.
 
@@ -192,34 +192,37 @@ def _size(v: Any) -> int:
 
 
 def _model_ref(v: Any) -> str:
-    """A model reference as mergekit accepts it: 'path', 'path@revision', or {model: ..., lora: ...}.
-
-    'path+lora' (mergekit's LoRA syntax) is refused: applying an adapter means materialising the
-    full model, which is exactly what a streaming engine avoids.
-    """
+    """A model reference as mergekit accepts it: 'path', 'path@revision', 'path+lora', or
+    {model: ..., lora: ...}; a LoRA is applied by rows as the parent is read (lora.py), so the
+    reference becomes the spec 'model+lora' that sources.open_parent opens."""
     if isinstance(v, dict):
         extra = set(v) - {"model", "lora", "override_architecture"}
         if extra:
             raise _fail(f"unknown key {show(sorted(extra)[0])} (expected model, lora)")
-        if v.get("lora"):
-            raise _fail(
-                f"LoRA adapters are not supported (merge the adapter into its model first), got lora {show(v['lora'])}"
-            )
         if v.get("override_architecture"):
             raise _fail("override_architecture is not supported")
-        inner = v.get("model")
-        if isinstance(inner, dict):
-            path, rev = inner.get("path"), inner.get("revision")
-            if not isinstance(path, str):
-                raise _fail(f"expected a path or repo id, got {show(inner)}")
-            return _local_revision(f"{path}@{rev}") if rev else path
-        v = inner
+        model = _model_path(v.get("model"))
+        return f"{model}+{_model_path(v['lora'])}" if v.get("lora") else model
     if not isinstance(v, str) or not v.strip():
         raise _fail(f"expected a path or repo id, got {show(v)}")
-    if "+" in v and not os.path.exists(v):
-        raise _fail(
-            f"LoRA adapters (model+lora) are not supported; merge the adapter into its model first, got {show(v)}"
-        )
+    v = v.strip()
+    if "+" in v and not os.path.exists(v):  # mergekit's ModelReference: model+lora, split at the '+'
+        parts = v.split("+")
+        if len(parts) != 2 or not all(p.strip() for p in parts):
+            raise _fail(f"expected model or model+lora (one '+'), got {show(v)}")
+        return "+".join(_local_revision(p.strip()) for p in parts)
+    return _local_revision(v)
+
+
+def _model_path(v: Any) -> str:
+    """mergekit's ModelPath: 'path', 'path@revision' or {path: ..., revision: ...}."""
+    if isinstance(v, dict):
+        path, rev = v.get("path"), v.get("revision")
+        if not isinstance(path, str) or set(v) - {"path", "revision"}:
+            raise _fail(f"expected a path or repo id, got {show(v)}")
+        return _local_revision(f"{path}@{rev}") if rev else path
+    if not isinstance(v, str) or not v.strip() or ("+" in v and not os.path.exists(v)):
+        raise _fail(f"expected a path or repo id, got {show(v)}")
     return _local_revision(v.strip())
 
 
