@@ -1,4 +1,9 @@
-"""The library entry points. The CLI is a thin layer over these same calls."""
+"""The library entry points: `merge`, `ingest`, `export` (and `evolve`, in evolution/run.py).
+
+The CLI is a thin layer over these same calls. Each returns a report dataclass (what a pipeline
+logs: where the output went, bytes, tensors, wall time, peak private memory, notes) and raises only
+`errors.DarwinError` subclasses; docs/library.md has one runnable example per call.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +12,28 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from darwin_stream import engine, identity, outputs, pool
-from darwin_stream.errors import DarwinError
-from darwin_stream.export import ChildWriter
+from darwin_stream.child_writer import ChildWriter
+from darwin_stream.edge import at_edge
+from darwin_stream.errors import OptionError, OutputError
 from darwin_stream.plan import Plan
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+    from darwin_stream.sources import Parent
 
 _TORCH_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 
 
 @dataclass
 class MergeReport:
+    """What `merge` did: the child's location, bytes moved, tensors, time and memory, notes."""
+
     out: str
     wall_s: float
     bytes_read: int
@@ -40,8 +53,12 @@ class MergeReport:
         return asdict(self)
 
 
+@at_edge("plan")
 def load_plan(manifest: str | os.PathLike | Plan) -> Plan:
-    """A Plan from a manifest path, manifest YAML text, or a Plan (returned as is)."""
+    """A Plan from a manifest path, manifest YAML text, or a Plan (returned as is).
+
+    Raises ManifestError (the YAML), SourceError (a parent) or PlanError (the two together).
+    """
     if isinstance(manifest, Plan):
         return manifest
     from darwin_stream.manifest import load_manifest
@@ -112,15 +129,16 @@ def model_card(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+@at_edge("merge")
 def merge(
     manifest: str | os.PathLike | Plan,
     out: str | os.PathLike,
     *,
-    client: Any = None,
+    client: Client | None = None,
     memory_budget: int | None = None,
     device: str | None = None,
     shard_size: int | None = None,
-    out_format: str | None = None,
+    out_format: Literal["safetensors", "zarr"] | None = None,
     overwrite: bool = False,
     direct_io: bool | None = None,
     progress: Callable[[int], None] | None = None,
@@ -130,6 +148,28 @@ def merge(
 
     The child is written under a temporary sibling and renamed to `out` only when complete; an
     interrupted merge of the same plan resumes from its finished chunks.
+
+    Args:
+        manifest: a manifest path, its YAML text, or a Plan from `load_plan`.
+        out: the child's directory (or zarr store, with out_format="zarr").
+        client: a dask.distributed Client to run the graph on; None runs on local threads.
+        memory_budget: bytes the merge may hold beyond its baseline (default 1 GiB).
+        device: "cpu" or "cuda[:N]" for the blend.
+        shard_size: the largest safetensors shard, in bytes (default 5 GB).
+        out_format: "safetensors" (default) or "zarr".
+        overwrite: replace an existing `out` (only once the new child is complete).
+        direct_io: write whole pages with O_DIRECT (default True where the filesystem allows).
+        progress: called with the bytes of each finished chunk.
+        on_plan: called once with the plan and its bytes, before the first write.
+
+    Returns:
+        A MergeReport.
+
+    Raises:
+        ManifestError, SourceError, PlanError: the manifest, a parent, or their combination.
+        OptionError, BudgetError: a run option, or a memory budget below the plan's minimum.
+        OutputError: `out` exists, is or holds a parent, is locked, or lacks room.
+        StorageError: an OSError or an object-store error while reading or writing.
     """
     start = engine.now()
     with engine.PeakMemory() as mem, pool.session():  # each parent opened once, closed at the end
@@ -140,14 +180,14 @@ def merge(
         shard_size = int(shard_size or opts.get("shard_size") or DEFAULT_SHARD_SIZE)
         out_format = out_format or opts.get("format") or "safetensors"
         if out_format not in ("safetensors", "zarr"):
-            raise DarwinError(f"format: expected safetensors or zarr, got {out_format!r}")
+            raise OptionError(f"format: expected safetensors or zarr, got {out_format!r}")
         engine.check_device(device)
         engine.check_budget(plan, budget, engine.worker_count(client))
         paths = outputs.output_paths(out)
         target = paths.final if out_format == "safetensors" else paths.final.parent / f".{paths.final.name}.safetensors"
         _check_outputs(manifest, plan, paths, target)
         if out_format == "zarr" and paths.final.exists() and not overwrite:
-            raise DarwinError(f"output {paths.final} already exists (use --overwrite to replace it)")
+            raise OutputError(f"output {paths.final} already exists (use --overwrite to replace it)")
         direct_io = opts.get("direct_io", True) if direct_io is None else direct_io
         with outputs.lock(paths, out):
             writer = ChildWriter(target, plan, shard_size, overwrite=overwrite or out_format == "zarr",
@@ -207,7 +247,7 @@ def _to_store(child_dir: Path, out: outputs.OutputPaths, *, overwrite: bool) -> 
     store.ingest(str(child_dir), str(tmp), mode="copy")
     if out.final.exists() or out.final.is_symlink():
         if not overwrite:
-            raise DarwinError(f"output {out.final} already exists (use --overwrite to replace it)")
+            raise OutputError(f"output {out.final} already exists (use --overwrite to replace it)")
         outputs.remove(out.old)
         out.final.rename(out.old)
         tmp.rename(out.final)
@@ -216,3 +256,129 @@ def _to_store(child_dir: Path, out: outputs.OutputPaths, *, overwrite: bool) -> 
         tmp.rename(out.final)
     shutil.rmtree(child_dir)
     return out.final
+
+
+@dataclass
+class IngestReport:
+    """What `ingest` did: the store's location and mode, the parent's tensors and bytes, time, memory."""
+
+    out: str  # the store: a local path or an fsspec URL
+    mode: Literal["reference", "copy"]
+    source: str  # the parent's spec
+    tensors: int
+    bytes: int  # the parent's tensor bytes
+    store_bytes: int  # bytes written to the store by this call (reference mode: the JSON file)
+    wall_s: float
+    peak_anon_bytes: int
+    baseline_anon_bytes: int
+    resumed_bytes: int = 0  # copy mode: bytes an interrupted ingest had already copied and verified
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ExportReport:
+    """What `export` did: the checkpoint's directory, its tensors, bytes and shards, time, memory."""
+
+    out: str
+    tensors: int
+    bytes: int
+    shards: int
+    source_shards: int | None  # the store's parent's shard count, when that parent is still there
+    wall_s: float
+    peak_anon_bytes: int
+    baseline_anon_bytes: int
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@at_edge("ingest")
+def ingest(
+    source: str | os.PathLike | Parent,
+    store: str | os.PathLike,
+    *,
+    mode: Literal["reference", "copy"] | None = None,
+    chunk_bytes: int | None = None,
+    shard_bytes: int | None = None,
+    compressor: Literal["zstd"] | None = None,
+    checksum: bool = True,
+    storage_options: dict[str, Any] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> IngestReport:
+    """Turn a parent (local directory, hub id, URL) into a zarr layer store at `store` (a path or URL).
+
+    Args:
+        source: the parent, as a manifest's `model:` would name it.
+        store: where the store goes; a URL (s3://...) for an object store.
+        mode: "reference" (one JSON file pointing into the shards, nothing copied) or "copy";
+            None picks reference for local safetensors parents and copy otherwise.
+        chunk_bytes, shard_bytes: the zarr chunk and shard sizes (defaults: store.DEFAULT_*).
+        compressor: "zstd" to compress a copy store's chunks.
+        checksum: hash every tensor (reference mode); False makes the cost independent of the bytes.
+        storage_options: fsspec options for URL parents and stores (endpoint_url, key, secret...).
+        progress: called with the bytes just processed.
+
+    Returns:
+        An IngestReport.
+
+    Raises:
+        SourceError: the parent cannot be opened. StoreError: a bad mode or option, or `store` is
+        someone else's. OutputError: `store` is or holds the parent. StorageError: an I/O failure.
+    """
+    from darwin_stream import store as zstore  # zarr and fsspec: only for the calls that need them
+
+    kwargs: dict[str, Any] = {}
+    if chunk_bytes is not None:
+        kwargs["chunk_bytes"] = chunk_bytes
+    if shard_bytes is not None:
+        kwargs["shard_bytes"] = shard_bytes
+    start = engine.now()
+    with engine.PeakMemory() as mem:
+        r = zstore.ingest(source, store, mode, compressor=compressor, checksum=checksum, progress=progress,
+                          storage_options=storage_options, **kwargs)
+    return IngestReport(out=os.fspath(store), mode=r["mode"], source=str(r.get("source", source)), tensors=r["tensors"],
+                        bytes=r["bytes"], store_bytes=int(r.get("store_bytes", r.get("bytes_written", 0))),
+                        resumed_bytes=int(r.get("bytes_skipped", 0)),
+                        wall_s=round(engine.now() - start, 3), peak_anon_bytes=mem.peak,
+                        baseline_anon_bytes=mem.baseline, notes=list(r.get("notes", [])))
+
+
+@at_edge("export")
+def export(
+    store: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    shard_size: int | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> ExportReport:
+    """Write a zarr layer store back out as a safetensors checkpoint directory, bit for bit.
+
+    Args:
+        store: a store made by `ingest` (either mode), a path or URL.
+        out: the checkpoint directory; it must not exist or be empty unless `overwrite`.
+        shard_size: the largest shard in bytes (default 5 GB, Hugging Face's greedy sharding).
+        overwrite: replace `out`, only once the new checkpoint is complete.
+        progress: called with the bytes just written.
+
+    Returns:
+        An ExportReport.
+
+    Raises:
+        StoreError: `store` is missing, incomplete or corrupt, or `out` is occupied.
+        OutputError: `out` is or holds an input. StorageError: an I/O failure.
+    """
+    from darwin_stream import store_cli
+    from darwin_stream.store import DEFAULT_SHARD_SIZE
+
+    start = engine.now()
+    with engine.PeakMemory() as mem:
+        r = store_cli.export(os.fspath(store), os.fspath(out), shard_size=shard_size or DEFAULT_SHARD_SIZE,
+                             overwrite=overwrite, progress=progress)
+    return ExportReport(out=str(r["out_dir"]), tensors=r["tensors"], bytes=r["bytes"], shards=r["shards"],
+                        source_shards=r.get("source_shards"), wall_s=round(engine.now() - start, 3),
+                        peak_anon_bytes=mem.peak, baseline_anon_bytes=mem.baseline, notes=list(r.get("notes", [])))

@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from darwin_stream.errors import DarwinError
+from darwin_stream.errors import DarwinError, OptionError
 
 
 def parse_size(text: str) -> int:
@@ -112,12 +112,12 @@ def _client(address: str | None):
     try:
         return Client(address)
     except (ValueError, TypeError, OSError) as e:  # a malformed address, an unknown scheme, no answer
-        raise DarwinError(f"--scheduler {address}: cannot connect to a dask scheduler ({e})") from None
+        raise OptionError(f"--scheduler {address}: cannot connect to a dask scheduler ({e})") from None
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from darwin_stream import api, engine
-    from darwin_stream.export import layout
+    from darwin_stream.child_writer import layout
     from darwin_stream.plan import format_plan
 
     plan = api.load_plan(args.manifest)

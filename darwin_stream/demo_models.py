@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from darwin_stream.errors import DarwinError
+from darwin_stream.errors import EvolveError
 from darwin_stream.threads import torch_threads
 
 # Bumped whenever the meaning of a setting changes, so that an old build is never trusted.
@@ -104,7 +104,7 @@ class Skill:
             return f"{s}>", s[::-1]
         if self.kind == "sort":
             return f"{s}:", "".join(sorted(s))
-        raise DarwinError(f"unknown demo skill kind {self.kind!r}; expected add, reverse or sort")
+        raise EvolveError(f"unknown demo skill kind {self.kind!r}; expected add, reverse or sort")
 
     @property
     def max_tokens(self) -> int:
@@ -138,7 +138,7 @@ def make_splits(skill: Skill, seed: int, n_fitness: int, n_heldout: int) -> Spli
         prompt, answer = skill.sample(rng)
         seen.setdefault(prompt, answer)
     else:
-        raise DarwinError(f"skill {skill.name}: cannot draw {n_fitness + n_heldout} distinct items")
+        raise EvolveError(f"skill {skill.name}: cannot draw {n_fitness + n_heldout} distinct items")
     items = list(seen.items())
     return Splits(fitness=items[:n_fitness], heldout=items[n_fitness:])
 
@@ -477,7 +477,7 @@ def build_demo(out_dir: str | Path, *, seed: int = 0, settings: DemoSettings | N
     settings = settings or DemoSettings()
     root = Path(out_dir)
     if root.exists() and not root.is_dir():
-        raise DarwinError(f"{root}: the demo's build directory is a file")
+        raise EvolveError(f"{root}: the demo's build directory is a file")
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".*.tmp-*"):  # left by a killed build; never trusted, never finished
         if stale.is_dir() and not stale.is_symlink():

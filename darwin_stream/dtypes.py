@@ -6,7 +6,7 @@ import ml_dtypes
 import numpy as np
 import torch
 
-from darwin_stream.errors import DarwinError
+from darwin_stream.errors import ManifestError, SourceError
 
 # safetensors code -> (torch dtype, numpy dtype, itemsize)
 _TABLE: dict[str, tuple[torch.dtype, np.dtype, int]] = {
@@ -53,12 +53,12 @@ def from_torch(dtype: torch.dtype) -> str:
     for code, (t, _, _) in _TABLE.items():
         if t == dtype:
             return code
-    raise DarwinError(f"unsupported tensor dtype {dtype}")
+    raise SourceError(f"unsupported tensor dtype {dtype}")
 
 
 def parse(name: str) -> str:
     """A user's dtype name (bfloat16, float16, float32, BF16, ...) -> safetensors code."""
     code = _ALIASES.get(name.lower(), name.upper())
     if code not in _TABLE or code not in FLOAT_CODES:
-        raise DarwinError(f"dtype: expected one of bfloat16, float16, float32, float64, got {name!r}")
+        raise ManifestError(f"dtype: expected one of bfloat16, float16, float32, float64, got {name!r}")
     return code

@@ -34,8 +34,8 @@ import dask.threaded
 import torch
 
 from darwin_stream import dtypes, methods, pool
-from darwin_stream.errors import DarwinError, SourceError
-from darwin_stream.export import PAGE, STAGE_BYTES, staging_buffer
+from darwin_stream.child_writer import PAGE, STAGE_BYTES, staging_buffer
+from darwin_stream.errors import BudgetError, DarwinError, OptionError, PlanError, SourceError
 from darwin_stream.plan import Plan, SourceRef, TensorPlan, human_bytes
 from darwin_stream.sources import Parent
 from darwin_stream.threads import torch_threads
@@ -181,7 +181,7 @@ def check_budget(plan: Plan, budget: int, workers: int) -> None:
     """Refuse a budget the plan cannot run within, naming the smallest one it can."""
     least, tensor = minimum_budget(plan, workers)
     if budget < least:
-        raise DarwinError(
+        raise BudgetError(
             f"memory budget {human_bytes(budget)} is below the {human_bytes(least)} this plan needs with "
             f"{workers} worker(s): one row of {tensor}, its scratch and the writer's staging buffer, per "
             f"worker; give --memory-budget {-(-least // 1024)}KiB or more")
@@ -316,7 +316,7 @@ def _refuse_parent(plan: Plan, ref: SourceRef, r0: int, r1: int) -> DarwinError:
 
 
 def _refuse_child(tp: TensorPlan, r0: int, r1: int) -> DarwinError:
-    return DarwinError(
+    return PlanError(
         f"child tensor {tp.name!r} comes out NaN or Inf ({tp.method}, rows {r0}-{r1}) from finite parents; "
         "check the method's weights and parameters"
     )
@@ -525,9 +525,9 @@ def iter_tensors(plan: Plan, *, device: str = "cpu", workers: int | None = None,
 
 def check_device(device: str) -> None:
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DarwinError("--device cuda: no CUDA device is available on this machine")
+        raise OptionError("--device cuda: no CUDA device is available on this machine")
     if device != "cpu" and not device.startswith("cuda"):
-        raise DarwinError(f"device: expected cpu or cuda, got {device!r}")
+        raise OptionError(f"device: expected cpu or cuda, got {device!r}")
 
 
 # --- the graph ---------------------------------------------------------------------------------
@@ -546,7 +546,7 @@ def _naming(tp: TensorPlan):
     try:
         yield
     except (ValueError, ZeroDivisionError) as e:
-        raise DarwinError(f"{tp.name}: {tp.method}: {e}") from None
+        raise PlanError(f"{tp.name}: {tp.method}: {e}") from None
 
 
 def _write_task(task: Task, state: Any, writer, progress) -> int:

@@ -25,7 +25,7 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from darwin_stream.sources import MAX_HEADER_BYTES, Parent, SafetensorsParent
+from darwin_stream.sources import MAX_HEADER_BYTES, LoraParent, Parent, SafetensorsParent
 
 if TYPE_CHECKING:
     from darwin_stream.plan import Plan
@@ -69,6 +69,8 @@ def parent_identity(parent: Parent) -> str:
         if parent.is_local:
             return _digest(["local", [_local_shard(f) for f in files]])
         return _digest(["url", _table(parent), [_url_shard(parent, f) for f in files]])
+    if isinstance(parent, LoraParent):  # a changed base or a changed adapter changes the rows
+        return _digest(["lora", parent_identity(parent.base), parent_identity(parent.adapter)])
     return _digest(parent.identity_parts())  # stores (store/parent.py) and any other form
 
 
@@ -82,6 +84,8 @@ def parent_locations(parent: Parent) -> set[str]:
     """Everything a run reads of this parent, as paths or URLs: its directory or store, its shards
     (resolved, so a hub snapshot's blobs count) and the shards a reference store points into."""
     out = {parent.spec}
+    if isinstance(parent, LoraParent):
+        return parent_locations(parent.base) | parent_locations(parent.adapter)
     if isinstance(parent, SafetensorsParent):
         out.add(parent.root)
         for f in {t.file for t in parent.tensors.values()}:

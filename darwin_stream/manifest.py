@@ -1,7 +1,7 @@
 """The manifest: a mergekit YAML, read unchanged, plus darwin-stream's own optional sections.
 
 Users arrive with mergekit configs they already trust, so every mergekit key this project supports
-means exactly what it means in mergekit (see docs/manifest.md). What we cannot honour (LoRA, union
+means exactly what it means in mergekit (see docs/manifest.md). What we cannot honour (union
 tokenizers, multi-module configs) is refused by name rather than silently ignored: a merge that
 differs from what the user asked for is worse than one that does not start.
 
@@ -23,6 +23,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -191,35 +192,53 @@ def _size(v: Any) -> int:
 
 
 def _model_ref(v: Any) -> str:
-    """A model reference as mergekit accepts it: 'path', 'path@revision', or {model: ..., lora: ...}.
-
-    'path+lora' (mergekit's LoRA syntax) is refused: applying an adapter means materialising the
-    full model, which is exactly what a streaming engine avoids.
-    """
+    """A model reference as mergekit accepts it: 'path', 'path@revision', 'path+lora', or
+    {model: ..., lora: ...}; a LoRA is applied by rows as the parent is read (lora.py), so the
+    reference becomes the spec 'model+lora' that sources.open_parent opens."""
     if isinstance(v, dict):
         extra = set(v) - {"model", "lora", "override_architecture"}
         if extra:
             raise _fail(f"unknown key {show(sorted(extra)[0])} (expected model, lora)")
-        if v.get("lora"):
-            raise _fail(
-                f"LoRA adapters are not supported (merge the adapter into its model first), got lora {show(v['lora'])}"
-            )
         if v.get("override_architecture"):
             raise _fail("override_architecture is not supported")
-        inner = v.get("model")
-        if isinstance(inner, dict):
-            path, rev = inner.get("path"), inner.get("revision")
-            if not isinstance(path, str):
-                raise _fail(f"expected a path or repo id, got {show(inner)}")
-            return f"{path}@{rev}" if rev else path
-        v = inner
+        model = _model_path(v.get("model"))
+        return f"{model}+{_model_path(v['lora'])}" if v.get("lora") else model
     if not isinstance(v, str) or not v.strip():
         raise _fail(f"expected a path or repo id, got {show(v)}")
-    if "+" in v and not os.path.exists(v):
-        raise _fail(
-            f"LoRA adapters (model+lora) are not supported; merge the adapter into its model first, got {show(v)}"
-        )
-    return v.strip()
+    v = v.strip()
+    if "+" in v and not os.path.exists(v):  # mergekit's ModelReference: model+lora, split at the '+'
+        parts = v.split("+")
+        if len(parts) != 2 or not all(p.strip() for p in parts):
+            raise _fail(f"expected model or model+lora (one '+'), got {show(v)}")
+        return "+".join(_local_revision(p.strip()) for p in parts)
+    return _local_revision(v)
+
+
+def _model_path(v: Any) -> str:
+    """mergekit's ModelPath: 'path', 'path@revision' or {path: ..., revision: ...}."""
+    if isinstance(v, dict):
+        path, rev = v.get("path"), v.get("revision")
+        if not isinstance(path, str) or set(v) - {"path", "revision"}:
+            raise _fail(f"expected a path or repo id, got {show(v)}")
+        return _local_revision(f"{path}@{rev}") if rev else path
+    if not isinstance(v, str) or not v.strip() or ("+" in v and not os.path.exists(v)):
+        raise _fail(f"expected a path or repo id, got {show(v)}")
+    return _local_revision(v.strip())
+
+
+def _local_revision(v: str) -> str:
+    """'path@revision' as mergekit's ModelPath reads it: split at the one '@'; a path that exists
+    locally is read as it is (mergekit passes the revision only to the hub's snapshot_download),
+    and a hub id keeps its revision for sources.resolve_hub. A path that exists under its full
+    name, '@' included, is that path."""
+    if "@" not in v or os.path.exists(v):
+        return v
+    if v.count("@") > 1:
+        raise _fail(f"expected path or path@revision (one '@'), got {show(v)}")
+    path, rev = v.split("@")
+    if not path or not rev:
+        raise _fail(f"expected path@revision with both parts, got {show(v)}")
+    return path if os.path.exists(path) else v
 
 
 ModelRef = Annotated[str, BeforeValidator(_model_ref)]
@@ -517,6 +536,7 @@ class Manifest(Section):
     darwin: DarwinSection = DarwinSection()
     breed: BreedSection | None = None
     evolve: EvolveSection | None = None
+    _warnings: list[str] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
     def _check(self) -> Manifest:
@@ -546,6 +566,11 @@ class Manifest(Section):
         if self.slices is not None and not self.slices:
             raise _fail("expected at least one slice", "slices")
         return self
+
+    @property
+    def warnings(self) -> list[str]:
+        """Lines about what was accepted and ignored, as mergekit does (the plan's notes repeat them)."""
+        return list(self._warnings)
 
     @property
     def out_code(self) -> str | None:
@@ -610,13 +635,14 @@ def _one_line(err: ValidationError) -> ManifestError:
     return ManifestError(f"manifest: {path}: {msg}")
 
 
-def _check_method(m: Manifest) -> None:
-    """The method exists, and every parameter name is one it reads (per model or method level).
+def _check_method(m: Manifest) -> list[str]:
+    """The method exists, and every parameter name is one it reads (per model or method level),
+    or one another method reads, which is ignored with a warning line (returned).
 
     Parameters are checked here, before any parent is opened, so a typo costs nothing.
     """
     if m.merge_method is None:
-        return
+        return []
     from darwin_stream import methods
 
     try:
@@ -627,14 +653,20 @@ def _check_method(m: Manifest) -> None:
         ) from None
     per_model = set(method.model_param_defaults)
     either = per_model | set(method.param_defaults)
+    anywhere = _all_parameter_names()
+    ignored: dict[str, list[str]] = {}
 
     def check(params: Parameters | None, where: str, allowed: set[str]) -> None:
         for name in params or {}:
-            if name not in allowed:
-                expected = ", ".join(sorted(allowed)) or "none"
-                raise ManifestError(
-                    f"manifest: {where}.{name}: unknown parameter for {method.name} (expected one of: {expected})"
-                )
+            if name in allowed:
+                continue
+            if name in anywhere:  # another method's parameter: mergekit accepts and ignores it
+                ignored.setdefault(name, []).append(f"{where}.{name}")
+                continue
+            expected = ", ".join(sorted(allowed)) or "none"
+            raise ManifestError(
+                f"manifest: {where}.{name}: unknown parameter for {method.name} (expected one of: {expected})"
+            )
 
     check(m.parameters, "parameters", either)
     for i, im in enumerate(m.models or []):
@@ -643,6 +675,22 @@ def _check_method(m: Manifest) -> None:
         check(sl.parameters, f"slices[{i}].parameters", either)
         for j, src in enumerate(sl.sources):
             check(src.parameters, f"slices[{i}].sources[{j}].parameters", per_model)
+    return [f"{', '.join(places)}: ignored, {method.name} " + (f"reads {name} only for the whole merge or slice, "
+            "not per model" if name in either else f"does not read {name}") + " (mergekit ignores it too)"
+            for name, places in ignored.items()]
+
+
+def _all_parameter_names() -> set[str]:
+    """Every parameter some method reads: one of these given to a method that does not read it
+    (a per-model `weight` under slerp, from a linear config edited to slerp) is what mergekit's
+    configs carry and mergekit ignores; any other name is a typo, refused."""
+    from darwin_stream import methods
+
+    out: set[str] = set()
+    for name in methods.names():
+        m = methods.get(name)
+        out |= set(m.param_defaults) | set(m.model_param_defaults)
+    return out
 
 
 MAX_MANIFEST_BYTES = 2**20  # the largest shipped manifest is 2 KiB; a 1 MiB one is already absurd
@@ -738,7 +786,7 @@ def parse_manifest(text: str) -> Manifest:
         m = Manifest.model_validate(data)
     except ValidationError as e:
         raise _one_line(e) from None
-    _check_method(m)
+    m._warnings.extend(_check_method(m))
     return m
 
 

@@ -13,7 +13,7 @@ import json
 import textwrap
 from typing import TYPE_CHECKING, Any
 
-from darwin_stream.errors import DarwinError
+from darwin_stream.errors import ManifestError
 
 if TYPE_CHECKING:
     from darwin_stream.methods import MergeMethod
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     known = methods.names()
     unknown = [n for n in args.names if n not in known]
     if unknown:
-        raise DarwinError(f"no merge method {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
+        raise ManifestError(f"no merge method {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
     rows = [describe(methods.get(n)) for n in (args.names or known)]
     if args.json:
         print(json.dumps({"methods": rows}, indent=1))

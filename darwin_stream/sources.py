@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
-from darwin_stream import dtypes
+from darwin_stream import dtypes, lora
 from darwin_stream.bounded import MAX_FILE_BYTES, check_local_file, clip, load_json, read_local, show
 from darwin_stream.errors import DarwinError, SourceError
 from darwin_stream.names import name_problem
@@ -397,6 +397,58 @@ class SafetensorsParent(Parent):
         self._view = None
 
 
+class LoraParent(Parent):
+    """A base model with a PEFT LoRA adapter applied by rows (lora.py): mergekit's `base+adapter`.
+
+    Its tensors are the base's, same names, shapes and dtypes; rows of a weight the adapter targets
+    come back with the adapter applied, so nothing downstream (plan, engine, identity of the child)
+    knows an adapter was involved, and no merged copy of the base is ever written.
+    """
+
+    def __init__(self, spec: str, base: Parent, adapter: Parent):
+        self.spec, self.base, self.adapter = spec, base, adapter
+        raw = adapter.read_aux_file(lora.CONFIG_FILE)
+        if raw is None:
+            raise SourceError(f"adapter {adapter.spec}: no {lora.CONFIG_FILE} (a PEFT adapter directory holds one)")
+        cfg = lora.parse_config(load_json(raw, f"adapter {adapter.spec}: {lora.CONFIG_FILE}"), adapter.spec)
+        self.changes = lora.plan_adapter({n: t.shape for n, t in adapter.tensors.items()},
+                                         {n: t.shape for n, t in base.tensors.items()}, cfg, adapter.spec)
+        self.tensors = base.tensors
+
+    def read_rows(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        _, start, stop = self._rows(name, start, stop)
+        change = self.changes.get(name)
+        if isinstance(change, lora.Replace):
+            return self.adapter.read_rows(change.name, start, stop).to(dtypes.to_torch(self.tensors[name].dtype))
+        rows = self.base.read_rows(name, start, stop)
+        return rows if change is None else lora.apply_rows(rows, change, start, self.adapter.read_rows)
+
+    def aux_names(self) -> list[str]:
+        return self.base.aux_names()
+
+    def read_aux_file(self, name: str) -> bytes | None:
+        return self.base.read_aux_file(name)
+
+    def array(self, name: str) -> zarr.Array:
+        if name in self.changes:
+            raise SourceError(f"parent {self.spec}: {name!r} is changed by the adapter and has no zarr view; "
+                              "merge it into a checkpoint first (a passthrough merge of this parent)")
+        return self.base.array(name)
+
+    def close(self) -> None:
+        self.base.close()
+        self.adapter.close()
+
+
+def _open_lora(spec: str, storage_options: dict | None, stores: StoreOpener | None, view: View | None) -> LoraParent:
+    """`base+adapter`, split as mergekit's ModelReference splits it: at the one '+'."""
+    parts = spec.split("+")
+    if len(parts) != 2 or not all(p.strip() for p in parts):
+        raise SourceError(f"parent {spec}: expected model+lora (one '+')")
+    base, adapter = (open_source(p.strip(), storage_options=storage_options, stores=stores, view=view) for p in parts)
+    return LoraParent(spec, base, adapter)
+
+
 def _is_url(spec: str) -> bool:
     return "://" in spec
 
@@ -656,6 +708,8 @@ def open_source(spec: str | os.PathLike, *, storage_options: dict | None = None,
     """
     s = os.fspath(spec)
     try:
+        if "+" in s and not os.path.exists(s):
+            return _open_lora(s, storage_options, stores, view)
         if _is_url(s):
             return _open_url(s, storage_options, stores, view)
         root = Path(s)

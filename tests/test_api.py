@@ -79,7 +79,7 @@ def test_out_dir_that_exists_is_refused_unless_overwrite(tiny_parents, tmp_path)
     out = tmp_path / "child"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(darwin_stream.api.DarwinError, match="already exists"):
+    with pytest.raises(darwin_stream.OutputError, match="already exists"):
         darwin_stream.merge(manifest, out)
     assert (out / "keep.txt").read_text() == "mine"
     darwin_stream.merge(manifest, out, overwrite=True)

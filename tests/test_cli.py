@@ -197,7 +197,7 @@ def test_merge_json_report(capsys, tmp_path, tiny_parents):
 
 def test_page_cache_flag_and_option_give_the_same_child(capsys, tmp_path, tiny_parents):
     """--page-cache (or `darwin: {direct_io: false}`) only changes how the shards are written."""
-    from darwin_stream.export import ChildWriter
+    from darwin_stream.child_writer import ChildWriter
 
     m = _manifest(tmp_path, *tiny_parents)
     text = m.read_text()

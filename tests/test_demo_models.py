@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from darwin_stream import demo_models as dm
+from darwin_stream import errors
 from darwin_stream.score.tasks import load_task
 
 # A model of a few thousand parameters: the tests check plumbing, not learning.
@@ -116,7 +117,7 @@ def test_build_demo_rebuilds_only_what_changed_or_was_cut_short(tmp_path):
 
 def test_build_dir_that_is_a_file_is_a_one_line_error(tmp_path):
     (tmp_path / "f").write_text("x")
-    with pytest.raises(dm.DarwinError, match="is a file"):
+    with pytest.raises(errors.DarwinError, match="is a file"):
         dm.build_demo(tmp_path / "f", settings=TINY)
 
 

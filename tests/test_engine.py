@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from darwin_stream import engine
-from darwin_stream.export import ChildWriter
+from darwin_stream.child_writer import ChildWriter
 from darwin_stream.plan import Plan, SourceRef, TensorPlan
 
 

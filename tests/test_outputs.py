@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from darwin_stream import api, engine, outputs
+from darwin_stream.child_writer import ChildWriter
 from darwin_stream.cli import main
 from darwin_stream.errors import DarwinError, OutputError
-from darwin_stream.export import ChildWriter
 from tests.helpers import TOY_MANIFEST, build_toy, read_all
 
 

@@ -1,6 +1,6 @@
 """Writer benchmark: the child's shards written with O_DIRECT (the default) or through the page cache.
 
-Why this exists: the writer's O_DIRECT spans (export.Span) are justified by a measurement, and the
+Why this exists: the writer's O_DIRECT spans (child_writer.Span) are justified by a measurement, and the
 measurement must be repeatable. Both modes run the same manifest back to back, alternating, in the
 same page-cache state (parents warm or cold), and the ratio is taken per repetition before the
 median, as in bench.py. The parents and manifests are bench.py's (under .bench/), generated here

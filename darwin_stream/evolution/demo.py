@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from darwin_stream.errors import DarwinError
+from darwin_stream.errors import EvolveError
 from darwin_stream.evolution.report import EvolveReport
 
 MANIFEST = Path(__file__).resolve().parents[2] / "manifests" / "demo.yaml"
@@ -39,7 +39,7 @@ class DemoResult:
 def demo_manifest(root: Path, seed: int, edit: Callable[[str], str] | None = None) -> Path:
     """manifests/demo.yaml, its paths pointed at `root` and its search seeded with `seed`."""
     if not MANIFEST.is_file():
-        raise DarwinError(f"demo: {MANIFEST} is missing; run the demo from a clone of darwin-stream")
+        raise EvolveError(f"demo: {MANIFEST} is missing; run the demo from a clone of darwin-stream")
     text = MANIFEST.read_text().replace("demo-out/", f"{root.as_posix()}/")
     if seed:
         text = text.replace("seed: 0}", f"seed: {seed}}}")

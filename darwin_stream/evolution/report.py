@@ -26,6 +26,10 @@ class EvolveReport:
     subset: dict[str, Any] | None = None
     tables: dict[str, dict[str, Any]] = field(default_factory=dict)  # split -> model -> {tasks, fitness}
     interrupted: bool = False
+    wall_s: float = 0.0  # the whole call, planning and scoring the references included
+    peak_anon_bytes: int = 0  # peak RssAnon of this process (the transformers backend's model counts)
+    baseline_anon_bytes: int = 0
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

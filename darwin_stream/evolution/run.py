@@ -22,7 +22,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from darwin_stream.errors import EvolveError
+from darwin_stream.edge import at_edge
+from darwin_stream.engine import PeakMemory
+from darwin_stream.errors import DependencyError, EvolveError
 from darwin_stream.evolution import fitness as fit
 from darwin_stream.evolution import report as rep
 from darwin_stream.evolution.history import Candidate, RunDir, digest
@@ -42,7 +44,7 @@ def _check_extras() -> None:
     import importlib.util
 
     if importlib.util.find_spec("matplotlib") is None:
-        raise EvolveError("evolve needs matplotlib for its plots: pip install -e '.[evolve]' (from a clone) "
+        raise DependencyError("evolve needs matplotlib for its plots: pip install -e '.[evolve]' (from a clone) "
                           "or pip install 'darwin-stream[evolve]'")
 
 
@@ -273,9 +275,27 @@ def _export(tpl: Template, x: list[float], text: str, run: RunDir, card_extra: d
     return final
 
 
+@at_edge("evolve")
 def evolve(manifest: str | os.PathLike, run_dir: str | os.PathLike | None = None, *, resume: bool = False,
            progress: Progress | None = None, backend: str | None = None) -> rep.EvolveReport:
-    """Run (or resume) the evolution a manifest's `evolve:` section describes; see docs/evolution.md."""
+    """Run (or resume) the evolution a manifest's `evolve:` section describes; see docs/evolution.md.
+
+    Args:
+        manifest: a manifest path (or its YAML text, with `run_dir` given) with an `evolve:` section.
+        run_dir: the run directory (journal, plots, child); default `<manifest stem>.run` beside it.
+        resume: continue the run in `run_dir` (refused, naming the part, if the manifest changed).
+        progress: called with one dict per event (a candidate scored, a generation done).
+        backend: "vllm" or "hf", overriding the manifest's `evolve: backend: name`.
+
+    Returns:
+        An EvolveReport; `interrupted` is True when Ctrl-C stopped the search (resume continues it).
+
+    Raises:
+        ManifestError, SourceError, PlanError: the manifest and its parents.
+        EvolveError: no evolve section, or a run directory that belongs to another search.
+        ScoreError: a task file or the scoring backend. DependencyError: a missing extra (cma, vllm).
+        StorageError: an I/O failure.
+    """
     t_start = time.perf_counter()
     _check_extras()
     m, text = load_manifest(manifest)
@@ -294,8 +314,11 @@ def evolve(manifest: str | os.PathLike, run_dir: str | os.PathLike | None = None
     opts: dict[str, Any] = {"dtype": sec.backend.dtype}
     if sec.backend.max_model_len and (backend or sec.backend.name) == "vllm":
         opts["max_model_len"] = sec.backend.max_model_len
-    with torch_threads(sec.backend.threads):
-        return _run(m, text, tpl, x0, run, history, sec, backend, opts, progress, t_start)
+    with torch_threads(sec.backend.threads), PeakMemory() as mem:
+        report = _run(m, text, tpl, x0, run, history, sec, backend, opts, progress, t_start)
+    report.wall_s = round(time.perf_counter() - t_start, 3)
+    report.peak_anon_bytes, report.baseline_anon_bytes = mem.peak, mem.baseline
+    return report
 
 
 def _run(m: Manifest, text: str, tpl: Template, x0: list[float], run: RunDir, history: list[Candidate],

@@ -194,6 +194,35 @@ def _check_slice(sl: _Slice, method: Any) -> None:
         raise PlanError(f"{sl.where}: {method.name} takes {arity.describe()} model(s) besides the base, got {k}")
 
 
+def _tied_embedding(idx: _Index, name: str, role: Any) -> str | None:
+    """The tensor that stands for a missing lm_head in a parent that ties it to its embeddings.
+
+    mergekit marks lm_head optional with tied_names [embed_tokens] in every architecture it ties:
+    a parent without an lm_head gives its input embedding in its place, as transformers does.
+    """
+    if role is None or role.role != "lm_head" or any(idx.roles[n].role == "lm_head" for n in idx.outside):
+        return None
+    embeds = [n for n in idx.outside if idx.roles[n].role == "embed"]
+    return embeds[0] if len(embeds) == 1 else None
+
+
+def _missing_in_template(ps: _Parents, sl: _Slice, tpl: _Source, names: set[str],
+                         theirs: Callable[[_Source], dict[str, str]]) -> None:
+    """Refuse a tensor some input of the slice has and its template parent lacks.
+
+    The template names the child's tensors, so such a tensor would silently be left out of the
+    child, which then loads with freshly initialised weights (found by trying it: exit 0, the
+    child one tensor short). `theirs(s)` maps each name of source s, in the template's numbering,
+    to its own name there.
+    """
+    for s in sl.sources:
+        for mapped, own in theirs(s).items():
+            if mapped not in names:
+                raise PlanError(f"tensor {mapped!r} is missing in parent {tpl.spec}, which {s.spec} has"
+                                + (f" (as {own!r})" if own != mapped else "")
+                                + "; every input of the merge must have it")
+
+
 def _resolve(
     name: str,
     levels: list[Parameters | None],
@@ -267,8 +296,9 @@ class _Builder:
                 if src_layer is None
                 else _renumber(tpl_name, src_layer, s.start + (src_layer - tpl.start))
             )
-            info = self.ps.get(s.spec).tensors.get(nm)
-            if info is None:
+            if nm not in self.ps.get(s.spec).tensors:
+                nm = _tied_embedding(self.ps.index(s.spec), nm, role) or nm
+            if nm not in self.ps.get(s.spec).tensors:
                 raise PlanError(f"tensor {nm!r} is missing in parent {s.spec}")
             names.append(nm)
         ref_info = self.ps.get(tpl.spec).tensors[tpl_name]
@@ -354,6 +384,45 @@ class _Builder:
         return sl.sources[0]
 
 
+# Config lists that hold layer *indices* rather than one value per layer (Qwen3-MoE's dense layers).
+INDEX_LISTS = ("mlp_only_layers",)
+# Where a multimodal config keeps its language model's geometry.
+TEXT_SECTIONS = ("text_config", "language_config", "llm_config")
+
+
+def stacked_config(config: dict, layers: list[tuple[dict, int]]) -> dict[str, Any]:
+    """Config overrides that keep a stacked child (slices) consistent with its layers.
+
+    `layers[j]` is child layer j's (template parent's config, layer index there). Every list with one
+    entry per layer (layer_types, and any other list as long as num_hidden_layers: Gemma-3n's
+    per-layer intermediate_size, SmolLM3's no_rope_layers) is rebuilt from the stacked layers, and
+    index lists are renumbered. Transformers 5 refuses a config whose layer_types disagrees with
+    num_hidden_layers; mergekit 0.1.5 copies layer_types unchanged, so its stacked child does not load.
+    """
+    out: dict[str, Any] = {}
+    nested = [k for k in TEXT_SECTIONS if isinstance(config.get(k), dict) and "num_hidden_layers" in config[k]]
+    for key in nested:
+        out[key] = _stacked_section(config[key], [(c.get(key) or {}, i) for c, i in layers])
+    if "num_hidden_layers" in config or not nested:
+        out.update(_stacked_section(config, layers))
+    return out
+
+
+def _stacked_section(config: dict, layers: list[tuple[dict, int]]) -> dict[str, Any]:
+    n = config.get("num_hidden_layers")
+    out: dict[str, Any] = {"num_hidden_layers": len(layers)}
+    for key, v in config.items():
+        if not isinstance(v, list):
+            continue
+        if key in INDEX_LISTS:
+            out[key] = [j for j, (c, i) in enumerate(layers) if i in (c.get(key) or [])]
+        elif len(v) == n:
+            srcs = [c.get(key) for c, _ in layers]
+            if all(isinstance(src, list) and i < len(src) for src, (_, i) in zip(srcs, layers, strict=True)):
+                out[key] = [src[i] for src, (_, i) in zip(srcs, layers, strict=True)]
+    return out
+
+
 def plan_merge(manifest: Manifest, text: str = "", *, parents: Mapping[str, Parent] | None = None) -> Plan:
     """Resolve a manifest against its parents into a Plan: every child tensor, its inputs and params.
 
@@ -390,36 +459,45 @@ def plan_merge(manifest: Manifest, text: str = "", *, parents: Mapping[str, Pare
     pre = [n for n in cfg_idx.outside if cfg_idx.roles[n].group == "embed"]
     post = [n for n in cfg_idx.outside if cfg_idx.roles[n].group != "embed"]
 
-    def outside(sl: _Slice, names: list[str]) -> None:
+    def outside(sl: _Slice, names: list[str], embed: bool) -> None:
         tpl = b.template(sl)
         for n in names:
             if n not in ps.get(tpl.spec).tensors:
                 raise PlanError(f"tensor {n!r} is missing in parent {tpl.spec}")
             b.tensor(sl, tpl, n, n, 0.0, None)
 
-    outside(slices[0], pre)
+        def theirs(s: _Source) -> dict[str, str]:
+            idx = ps.index(s.spec)
+            own = [n for n in idx.outside if (idx.roles[n].group == "embed") == embed]
+            if not any(cfg_idx.roles[n].role == "lm_head" for n in cfg_idx.outside):
+                for n in [n for n in own if idx.roles[n].role == "lm_head"]:  # the child ties it: optional
+                    notes.append(f"{n} of {s.spec} is not used: the child ties its lm_head to its embeddings, "
+                                 f"as its config parent {config_spec} does")
+                    own.remove(n)
+            return {n: n for n in own}
+
+        _missing_in_template(ps, sl, tpl, set(names), theirs)
+
+    notes = list(manifest.warnings)
+    outside(slices[0], pre, True)
     out_layer = 0
-    layer_types: list[Any] = []
+    stacked: list[tuple[dict, int]] = []  # per child layer: its template parent's config, its layer there
     for sl in slices:
         tpl = b.template(sl)
         tpl_idx = ps.index(tpl.spec)
-        tpl_types = tpl_idx.parent.config.get("layer_types")
         for i in range(sl.length):
             src_layer = tpl.start + i
-            for n in tpl_idx.by_layer.get(src_layer, []):
+            tpl_names = tpl_idx.by_layer.get(src_layer, [])
+            for n in tpl_names:
                 b.tensor(sl, tpl, n, _renumber(n, src_layer, out_layer), layer_t(i, sl.length), out_layer)
-            if isinstance(tpl_types, list) and src_layer < len(tpl_types):
-                layer_types.append(tpl_types[src_layer])
+            _missing_in_template(ps, sl, tpl, set(tpl_names), lambda s, i=i, src_layer=src_layer: {
+                _renumber(n, s.start + i, src_layer): n for n in ps.index(s.spec).by_layer.get(s.start + i, [])})
+            stacked.append((tpl_idx.parent.config, src_layer))
             out_layer += 1
-    outside(slices[-1], post)
+    outside(slices[-1], post, False)
 
-    overrides: dict[str, Any] = {}
-    if manifest.slices is not None:
-        overrides["num_hidden_layers"] = out_layer
-        if len(layer_types) == out_layer and isinstance(cfg_idx.parent.config.get("layer_types"), list):
-            overrides["layer_types"] = layer_types
+    overrides: dict[str, Any] = stacked_config(cfg_idx.parent.config, stacked) if manifest.slices is not None else {}
 
-    notes = []
     if manifest.dtype and manifest.dtype != "F32":
         notes.append(
             f"dtype {manifest.dtype}: mergekit computes in this dtype; darwin-stream computes in float32 "

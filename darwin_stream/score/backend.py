@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from darwin_stream.errors import DarwinError
+from darwin_stream.errors import DependencyError, ScoreError
 from darwin_stream.hints import install_hint as hint
 from darwin_stream.hints import vllm_extra
 from darwin_stream.plan import Plan
@@ -27,11 +27,11 @@ def resolve_model(spec: str) -> Child:
     if p.is_file() and p.suffix in MANIFEST_SUFFIXES:
         return plan_from_manifest(p)
     if p.is_file():
-        raise DarwinError(f"{spec}: a model is a checkpoint directory, a repo id, or a .yaml manifest")
+        raise ScoreError(f"{spec}: a model is a checkpoint directory, a repo id, or a .yaml manifest")
     looks_local = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith((".yaml", ".yml"))
     if looks_local and not p.exists():
         # Caught here, before an engine start (~30 s) would fail on it as an unknown repo id.
-        raise DarwinError(f"{spec}: no such file or directory")
+        raise ScoreError(f"{spec}: no such file or directory")
     return spec
 
 
@@ -82,7 +82,7 @@ def open_backend(name: str, first: Child, *, verbose: bool = False, **options: A
         try:
             import vllm  # noqa: F401
         except ImportError:
-            raise DarwinError(f"--backend vllm needs vLLM, which is not installed: {install_hint()}") from None
+            raise DependencyError(f"--backend vllm needs vLLM, which is not installed: {install_hint()}") from None
         from darwin_stream.score.vllm_backend import VllmBackend
 
         # the per-shard "Loading safetensors checkpoint shards" bars, at start and on every swap
@@ -92,8 +92,8 @@ def open_backend(name: str, first: Child, *, verbose: bool = False, **options: A
         try:
             import transformers  # noqa: F401
         except ImportError:
-            raise DarwinError(f"--backend hf needs transformers: {hint('hf')}") from None
+            raise DependencyError(f"--backend hf needs transformers: {hint('hf')}") from None
         from darwin_stream.score.hf_backend import HfBackend
 
         return HfBackend(first, **options)
-    raise DarwinError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    raise ScoreError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")

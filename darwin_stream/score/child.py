@@ -63,7 +63,7 @@ def mem_available() -> int:
 def weight_bytes(child: Child) -> int:
     """The child's weights as stored (bf16 for the children this tool makes)."""
     if isinstance(child, Plan):
-        from darwin_stream.export import layout
+        from darwin_stream.child_writer import layout
 
         return layout(child, 2**62).nbytes
     p = Path(child)

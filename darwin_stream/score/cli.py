@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from darwin_stream.errors import DarwinError
+from darwin_stream.errors import DarwinError, ScoreError
 from darwin_stream.score.backend import BACKENDS, open_backend, resolve_model
 from darwin_stream.score.child import DTYPES
 from darwin_stream.score.run import score_child
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     tasks = [load_task(t) for t in args.tasks]
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
-        raise DarwinError(f"two tasks share a name: {names}; give one a 'name' option in its header line")
+        raise ScoreError(f"two tasks share a name: {names}; give one a 'name' option in its header line")
     # Resolve every model before starting an engine: a typo should cost a second, not 30.
     children = [(spec, resolve_model(spec)) for spec in args.models]
     options: dict[str, Any] = {"dtype": getattr(args, "dtype", "auto")}

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from darwin_stream.bounded import show
-from darwin_stream.errors import DarwinError
+from darwin_stream.errors import ScoreError
 
 KINDS = ("choice", "generate", "perplexity")
 METRICS = {
@@ -71,14 +71,14 @@ def load_task(path: str | Path) -> Task:
     p = Path(path)
     try:
         if not p.is_file():
-            raise DarwinError(f"{p}: cannot read task file (no such regular file)")
+            raise ScoreError(f"{p}: cannot read task file (no such regular file)")
         if p.stat().st_size > MAX_TASK_BYTES:
-            raise DarwinError(f"{p}: task file is larger than {MAX_TASK_BYTES >> 20} MiB")
+            raise ScoreError(f"{p}: task file is larger than {MAX_TASK_BYTES >> 20} MiB")
         lines = p.read_bytes().decode("utf-8").splitlines()
     except UnicodeDecodeError:
-        raise DarwinError(f"{p}: task file is not UTF-8 text") from None
+        raise ScoreError(f"{p}: task file is not UTF-8 text") from None
     except OSError as e:
-        raise DarwinError(f"{p}: cannot read task file ({e.strerror})") from None
+        raise ScoreError(f"{p}: cannot read task file ({e.strerror})") from None
     opts: dict[str, Any] = {}
     items: list[dict[str, Any]] = []
     for i, line in enumerate(lines, 1):
@@ -87,35 +87,35 @@ def load_task(path: str | Path) -> Task:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DarwinError(f"{p}:{i}: not valid JSON ({e.msg})") from None
+            raise ScoreError(f"{p}:{i}: not valid JSON ({e.msg})") from None
         if not isinstance(obj, dict):
-            raise DarwinError(f"{p}:{i}: expected a JSON object")
+            raise ScoreError(f"{p}:{i}: expected a JSON object")
         if "task" in obj and not items and not opts:
             if not isinstance(obj["task"], dict):
-                raise DarwinError(f'{p}:{i}: "task" must be an object of options')
+                raise ScoreError(f'{p}:{i}: "task" must be an object of options')
             opts = obj["task"]
             unknown = set(opts) - OPTION_KEYS
             if unknown:
-                raise DarwinError(f"{p}:{i}: unknown task option(s) {sorted(unknown)}; known: {sorted(OPTION_KEYS)}")
+                raise ScoreError(f"{p}:{i}: unknown task option(s) {sorted(unknown)}; known: {sorted(OPTION_KEYS)}")
             _check_option_types(f"{p}:{i}", opts)
             continue
         items.append(obj)
     if not items:
-        raise DarwinError(f"{p}: task file has no items")
+        raise ScoreError(f"{p}: task file has no items")
     first = items[0]
     kind = opts.get("kind") or ("choice" if "choices" in first else "perplexity" if "text" in first else "generate")
     if kind not in KINDS:
-        raise DarwinError(f"{p}: unknown task kind {kind!r}; expected one of {', '.join(KINDS)}")
+        raise ScoreError(f"{p}: unknown task kind {kind!r}; expected one of {', '.join(KINDS)}")
     metric = opts.get("metric", METRICS[kind][0])
     if metric not in METRICS[kind]:
-        raise DarwinError(f"{p}: metric {metric!r} does not apply to {kind} tasks; use one of {', '.join(METRICS[kind])}")
+        raise ScoreError(f"{p}: metric {metric!r} does not apply to {kind} tasks; use one of {', '.join(METRICS[kind])}")
     if opts.get("limit"):
         items = items[: int(opts["limit"])]
     for n, item in enumerate(items):
         _check_item(p, kind, n, item)
     weight = float(opts.get("weight", 1.0))
     if not (math.isfinite(weight) and weight >= 0):  # JSON's 1e999 is inf: the fitness would be nan
-        raise DarwinError(f"{p}: weight must be a finite number >= 0, got {show(opts.get('weight'))}")
+        raise ScoreError(f"{p}: weight must be a finite number >= 0, got {show(opts.get('weight'))}")
     stop = opts.get("stop", ["\n"])
     if isinstance(stop, str):
         stop = [stop]
@@ -124,7 +124,7 @@ def load_task(path: str | Path) -> Task:
         try:
             re.compile(extract)
         except re.error as e:
-            raise DarwinError(f"{p}: extract is not a valid regex ({e})") from None
+            raise ScoreError(f"{p}: extract is not a valid regex ({e})") from None
     return Task(
         name=str(opts.get("name", p.name.removesuffix(".jsonl").removesuffix(".json"))),
         kind=kind,
@@ -164,24 +164,24 @@ def _check_option_types(where: str, opts: dict[str, Any]) -> None:
         if ok and key == "stop" and isinstance(v, list):
             ok = all(isinstance(s, str) for s in v)
         if not ok:
-            raise DarwinError(f"{where}: task option {key} must be {what}, got {show(v)}")
+            raise ScoreError(f"{where}: task option {key} must be {what}, got {show(v)}")
 
 
 def _check_item(p: Path, kind: str, n: int, item: dict[str, Any]) -> None:
     where = f"{p}: item {n}"
     if kind == "choice":
         if not isinstance(item.get("prompt"), str) or not isinstance(item.get("choices"), list):
-            raise DarwinError(f'{where}: a choice item needs "prompt" (string) and "choices" (list)')
+            raise ScoreError(f'{where}: a choice item needs "prompt" (string) and "choices" (list)')
         if not item["choices"] or not all(isinstance(c, str) and c for c in item["choices"]):
-            raise DarwinError(f"{where}: choices must be non-empty strings")
+            raise ScoreError(f"{where}: choices must be non-empty strings")
         a = item.get("answer")
         if not isinstance(a, int) or isinstance(a, bool) or not 0 <= a < len(item["choices"]):
-            raise DarwinError(f'{where}: "answer" must be the index of the right choice (0..{len(item["choices"]) - 1})')
+            raise ScoreError(f'{where}: "answer" must be the index of the right choice (0..{len(item["choices"]) - 1})')
     elif kind == "generate":
         if not isinstance(item.get("prompt"), str) or not isinstance(item.get("answer"), (str, int, float)):
-            raise DarwinError(f'{where}: a generate item needs "prompt" and "answer"')
+            raise ScoreError(f'{where}: a generate item needs "prompt" and "answer"')
     elif not isinstance(item.get("text"), str) or not item["text"]:
-        raise DarwinError(f'{where}: a perplexity item needs a non-empty "text"')
+        raise ScoreError(f'{where}: a perplexity item needs a non-empty "text"')
 
 
 def normalize(s: str) -> str:
@@ -238,7 +238,7 @@ def _run_choice(backend: Backend, tokenizer: Any, task: Task) -> tuple[float, li
         for choice in item["choices"]:
             ids, start = split_tokens(tokenizer, task.fewshot + item["prompt"], choice)
             if start < 1:
-                raise DarwinError(f"{task.path}: item {n}: prompt and choice tokenize to one token; nothing to score")
+                raise ScoreError(f"{task.path}: item {n}: prompt and choice tokenize to one token; nothing to score")
             seqs.append(ids)
             starts.append(start)
             owners.append(n)
@@ -287,7 +287,7 @@ def _run_perplexity(backend: Backend, tokenizer: Any, task: Task) -> tuple[float
         total_tokens += len(scored)
         details.append({"task": task.name, "index": n, "logprob": lp, "tokens": len(scored)})
     if total_tokens == 0:
-        raise DarwinError(f"{task.path}: no scorable tokens (every text is a single token)")
+        raise ScoreError(f"{task.path}: no scorable tokens (every text is a single token)")
     nll = -total_lp / total_tokens  # token-weighted mean, so long texts count for their length
     return (math.exp(-nll) if task.metric == "inv_perplexity" else -nll), details
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from darwin_stream.errors import DarwinError
+from darwin_stream.errors import ScoreError
 from darwin_stream.plan import Plan
 from darwin_stream.score.child import Child, plan_config, resolve_dtype, write_skeleton
 
@@ -61,7 +61,7 @@ class VllmBackend:
             try:
                 config = AutoConfig.from_pretrained(first, trust_remote_code=False).to_dict()
             except ValueError as e:
-                raise DarwinError(f"{first}: cannot load its config.json ({str(e).splitlines()[0][:200]})") from None
+                raise ScoreError(f"{first}: cannot load its config.json ({str(e).splitlines()[0][:200]})") from None
         self.load_format = load_format
         self.dtype = resolve_dtype(dtype, first, on_gpu=_on_gpu())
         self.geometry = _geometry(config)
@@ -100,7 +100,7 @@ class VllmBackend:
     def _check_len(self, seqs: list[list[int]], extra: int) -> None:
         for s in seqs:
             if len(s) + extra > self.max_model_len:
-                raise DarwinError(
+                raise ScoreError(
                     f"an item is {len(s)} tokens (+{extra} to generate), over max_model_len {self.max_model_len}"
                 )
 
@@ -171,7 +171,7 @@ def _check_fits(geometry: dict[str, Any], child: Child) -> None:
     got = _geometry(config)
     diff = [f"{k} {geometry[k]} -> {got[k]}" for k in GEOMETRY_KEYS if None not in (got[k], geometry[k]) and got[k] != geometry[k]]
     if diff:
-        raise DarwinError(f"cannot swap into this engine: the child's geometry differs ({', '.join(diff)}); score it in a separate run")
+        raise ScoreError(f"cannot swap into this engine: the child's geometry differs ({', '.join(diff)}); score it in a separate run")
 
 
 def _local_dir(spec: str) -> str:

@@ -22,7 +22,7 @@ import fsspec
 import numpy as np
 import zarr
 
-from darwin_stream.errors import SourceError, StoreError
+from darwin_stream.errors import DependencyError, SourceError, StoreError
 from darwin_stream.hints import missing_dependency
 from darwin_stream.store import bfloat16
 from darwin_stream.store.layout import AUX_PREFIX, ROOT_ATTR, name_problem
@@ -38,7 +38,10 @@ def _url_to_fs(path: str, storage_options: dict | None) -> tuple[fsspec.Abstract
     try:
         return fsspec.core.url_to_fs(path, **(opts or {}))
     except ImportError as e:  # e.g. s3:// without s3fs: say which extra installs it
-        raise StoreError(f"store {path}: cannot open ({missing_dependency(e) or e})") from None
+        hint = missing_dependency(e)
+        if hint:
+            raise DependencyError(f"store {path}: cannot open ({hint})") from None
+        raise StoreError(f"store {path}: cannot open ({e})") from None
     except ValueError as e:
         raise StoreError(f"store {path}: cannot open ({e})") from None
 

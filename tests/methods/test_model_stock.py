@@ -56,7 +56,7 @@ def test_model_stock_filter_wise_over_several_tasks(pair, tmp_path):
     from safetensors.torch import load_file
 
     from darwin_stream import engine
-    from darwin_stream.export import ChildWriter
+    from darwin_stream.child_writer import ChildWriter
     from darwin_stream.plan import Plan, SourceRef, TensorPlan
 
     dirs, shapes = pair

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from darwin_stream import errors
 from darwin_stream.score import backend
 from darwin_stream.score.cli import configure
 
@@ -38,14 +39,14 @@ def test_open_backend_sets_the_environment_before_vllm_is_imported(monkeypatch):
     for key in {**backend.vllm_environment(), **backend.vllm_environment(verbose=True)}:
         monkeypatch.delenv(key, raising=False)  # open_backend sets them: restored after the test
     monkeypatch.setattr("builtins.__import__", fake_import)
-    with pytest.raises(backend.DarwinError, match="pip install"):
+    with pytest.raises(errors.DarwinError, match="pip install"):
         backend.open_backend("vllm", "some/model")
     assert seen == {"VLLM_LOGGING_LEVEL": "ERROR", "VLLM_LOGGING_STREAM": "ext://sys.stderr"}
     monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")
-    with pytest.raises(backend.DarwinError):
+    with pytest.raises(errors.DarwinError):
         backend.open_backend("vllm", "some/model")
     assert seen["VLLM_LOGGING_LEVEL"] == "DEBUG"
-    with pytest.raises(backend.DarwinError):
+    with pytest.raises(errors.DarwinError):
         backend.open_backend("vllm", "some/model", verbose=True)
     assert seen["VLLM_LOGGING_LEVEL"] == "INFO"
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from darwin_stream import dtypes, outputs, pool
-from darwin_stream.errors import DarwinError
+from darwin_stream.errors import OutputError, StorageError
 from darwin_stream.identity import plan_identities
 from darwin_stream.plan import Plan
 
@@ -212,7 +212,7 @@ class Span:
                 n = os.pwrite(fd, self.view[lo:hi], self.base + lo)
             except OSError as e:
                 if fd == self.fd:  # a full disk, a quota: name the file, which pwrite's error does not
-                    raise DarwinError(f"cannot write {self.path}: {e.strerror or e}") from None
+                    raise StorageError(f"cannot write {self.path}: {e.strerror or e}") from None
                 fd = self.fd  # the filesystem refused a direct write after all: go through the cache
                 continue
             lo += n
@@ -249,7 +249,7 @@ class ChildWriter:
         self.paths = outputs.output_paths(out_dir)
         self.final = self.paths.final
         if self.final.exists() and not overwrite and (not self.final.is_dir() or any(self.final.iterdir())):
-            raise DarwinError(f"output {self.final} already exists (use --overwrite to replace it)")
+            raise OutputError(f"output {self.final} already exists (use --overwrite to replace it)")
         self.tmp = self.paths.tmp
         self.layout = layout(plan, shard_size)
         ids = identities if identities is not None else plan_identities(plan, pool.get_parent)
@@ -340,7 +340,7 @@ class ChildWriter:
     def write_file(self, name: str, data: bytes) -> None:
         """An inherited file of the child; never one of its weights files or the writer's own."""
         if "/" in name or "\\" in name or name.startswith(".") or name in self.layout.shards or name == INDEX_NAME:
-            raise DarwinError(f"output {self.final}: refusing to write an inherited file named {name!r}")
+            raise OutputError(f"output {self.final}: refusing to write an inherited file named {name!r}")
         path = self.tmp / name
         path.write_bytes(data)
         mode = getattr(data, "mode", None)  # sources.AuxBytes: no wider than the parent's own file

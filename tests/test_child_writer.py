@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from darwin_stream import engine
-from darwin_stream.export import PAGE, ChildWriter, Span, staging_buffer
+from darwin_stream.child_writer import PAGE, ChildWriter, Span, staging_buffer
 from darwin_stream.plan import Plan, SourceRef, TensorPlan
 
 SENTINEL = 0xA5
