@@ -194,7 +194,7 @@ def _size(v: Any) -> int:
 def _model_ref(v: Any) -> str:
     """A model reference as mergekit accepts it: 'path', 'path@revision', 'path+lora', or
     {model: ..., lora: ...}; a LoRA is applied by rows as the parent is read (lora.py), so the
-    reference becomes the spec 'model+lora' that sources.open_parent opens."""
+    reference becomes the spec 'model+lora' that pool.open_parent opens."""
     if isinstance(v, dict):
         extra = set(v) - {"model", "lora", "override_architecture"}
         if extra:

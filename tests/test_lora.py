@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 import darwin_stream as ds
 from darwin_stream import lora
 from darwin_stream.errors import ManifestError, SourceError
-from darwin_stream.sources import open_parent
+from darwin_stream.pool import open_parent
 from tests.helpers import bf16_ulp_mismatch, read_all
 
 R, ALPHA = 4, 16.0

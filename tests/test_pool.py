@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from darwin_stream import api, engine, pool
-from darwin_stream.export import ChildWriter
+from darwin_stream.child_writer import ChildWriter
 from darwin_stream.plan import Plan, SourceRef, TensorPlan
 from darwin_stream.sources import SafetensorsParent
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # the synthetic Qwen3 parents and manifests, under .bench/
 
 from darwin_stream import api, engine
-from darwin_stream.export import ChildWriter
+from darwin_stream.child_writer import ChildWriter
 
 
 def _size(obj: object) -> int:
