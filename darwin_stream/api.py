@@ -18,6 +18,7 @@ from darwin_stream import engine, identity, outputs, pool
 from darwin_stream.child_writer import ChildWriter
 from darwin_stream.edge import at_edge
 from darwin_stream.errors import OptionError, OutputError
+from darwin_stream.manifest import parse_size
 from darwin_stream.plan import Plan
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
@@ -135,9 +136,9 @@ def merge(
     out: str | os.PathLike,
     *,
     client: Client | None = None,
-    memory_budget: int | None = None,
+    memory_budget: int | str | None = None,
     device: str | None = None,
-    shard_size: int | None = None,
+    shard_size: int | str | None = None,
     out_format: Literal["safetensors", "zarr"] | None = None,
     overwrite: bool = False,
     direct_io: bool | None = None,
@@ -153,9 +154,9 @@ def merge(
         manifest: a manifest path, its YAML text, or a Plan from `load_plan`.
         out: the child's directory (or zarr store, with out_format="zarr").
         client: a dask.distributed Client to run the graph on; None runs on local threads.
-        memory_budget: bytes the merge may hold beyond its baseline (default 1 GiB).
+        memory_budget: bytes the merge may hold beyond its baseline (default 1 GiB); an int or "256MiB".
         device: "cpu" or "cuda[:N]" for the blend.
-        shard_size: the largest safetensors shard, in bytes (default 5 GB).
+        shard_size: the largest safetensors shard, in bytes or "2GB" (default 5 GB).
         out_format: "safetensors" (default) or "zarr".
         overwrite: replace an existing `out` (only once the new child is complete).
         direct_io: write whole pages with O_DIRECT (default True where the filesystem allows).
@@ -175,9 +176,9 @@ def merge(
     with engine.PeakMemory() as mem, pool.session():  # each parent opened once, closed at the end
         plan = load_plan(manifest)
         opts = plan.options or {}
-        budget = int(memory_budget or opts.get("memory_budget") or engine.DEFAULT_BUDGET)
+        budget = _size("memory_budget", memory_budget or opts.get("memory_budget") or engine.DEFAULT_BUDGET)
         device = device or opts.get("device") or "cpu"
-        shard_size = int(shard_size or opts.get("shard_size") or DEFAULT_SHARD_SIZE)
+        shard_size = _size("shard_size", shard_size or opts.get("shard_size") or DEFAULT_SHARD_SIZE)
         out_format = out_format or opts.get("format") or "safetensors"
         if out_format not in ("safetensors", "zarr"):
             raise OptionError(f"format: expected safetensors or zarr, got {out_format!r}")
@@ -218,6 +219,14 @@ def merge(
         direct_io=writer.direct,
         notes=list(plan.notes) + ([writer.restarted] if writer.restarted else []),
     )
+
+
+def _size(name: str, v: int | str) -> int:
+    """A size option as the manifest writes it (1GiB, 5GB) or bytes; anything else is an OptionError."""
+    try:
+        return parse_size(v)
+    except ValueError as e:
+        raise OptionError(f"{name}: {e}") from None
 
 
 def _check_outputs(manifest: str | os.PathLike | Plan, plan: Plan, paths: outputs.OutputPaths, target: Path) -> None:

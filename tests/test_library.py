@@ -98,7 +98,8 @@ def toys(tmp_path):
 
 def test_merge_ingest_export_reports(toys, tmp_path):
     a, b = toys
-    m = ds.merge(_linear(a, b), tmp_path / "child")
+    m = ds.merge(_linear(a, b), tmp_path / "child", memory_budget="64MiB")
+    assert m.memory_budget == 64 * 2**20
     assert isinstance(m, ds.MergeReport) and m.out == str(tmp_path / "child")
     assert m.tensors == 2 and m.bytes_written == (tmp_path / "child" / "model.safetensors").stat().st_size
     assert m.wall_s > 0 and m.peak_anon_bytes >= m.baseline_anon_bytes > 0
@@ -129,6 +130,7 @@ def _cases(a: Path, b: Path, tmp: Path):
     yield errors.PlanError, lambda: ds.merge(_linear(a, c), tmp / "o3")
     yield errors.OptionError, lambda: ds.merge(_linear(a, b), tmp / "o4", out_format="onnx")  # type: ignore[arg-type]
     yield errors.BudgetError, lambda: ds.merge(_linear(a, b), tmp / "o5", memory_budget=1024)
+    yield errors.OptionError, lambda: ds.merge(_linear(a, b), tmp / "o7", memory_budget="lots")
     yield errors.OutputError, lambda: ds.merge(_linear(a, b), a, overwrite=True)
     yield errors.StorageError, lambda: ds.merge(_linear(a, b), tmp / "a-file" / "child")
     yield errors.StoreError, lambda: ds.export(a, tmp / "o6")
