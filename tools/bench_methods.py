@@ -26,8 +26,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402
-import bench_common as bc  # noqa: E402
+import bench
+import bench_common as bc
 
 SECTION = "## Every method on the 0.6B geometry"
 BUDGET = "256MiB"
