@@ -37,13 +37,18 @@ from darwin_stream.methods.contract import (
 from darwin_stream.methods.masks import keep_mask
 from darwin_stream.methods.reduce import sum_tree
 from darwin_stream.methods.select import (
-    NOTHING,
     Located,
     RadixSelect,
+    RowCounts,
+    Window,
+    combine_rows,
     hi_histogram,
     lo_histogram,
     magnitude_keys,
-    total_at_or_above,
+    make_window,
+    row_counts,
+    window_ranks,
+    with_prefixes,
 )
 
 RESCALE_EPS = 1e-7  # mergekit: no rescale when either L1 norm is below this
@@ -56,22 +61,6 @@ class Sparsification(enum.Enum):
     MAGNITUDE = "magnitude"  # keep the top-density magnitudes (ties)
     RANDOM = "random"  # keep each element with probability density (dare)
     OUTLIERS = "magnitude_outliers"  # drop the top gamma, keep the next density (breadcrumbs)
-
-
-class Keep(enum.Enum):
-    """What a magnitude selection keeps of one task vector before its thresholds are known."""
-
-    SOME = "some"  # the elements between two ranks: thresholds follow in pass 2
-    NOTHING = "nothing"  # mergekit's empty slice: the delta vanishes
-
-
-@dataclass(frozen=True)
-class Bounds:
-    """A trimmed task vector: keep `lo <= key < hi` (hi None: no upper bound), times `scale`."""
-
-    lo: int
-    hi: int | None
-    scale: float
 
 
 @dataclass(frozen=True)
@@ -99,7 +88,20 @@ def _scale(before: float, after: float) -> float:
     return before / after if before >= RESCALE_EPS and after >= RESCALE_EPS else 1.0
 
 
-# --- magnitude / magnitude_outliers: exact thresholds by radix select (2 passes) ---
+# --- magnitude / magnitude_outliers: exact windows by radix select (3 passes) ---
+#
+# Pass 1: top-bin histograms (and L1 sums) of each task vector's magnitude keys. Pass 2: low-bit
+# histograms inside the bins of the window's boundary ranks, which give the boundary keys, the
+# exact kept L1 sum and the ties at each boundary. Pass 3: per-row counts of the tied elements a
+# window splits, so that it keeps exactly mergekit's count (select.Window).
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """A trimmed task vector: keep the elements of `window` (None: nothing), times `scale`."""
+
+    window: Window | None
+    scale: float
 
 
 @dataclass(frozen=True)
@@ -114,18 +116,29 @@ class _Histogram:
 
 @dataclass(frozen=True)
 class _Counted:
-    """Pass 1 partial of a chunk (or of the tensor, once combined)."""
+    """A pass's partial of a chunk (or of the tensor, once combined): per model, pass 1's histogram,
+    pass 2's low histograms by bin, or pass 3's row counts."""
 
     rescale: bool
-    models: tuple[_Histogram | dict[int, torch.Tensor] | None, ...]
+    models: tuple[_Histogram | dict[int, torch.Tensor] | RowCounts | None, ...]
+
+
+def _combine_counted(parts: Sequence[_Counted]) -> _Counted:
+    models = []
+    for i, first in enumerate(parts[0].models):
+        xs = [p.models[i] for p in parts]
+        models.append(combine_rows(xs) if isinstance(first, RowCounts) else sum_tree(xs))  # type: ignore[arg-type]
+    return _Counted(parts[0].rescale, tuple(models))
 
 
 @dataclass(frozen=True)
 class _Pending:
-    """Pass 1 state for one model: where its threshold ranks lie, their bins to refine in pass 2."""
+    """Pass 1 state for one model: the window's ranks and where they lie, to refine in pass 2."""
 
-    keep: Keep
-    located: tuple[Located | None, ...] = ()
+    skip: int
+    take: int
+    counts: torch.Tensor
+    located: tuple[Located | None, ...]
     sums: torch.Tensor | None = None
 
 
@@ -135,27 +148,34 @@ class _Ranked:
     models: tuple[_Pending | None, ...]
 
 
-def _magnitude_targets(kind: Sparsification, density: float, gamma: float, n: int) -> list[int] | Keep:
-    """Ranks (1-based, largest first) whose magnitudes bound the kept set, per mergekit's arithmetic."""
+@dataclass(frozen=True)
+class _Windowed:
+    """Pass 2 state: per model, its window and scale; pass 3 counts the ties the windows split."""
+
+    models: tuple[Bounds | None, ...]
+
+
+def magnitude_window(kind: Sparsification, density: float, gamma: float, n: int) -> tuple[int, int]:
+    """(skip, take): keep the task vector's elements of descending magnitude ranks (skip, skip + take],
+    with mergekit 0.1.5's arithmetic (sparsify.magnitude and magnitude_outliers)."""
     if kind is Sparsification.MAGNITUDE:
-        k = int(density * n)
-        if k <= 0:
-            raise ValueError(f"ties: density {density} keeps no element of a tensor with {n} elements")
-        return [k]
-    target_n = int(density * n)
+        return 0, max(1, int(density * n))  # positive density keeps at least one element
+    target = int(density * n)
     n_top = int(gamma * n)
-    n_bot = n - target_n - n_top
-    if n_bot < 0:
-        n_top += n_bot
-    if n_top == 0:
-        # mergekit keeps sorted[n_bot:-n_top], which is empty when n_top == 0: the delta vanishes.
-        return Keep.NOTHING
-    return [n_top, n_top + target_n]
+    n_bot = max(0, n - target - n_top)  # the outlier removal shrinks to keep the target density
+    return n - n_bot - target, target  # ascending [n_bot, n_bot + target)
 
 
-def _magnitude_partial(chunk: Chunk, state: _Ranked | None, rescale_default: bool) -> _Counted:
+def _row_elems(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape[1:]:
+        n *= s
+    return n
+
+
+def _magnitude_partial(chunk: Chunk, state: _Ranked | _Windowed | None, rescale_default: bool) -> _Counted:
     rescale = bool(chunk.params.get("rescale", rescale_default))
-    out: list[_Histogram | dict[int, torch.Tensor] | None] = []
+    out: list[_Histogram | dict[int, torch.Tensor] | RowCounts | None] = []
     for i, mp in enumerate(chunk.model_params):
         density = float(mp.get("density", 1.0))
         if density >= 1:
@@ -165,10 +185,14 @@ def _magnitude_partial(chunk: Chunk, state: _Ranked | None, rescale_default: boo
         if state is None:
             counts, sums = hi_histogram(keys, rescale)
             out.append(_Histogram(counts, sums, density, float(mp.get("gamma", 0.01))))
-        else:
+        elif isinstance(state, _Ranked):
             pending = state.models[i]
             located = pending.located if pending is not None else ()
             out.append({b: lo_histogram(keys, b) for b in RadixSelect.bins(located)})
+        else:
+            spec = state.models[i]
+            w = spec.window if spec is not None else None
+            out.append(row_counts(keys, w, chunk.offset, _row_elems(chunk.shape)) if w is not None and w.split else None)
     return _Counted(rescale, tuple(out))
 
 
@@ -178,42 +202,47 @@ def _rank(combined: _Counted, kind: Sparsification) -> _Ranked:
         if not isinstance(m, _Histogram):
             models.append(None)
             continue
-        targets = _magnitude_targets(kind, m.density, m.gamma, int(m.counts.sum()))
-        if targets is Keep.NOTHING:
-            models.append(_Pending(Keep.NOTHING))
-        else:
-            models.append(_Pending(Keep.SOME, tuple(RadixSelect.first(m.counts, targets)), m.sums))
+        skip, take = magnitude_window(kind, m.density, m.gamma, int(m.counts.sum()))
+        located = tuple(RadixSelect.first(m.counts, window_ranks(skip, take))) if take > 0 else ()
+        models.append(_Pending(skip, take, m.counts, located, m.sums))
     return _Ranked(combined.rescale, tuple(models))
 
 
-def _bounds(combined: _Counted, state: _Ranked) -> Sparse:
-    specs: list[Bounds | Drop | None] = []
+def _windows(combined: _Counted, state: _Ranked) -> _Windowed:
+    specs: list[Bounds | None] = []
     for m, lo in zip(state.models, combined.models, strict=True):
         if m is None:
             specs.append(None)
             continue
-        if m.keep is Keep.NOTHING:
-            specs.append(Bounds(NOTHING, None, 1.0))
+        if m.take <= 0:
+            specs.append(Bounds(None, 1.0))  # mergekit keeps an empty slice: the delta vanishes
             continue
         assert isinstance(lo, dict)
-        keys = RadixSelect.second(m.located, lo)
-        lo_key, hi_key = (keys[0], None) if len(keys) == 1 else (keys[1], keys[0])
+        window = make_window(m.skip, m.take, m.counts, m.located, lo)
         scale = 1.0
         if state.rescale:
-            sums = m.sums
-            assert sums is not None
+            assert m.sums is not None
+            scale = _scale(float(m.sums.sum()), window.kept_sum(m.sums, lo))
+        specs.append(Bounds(window, scale))
+    return _Windowed(tuple(specs))
 
-            def at_or_above(key: int, lo: dict = lo, sums: torch.Tensor = sums) -> float:
-                return total_at_or_above(key, sums, lo.get(key >> 16, torch.zeros(1)))
 
-            kept = at_or_above(lo_key) - (at_or_above(hi_key) if hi_key is not None else 0.0)
-            scale = _scale(float(sums.sum()), kept)
-        specs.append(Bounds(lo_key, hi_key, scale))
+def _with_ties(combined: _Counted, state: _Windowed) -> Sparse:
+    specs: list[Bounds | Drop | None] = []
+    for spec, rows in zip(state.models, combined.models, strict=True):
+        if spec is not None and spec.window is not None and isinstance(rows, RowCounts):
+            spec = Bounds(with_prefixes(spec.window, rows), spec.scale)
+        specs.append(spec)
     return Sparse(tuple(specs))
 
 
-def _magnitude_finish(combined: _Counted, state: _Ranked | None, kind: Sparsification) -> _Ranked | Sparse:
-    return _rank(combined, kind) if state is None else _bounds(combined, state)
+def _magnitude_finish(combined: _Counted, state: _Ranked | _Windowed | None,
+                      kind: Sparsification) -> _Ranked | _Windowed | Sparse:
+    if state is None:
+        return _rank(combined, kind)
+    if isinstance(state, _Ranked):
+        return _windows(combined, state)
+    return _with_ties(combined, state)
 
 
 # --- random (DARE): hashed Bernoulli mask, one pass for the L1 rescale ---
@@ -274,11 +303,10 @@ def sparsified_delta(chunk: Chunk, state: Any, i: int, sparsification: Sparsific
         return delta
     if isinstance(spec, Drop):
         keep = keep_mask(chunk.seed, i, chunk.offset, delta.shape, spec.density)
+    elif spec.window is None:
+        return torch.zeros_like(delta)
     else:
-        keys = magnitude_keys(delta)
-        keep = keys >= spec.lo
-        if spec.hi is not None:
-            keep &= keys < spec.hi
+        keep = spec.window.keep(magnitude_keys(delta), chunk.offset, _row_elems(chunk.shape))
     delta = torch.where(keep, delta, torch.zeros((), dtype=delta.dtype))
     return delta * spec.scale if spec.scale != 1.0 else delta
 
@@ -338,8 +366,6 @@ def _check_sparsity(name: str, sparsification: Sparsification, model_params: Seq
         gamma = float(mp.get("gamma", 0.0))
         if not 0 <= gamma <= 1:
             return f"model {i}: {name} needs gamma in [0, 1], got {gamma}"
-        if sparsification is Sparsification.MAGNITUDE and density < 1 and int(density * numel) <= 0:
-            return f"model {i}: {name}: density {density} keeps no element of a tensor with {numel} elements"
     return None
 
 
@@ -371,9 +397,9 @@ def make_gta(
     statistic = None
     if sparsification in (Sparsification.MAGNITUDE, Sparsification.OUTLIERS):
         statistic = Statistic(
-            passes=2,
+            passes=3,
             partial=partial(_magnitude_partial, rescale_default=default_rescale),
-            combine=sum_tree,
+            combine=_combine_counted,
             finish=partial(_magnitude_finish, kind=sparsification),
         )
     elif sparsification is Sparsification.RANDOM:

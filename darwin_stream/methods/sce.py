@@ -7,9 +7,11 @@ merge the task vectors (mergekit 0.1.5, arXiv:2408.07990).
     keep_i   = sign(d_i) == sign(sum_j d_j)             (sum >= 0 counts as +; zeros never agree)
     out      = b + sum_i w_i keep_i d_i / max(sum_i w_i keep_i, 1e-6)
 
-Tensor-wide numbers, streamed: the variance threshold is an exact radix select over float32 bit
-patterns (2 passes; the variance is >= 0, so its bits order like its values), then one pass sums
-each masked task vector's squares in float64. Without selection, only that last pass.
+Tensor-wide numbers, streamed: the selection is an exact radix select over the variance's float32
+bit patterns (2 passes; the variance is >= 0, so its bits order like its values) that keeps exactly
+mergekit's k elements, ties at the threshold taken in flat order (1 pass of per-row tie counts,
+select.Window), then one pass sums each masked task vector's squares in float64. Without
+selection, only that last pass.
 """
 
 from __future__ import annotations
@@ -30,7 +32,20 @@ from darwin_stream.methods.contract import (
 )
 from darwin_stream.methods.gta import INT8_MASK
 from darwin_stream.methods.reduce import sum_tree
-from darwin_stream.methods.select import Located, RadixSelect, hi_histogram, lo_histogram, magnitude_keys
+from darwin_stream.methods.select import (
+    Located,
+    RadixSelect,
+    RowCounts,
+    Window,
+    combine_rows,
+    hi_histogram,
+    lo_histogram,
+    magnitude_keys,
+    make_window,
+    row_counts,
+    window_ranks,
+    with_prefixes,
+)
 
 WEIGHT_FLOOR = 1e-6  # mergekit: weights sum below this -> equal weights; divisor clamped to this
 
@@ -40,6 +55,7 @@ class Stage(enum.Enum):
 
     COUNTS = "counts"  # top-bin histogram of the variance keys
     LOW = "low"  # low-bit histograms inside the threshold's bin
+    TIES = "ties"  # per-row counts of the elements tied at the threshold, when only some are kept
     SQUARES = "squares"  # float64 sums of each selected task vector's squares
 
 
@@ -63,11 +79,14 @@ class _Squares:
 
 @dataclass(frozen=True)
 class SceState:
-    """The statistic's state: the next pass, then the threshold key, then the per-model weights."""
+    """The statistic's state: the next pass, then the selection window (exactly mergekit's k
+    elements), then the per-model weights. `take` 0: nothing is selected."""
 
     next: Stage
+    take: int = 0
+    counts: torch.Tensor | None = None
     located: tuple[Located | None, ...] = ()
-    threshold: int | None = None
+    window: Window | None = None
     weights: tuple[float, ...] | None = None
 
 
@@ -87,7 +106,7 @@ def variance_keys(deltas: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _passes(shape: tuple[int, ...], params: Params) -> int:
-    return 3 if 0 < _topk(params) < 1 else 1
+    return 4 if 0 < _topk(params) < 1 else 1
 
 
 def selected(chunk: Chunk, state: SceState | None, deltas: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -95,10 +114,10 @@ def selected(chunk: Chunk, state: SceState | None, deltas: list[torch.Tensor]) -
     topk = _topk(chunk.params)
     if topk >= 1:
         return deltas
-    if topk <= 0:
+    if topk <= 0 or (state is not None and state.take == 0):
         return [torch.zeros_like(d) for d in deltas]
-    assert state is not None and state.threshold is not None
-    keep = variance_keys(deltas) >= state.threshold
+    assert state is not None and state.window is not None
+    keep = state.window.keep(variance_keys(deltas), chunk.offset, _row_elems(chunk.shape))
     zero = torch.zeros((), dtype=deltas[0].dtype)
     return [torch.where(keep, d, zero) for d in deltas]
 
@@ -109,7 +128,14 @@ def _stage(chunk: Chunk, state: SceState | None) -> Stage:
     return state.next
 
 
-def _partial(chunk: Chunk, state: SceState | None) -> _Counts | _Low | _Squares:
+def _row_elems(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape[1:]:
+        n *= s
+    return n
+
+
+def _partial(chunk: Chunk, state: SceState | None) -> _Counts | _Low | RowCounts | _Squares | None:
     deltas = _deltas(chunk)
     stage = _stage(chunk, state)
     if stage is Stage.COUNTS:
@@ -120,20 +146,38 @@ def _partial(chunk: Chunk, state: SceState | None) -> _Counts | _Low | _Squares:
         assert state is not None
         keys = variance_keys(deltas)
         return _Low({b: lo_histogram(keys, b) for b in RadixSelect.bins(state.located)})
+    if stage is Stage.TIES:
+        assert state is not None
+        w = state.window
+        if w is None or not w.split:
+            return None
+        return row_counts(variance_keys(deltas), w, chunk.offset, _row_elems(chunk.shape))
     sq = torch.stack([(d.to(torch.float64) ** 2).sum() for d in selected(chunk, state, deltas)])
     return _Squares(sq, chunk.numel)
 
 
-def _finish(combined: _Counts | _Low | _Squares, state: SceState | None) -> SceState:
+def _combine(parts: list) -> _Counts | _Low | RowCounts | _Squares | None:
+    if parts[0] is None:
+        return None
+    return combine_rows(parts) if isinstance(parts[0], RowCounts) else sum_tree(parts)
+
+
+def _finish(combined: _Counts | _Low | RowCounts | _Squares | None, state: SceState | None) -> SceState:
     if isinstance(combined, _Counts):
         nonzero = int(combined.counts.sum()) - int(combined.zeros)
         # mergekit: int(count_nonzero(var) * density), the product a float32 tensor
         k = int(torch.tensor(nonzero) * combined.topk)
-        return SceState(Stage.LOW, located=tuple(RadixSelect.first(combined.counts, [k])))
+        located = tuple(RadixSelect.first(combined.counts, window_ranks(0, k))) if k > 0 else ()
+        return SceState(Stage.LOW, take=k, counts=combined.counts, located=located)
     assert state is not None or isinstance(combined, _Squares)
     if isinstance(combined, _Low):
         assert state is not None
-        return replace(state, next=Stage.SQUARES, threshold=RadixSelect.second(state.located, combined.lo)[0])
+        window = make_window(0, state.take, state.counts, state.located, combined.lo) if state.take > 0 else None
+        return replace(state, next=Stage.TIES, window=window, counts=None)
+    if state is not None and state.next is Stage.TIES:
+        window = with_prefixes(state.window, combined) if isinstance(combined, RowCounts) and state.window else state.window
+        return replace(state, next=Stage.SQUARES, window=window)
+    assert isinstance(combined, _Squares)
     means = combined.squares / max(int(combined.numel), 1)
     total = float(means.sum())
     n = means.numel()
@@ -169,7 +213,7 @@ SCE = MergeMethod(
     name="sce",
     summary=doc_summary(__doc__, "sce"),
     blend=blend,
-    statistic=Statistic(passes=_passes, partial=_partial, combine=sum_tree, finish=_finish),
+    statistic=Statistic(passes=_passes, partial=_partial, combine=_combine, finish=_finish),
     base=BasePolicy.REQUIRED,
     parameters=(INT8_MASK, param("select_topk", 1.0, "fraction of the elements, by variance across the models, kept")),
 )

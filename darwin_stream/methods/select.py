@@ -14,6 +14,7 @@ Used by ties and breadcrumbs (magnitudes of task vectors), sce (variances) and a
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -130,3 +131,148 @@ def quantile_ranks(n: int, qs: list[float]) -> list[int]:
     element for every n."""
     idx = (torch.tensor(qs, dtype=torch.float32) * (n - 1)).long().tolist()
     return [n - i for i in idx]
+
+
+# --- exact windows: a rank range kept exactly, ties broken by position ----------------------------
+#
+# mergekit keeps exactly k elements (ties: `torch.argsort`/`topk` of the whole tensor), choosing among
+# elements equal to the threshold in an order its sort leaves undefined (measured: not stable on CPU,
+# torch 2.13). A threshold alone keeps every tied element: with bf16 task vectors, whose values are
+# quantised, that kept up to a few percent more than k, which moves the density, the L1 rescale and
+# sce's weights. A window keeps exactly mergekit's count: the elements strictly inside the two
+# boundary keys, and of the elements equal to a boundary key the first ones in flat (row-major) order.
+# That order needs, per boundary key, how many tied elements precede each row: one streaming pass
+# of per-row counts (`row_counts`), made only for a key whose tied elements are split.
+
+
+@dataclass(frozen=True)
+class TieGroup:
+    """The elements equal to one boundary key: keep those whose tie rank (0-based, in flat order)
+    lies in [start, stop). `prefix[r]`: tied elements in the rows before row r, once counted."""
+
+    key: int
+    start: int
+    stop: int
+    count: int
+    prefix: torch.Tensor | None = None
+
+    @property
+    def split(self) -> bool:
+        """Some of the tied elements are kept and some are not: their order matters."""
+        return max(self.start, 0) < min(self.stop, self.count) and not (self.start <= 0 and self.stop >= self.count)
+
+    def keeps_all(self) -> bool:
+        return self.start <= 0 and self.stop >= self.count
+
+    def tie_rank(self, eq: torch.Tensor, offset: int, row_elems: int) -> torch.Tensor:
+        """0-based tie rank of every element of a chunk starting at flat `offset` (where `eq`)."""
+        assert self.prefix is not None, "a split tie group needs its row counts"
+        before = int(self.prefix[offset // max(row_elems, 1)])
+        return torch.cumsum(eq.reshape(-1), 0).reshape(eq.shape) - 1 + before
+
+
+@dataclass(frozen=True)
+class Window:
+    """Keep exactly the elements of descending ranks (skip, skip + take]: keys strictly between the
+    boundary keys, and the chosen part of each boundary key's tie group (`groups`, one or two)."""
+
+    lo: int  # the key at rank skip + take (the smallest kept)
+    hi: int | None  # the key at rank skip + 1 (None: skip == 0, nothing dropped from the top)
+    groups: tuple[TieGroup, ...]
+
+    @property
+    def split(self) -> bool:
+        return any(g.split for g in self.groups)
+
+    def keep(self, keys: torch.Tensor, offset: int, row_elems: int) -> torch.Tensor:
+        keep = keys > self.lo
+        if self.hi is not None:
+            keep &= keys < self.hi
+        for g in self.groups:
+            if g.keeps_all():
+                keep |= keys == g.key
+            elif g.split:
+                eq = keys == g.key
+                j = g.tie_rank(eq, offset, row_elems)
+                keep |= eq & (j >= g.start) & (j < g.stop)
+        return keep
+
+    def kept_sum(self, hi_sums: torch.Tensor, lo_hists: dict[int, torch.Tensor]) -> float:
+        """Exact float64 sum of the kept magnitudes (for the L1 rescale), from the histograms."""
+
+        def at_or_above(key: int) -> float:
+            return total_at_or_above(key, hi_sums, lo_hists.get(key >> 16, torch.zeros(1)))
+
+        def value(key: int) -> float:
+            return float(key_values(torch.tensor([key], dtype=torch.int32))[0])
+
+        inside = at_or_above(self.lo) - self.groups[-1].count * value(self.lo) if self.groups else at_or_above(self.lo)
+        if self.hi is not None:
+            inside -= at_or_above(self.hi)
+        if self.hi == self.lo:
+            inside = 0.0
+        kept = sum(max(0, min(g.stop, g.count) - max(g.start, 0)) * value(g.key) for g in self.groups)
+        return inside + kept
+
+
+def window_ranks(skip: int, take: int) -> list[int]:
+    """The descending ranks whose keys bound a window: rank skip + 1 (when skip > 0) and skip + take."""
+    return ([skip + 1] if skip > 0 else []) + [skip + take]
+
+
+def make_window(skip: int, take: int, counts: torch.Tensor, located: Sequence[Located | None],
+                lo: dict[int, torch.Tensor]) -> Window:
+    """The window of ranks (skip, skip + take] from pass 1's top-bin counts and pass 2's low
+    histograms (`located` from `RadixSelect.first(counts, window_ranks(skip, take))`)."""
+    ranks = window_ranks(skip, take)
+    found = []
+    for rank, loc in zip(ranks, located, strict=True):
+        assert loc is not None
+        b, r = loc
+        low, r2 = locate(lo[b], r)
+        key = (b << 16) | low
+        found.append((key, rank - r2, int(lo[b][low])))  # (key, elements above it, elements equal)
+    groups: dict[int, TieGroup] = {}
+    for key, above, count in found:
+        groups[key] = TieGroup(key=key, start=skip - above, stop=skip + take - above, count=count)
+    lo_key = found[-1][0]
+    hi_key = found[0][0] if skip > 0 else None
+    ordered = tuple(groups[k] for k in sorted(groups, reverse=True))  # hi first, then lo
+    return Window(lo=lo_key, hi=hi_key, groups=ordered)
+
+
+@dataclass(frozen=True)
+class RowCounts:
+    """A pass's partial: per row from `row0`, how many elements equal each split group's key."""
+
+    row0: int
+    counts: torch.Tensor  # (rows, groups) int64
+
+
+def row_counts(keys: torch.Tensor, window: Window, offset: int, row_elems: int) -> RowCounts:
+    split = [g for g in window.groups if g.split]
+    rows = max(1, keys.numel() // max(row_elems, 1))
+    flat = keys.reshape(rows, -1)
+    counts = torch.stack([(flat == g.key).sum(1) for g in split], dim=1) if split else torch.zeros((rows, 0), dtype=torch.int64)
+    return RowCounts(offset // max(row_elems, 1), counts)
+
+
+def combine_rows(parts: Sequence[RowCounts]) -> RowCounts:
+    """Row counts of several chunks, in row order (chunks are row-aligned and disjoint)."""
+    ordered = sorted(parts, key=lambda p: p.row0)
+    return RowCounts(ordered[0].row0, torch.cat([p.counts for p in ordered]))
+
+
+def with_prefixes(window: Window, rows: RowCounts) -> Window:
+    """The window with each split group's per-row prefix counts, from the whole tensor's row counts."""
+    assert rows.row0 == 0
+    out, i = [], 0
+    for g in window.groups:
+        if not g.split:
+            out.append(g)
+            continue
+        prefix = torch.zeros(rows.counts.shape[0] + 1, dtype=torch.int64)
+        torch.cumsum(rows.counts[:, i], 0, out=prefix[1:])
+        out.append(TieGroup(key=g.key, start=g.start, stop=g.stop, count=g.count, prefix=prefix))
+        i += 1
+    return Window(lo=window.lo, hi=window.hi, groups=tuple(out))

@@ -12,6 +12,7 @@ import torch
 
 from darwin_stream.methods import Chunk, get, pass_count
 from darwin_stream.methods.masks import uniform_bits
+from tests.methods.methods_reference import window_mask
 
 F64 = torch.float64
 
@@ -196,7 +197,7 @@ def hashed_uniforms(seed: int, model: int, shape: Sequence[int]) -> torch.Tensor
 
 def ref_sce(base: torch.Tensor, models: Sequence[torch.Tensor], select_topk: float = 1.0) -> torch.Tensor:
     """mergekit's sce_merge in float64, but for the selection: the variance is taken in float32, as
-    mergekit runs it, and every element tied with the k-th largest is kept (our tie rule)."""
+    mergekit runs it, and exactly k elements are kept, ties taken in flat order (our tie rule)."""
     b = base.to(F64)
     tvs = torch.stack([m.to(F64) - b for m in models])
     if select_topk < 1:
@@ -208,8 +209,7 @@ def ref_sce(base: torch.Tensor, models: Sequence[torch.Tensor], select_topk: flo
             if k == 0:
                 mask = torch.zeros_like(b)
             else:
-                kth = torch.sort(var.reshape(-1), descending=True).values[k - 1]
-                mask = (var >= kth).to(F64)
+                mask = window_mask(var, 0, k).to(F64)
         tvs = tvs * mask.unsqueeze(0)
     majority = torch.where(tvs.sum(0) >= 0, 1.0, -1.0).to(F64)
     erase = (tvs.sign() == majority).to(F64)

@@ -126,12 +126,20 @@ def ref_slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (math.sin((1 - t) * theta) * a + math.sin(t * theta) * b) / math.sin(theta)
 
 
+def window_mask(values: torch.Tensor, skip: int, take: int) -> torch.Tensor:
+    """Exactly the elements of descending ranks (skip, skip + take], ties taken in flat order (our
+    tie rule: mergekit keeps the same count, choosing among ties in its sort's undefined order)."""
+    flat = values.reshape(-1)
+    order = torch.sort(flat, descending=True, stable=True).indices
+    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask[order[skip : skip + take]] = True
+    return mask.reshape(values.shape)
+
+
 def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Top-k by |delta| (k = int(density*n)), keeping every element tied with the k-th (our tie rule)."""
-    mag = delta.abs().to(torch.float32).reshape(-1)
-    k = int(density * mag.numel())
-    threshold = torch.sort(mag, descending=True).values[k - 1]
-    return (mag >= threshold).reshape(delta.shape)
+    """Top-k by |delta|, k = max(1, int(density*n)) as mergekit 0.1.5's sparsify.magnitude."""
+    mag = delta.abs().to(torch.float32)
+    return window_mask(mag, 0, max(1, int(density * mag.numel())))
 
 
 def magnitude_mask_mergekit(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -144,19 +152,13 @@ def magnitude_mask_mergekit(delta: torch.Tensor, density: float) -> torch.Tensor
 
 
 def outliers_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Breadcrumbs: drop the n_top largest, keep the next int(density*n); ties at either edge dropped/kept whole."""
-    mag = delta.abs().to(torch.float32).reshape(-1)
+    """Breadcrumbs as mergekit 0.1.5's magnitude_outliers: n_bot = max(0, n - target - n_top), keep the
+    ascending-sorted [n_bot, n_bot + target), i.e. descending ranks (n - n_bot - target, n - n_bot]."""
+    mag = delta.abs().to(torch.float32)
     n = mag.numel()
     target_n, n_top = int(density * n), int(gamma * n)
-    n_bot = n - target_n - n_top
-    if n_bot < 0:
-        n_top += n_bot
-    if n_top == 0:
-        return torch.zeros(delta.shape, dtype=torch.bool)
-    desc = torch.sort(mag, descending=True).values
-    hi = desc[n_top - 1]
-    lo = desc[n_top + target_n - 1] if target_n > 0 else hi
-    return ((mag >= lo) & (mag < hi)).reshape(delta.shape)
+    n_bot = max(0, n - target_n - n_top)
+    return window_mask(mag, n - n_bot - target_n, target_n)
 
 
 def ref_gta(

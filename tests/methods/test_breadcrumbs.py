@@ -7,6 +7,7 @@ from tests.methods.methods_reference import (
     outliers_mask,
     ref_gta,
     run_method,
+    window_mask,
 )
 
 
@@ -38,17 +39,19 @@ def test_breadcrumbs_drops_the_top_and_the_bottom():
     mags = torch.sort(delta.abs().reshape(-1), descending=True).values
     n = delta.numel()
     n_top, target = int(gamma * n), int(density * n)
-    assert delta.abs()[kept].max() < mags[n_top - 1]  # the largest gamma fraction is gone
+    assert not (delta.abs()[kept] > mags[n_top - 1]).any()  # the largest gamma fraction is gone
     assert delta.abs()[kept].min() >= mags[n_top + target - 1]  # and so is the small tail
-    # ties at either edge are kept or dropped whole, and only they move the count away from target
-    tied = int((delta.abs() == mags[n_top - 1]).sum() + (delta.abs() == mags[n_top + target - 1]).sum())
-    assert 0 < abs(int(kept.sum()) - target) <= tied
+    assert int(kept.sum()) == target  # exactly mergekit's count, ties at either edge included
 
 
-def test_breadcrumbs_gamma_below_one_element_drops_everything_like_mergekit():
+def test_breadcrumbs_gamma_below_one_element_keeps_the_top_density_like_mergekit():
+    """mergekit 0.1.5 keeps sorted[n_bot : n_bot + target] (0.1.x's [n_bot:-n_top] was empty at n_top 0)."""
     base, (model,) = make_inputs((40,), 1, seed=42)
     out = run_method("breadcrumbs", base, [model], [{"weight": 1.0, "density": 0.5, "gamma": 0.01}])
-    assert torch.equal(out, base)
+    delta = model - base
+    keep = window_mask(delta.abs(), 0, 20)
+    assert torch.equal(out, base + torch.where(keep, delta, torch.zeros(())))
+    assert not torch.equal(out, base)
 
 
 def test_breadcrumbs_density_one_keeps_everything():

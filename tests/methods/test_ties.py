@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from darwin_stream.methods import get
 from darwin_stream.methods.reduce import sum_tree
 from darwin_stream.methods.select import (
     RadixSelect,
@@ -14,7 +13,6 @@ from tests.methods.methods_reference import (
     assert_bf16_close,
     magnitude_mask,
     magnitude_mask_mergekit,
-    make_chunks,
     make_inputs,
     ref_gta,
     run_method,
@@ -123,9 +121,21 @@ def test_ties_1d_single_chunk():
     assert_bf16_close(out, ref_gta(base, models, [1.0, 1.0], masks=masks, consensus=True, normalize=True))
 
 
-def test_ties_density_that_keeps_nothing_raises():
+def test_ties_density_below_one_element_keeps_the_largest_like_mergekit():
+    """mergekit 0.1.5: positive density keeps max(1, int(density * n)) elements."""
     base, models = make_inputs((10,), 1)
-    method = get("ties")
-    chunks = make_chunks(base, models, [{"weight": 1.0, "density": 0.05}], {"normalize": True})
-    with pytest.raises(ValueError, match="keeps no element"):
-        method.statistic.finish(method.statistic.combine([method.statistic.partial(chunks[0], None)]), None)
+    out = run_method("ties", base, models, [{"weight": 1.0, "density": 0.05}], {"normalize": True})
+    delta = models[0] - base
+    kept = (out - base) != 0
+    assert int(kept.sum()) == 1 and bool(kept[delta.abs().argmax()])
+
+
+def test_ties_keeps_exactly_k_where_magnitudes_tie():
+    """Ties at the threshold: exactly mergekit's k are kept, the first ones in flat order, under
+    any chunking (one pass of per-row tie counts); keeping them all kept 3 of these 4 here."""
+    base = torch.zeros(4, 3)
+    model = torch.tensor([[0.5, 0.25, 0.25], [0.25, 0.0, 0.1], [0.25, 0.0, 0.0], [0.1, 0.0, 0.0]])
+    mps = [{"weight": 1.0, "density": 0.25}]  # k = 3: 0.5 and two of the four 0.25s
+    want = torch.tensor([[0.5, 0.25, 0.25], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    for rows in (None, 1, 2, 3):
+        assert torch.equal(run_method("ties", base, [model], mps, {"normalize": True}, rows), want), rows
