@@ -61,7 +61,8 @@ def _opened_during(client, run) -> tuple[dict[str, dict[str, int]], api.MergeRep
     before = _opened(client)
     result = run()
     after = _opened(client)
-    return {w: {s: n - before.get(w, {}).get(s, 0) for s, n in counts.items()} for w, counts in after.items()}, result
+    delta = {w: {s: n - before.get(w, {}).get(s, 0) for s, n in counts.items()} for w, counts in after.items()}
+    return {w: {s: n for s, n in d.items() if n} for w, d in delta.items()}, result
 
 
 @pytest.mark.parametrize("kind", ["merge", "breed"])
