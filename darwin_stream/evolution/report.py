@@ -26,6 +26,9 @@ class EvolveReport:
     subset: dict[str, Any] | None = None
     tables: dict[str, dict[str, Any]] = field(default_factory=dict)  # split -> model -> {tasks, fitness}
     interrupted: bool = False
+    # per scorer: busy seconds, utilisation over the scoring span, jobs, and each job's busy interval
+    # (scorer, label, start, end; seconds on the run's clock): scorers.BusyLog.summary
+    scorers: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
