@@ -145,8 +145,12 @@ class DaskPool:
         return r, self.busy.now()
 
     def close(self) -> None:
-        for call in [a.close() for a in getattr(self, "actors", [])]:
-            with contextlib.suppress(Exception):  # best effort: the results are already recorded
+        calls = []
+        for a in getattr(self, "actors", []):
+            with contextlib.suppress(Exception):  # best effort: a lost worker's actor cannot be called
+                calls.append(a.close())
+        for call in calls:
+            with contextlib.suppress(Exception):  # the results are already recorded
                 call.result(timeout=60)
         self._waiters.shutdown(wait=False, cancel_futures=True)
         for f in getattr(self, "_futures", []):

@@ -163,3 +163,15 @@ def test_more_scorers_than_the_cluster_has_workers_is_one_line(manifest, tmp_pat
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
             Client(cluster) as client, pytest.raises(EvolveError, match="2 asked for, but the dask cluster has 1 workers"):
         evolve(manifest, tmp_path / "r", scorers=2, client=client)
+
+
+def test_a_bad_scheduler_address_is_one_line(trio, tmp_path, capsys):
+    from darwin_stream.cli import main
+    from tests.helpers import evolve_yaml
+
+    p = tmp_path / "evo.yaml"
+    p.write_text(evolve_yaml(trio))
+    assert main(["evolve", str(p), "--run-dir", str(tmp_path / "r"), "--scheduler", "nonsense://nowhere:1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--scheduler nonsense://nowhere:1: cannot connect to a dask scheduler" in err[0]
+    assert not (tmp_path / "r" / "history.jsonl").exists()
