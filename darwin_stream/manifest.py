@@ -495,6 +495,15 @@ class BackendSection(Section):
     # torch intra-op threads while scoring (hf); None keeps torch's default. On 2 shared cores one
     # thread ran the demo's tiny models 17x faster than two (../shared/notes/evolution-demo.md).
     threads: int | None = None
+    # live engines scoring candidates at once, each in its own dask worker process (docs/cluster.md);
+    # None: one in this process, or one per worker of a given cluster. Not part of a run's fingerprint.
+    scorers: int | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> BackendSection:
+        if self.scorers is not None and self.scorers < 1:
+            raise _fail(f"scorers must be at least 1, got {self.scorers}", "scorers")
+        return self
 
 
 class EvolveSection(Section):

@@ -3,6 +3,7 @@
     .venv/bin/darwin-stream demo                      # builds demo-out/ (once)
     .venv/bin/python tools/bench_evolve.py subset --workdir demo-out --items 20
     .venv/bin/python tools/bench_evolve.py seeds --workdir .bench/seeds --seeds 0 1 2
+    .venv/bin/python tools/bench_evolve.py scorers --workdir demo-out --scorers 1 2 --repeats 3
 
 - subset: runs the demo's evolution with `subset: {items: K}` in a fresh run directory, then scores
   every distinct candidate it searched on the full fitness set too, and reports the Spearman rank
@@ -10,6 +11,10 @@
   on each (median).
 - seeds: runs the whole demo (build and evolution) for each seed and prints its held-out table and
   verdict: the evidence that hybrid vigor holds beyond the default seed.
+- scorers: runs the demo's evolution (a fresh run directory each time) with each scorer count in
+  turn, `--repeats` times, and reports per count the median wall time of the search (all its
+  generations), of the references, and of the start of the engines, the scorers' utilisation, and
+  whether every run's history equals the first one's (timings aside).
 
 Results go to .bench/evolve-*.json; nothing under docs/ is touched.
 """
@@ -86,18 +91,61 @@ def bench_seeds(workdir: Path, seeds: list[int], out: Path) -> dict:
     return result
 
 
+def bench_scorers(workdir: Path, counts: list[int], repeats: int, generations: int | None, out: Path) -> dict:
+    import os
+
+    from darwin_stream.evolution.demo import demo_manifest
+    from darwin_stream.evolution.history import RunDir
+    from darwin_stream.evolution.run import evolve
+
+    edit = None
+    if generations:
+        def edit(t: str) -> str:
+            return t.replace("max_generations: 12", f"max_generations: {generations}")
+    manifest = demo_manifest(workdir, 0, edit)
+    runs: dict[int, list[dict]] = {n: [] for n in counts}
+    first = None
+    for rep in range(repeats):
+        for n in counts:
+            run_dir = workdir / f"bench-scorers-{n}"
+            shutil.rmtree(run_dir, ignore_errors=True)
+            load = os.getloadavg()[0]
+            t0 = time.perf_counter()
+            report = evolve(manifest, run_dir, scorers=n)
+            wall = time.perf_counter() - t0
+            hist = [(c.generation, c.index, c.genome, c.fitness, c.tasks, c.cached) for c in RunDir(run_dir).read_history()]
+            first = first or hist
+            sc = report.scorers or {}
+            row = {"wall_s": wall, **report.seconds, "utilisation": sc.get("utilisation"), "jobs": sc.get("jobs"),
+                   "same_history": hist == first, "load_before": load, "evaluations": report.evaluations}
+            runs[n].append(row)
+            print(f"repeat {rep} scorers {n}: search {row['search']:.1f} s, total {wall:.1f} s, "
+                  f"utilisation {row['utilisation']}, same history {row['same_history']}, load {load:.1f}",
+                  file=sys.stderr)
+    med = {n: {k: statistics.median(r[k] for r in rows) for k in ("search", "references", "engine_start", "wall_s")}
+           for n, rows in runs.items()}
+    result = {"median": med, "runs": runs}
+    out.write_text(json.dumps(result, indent=2))
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["subset", "seeds"])
+    ap.add_argument("what", choices=["subset", "seeds", "scorers"])
     ap.add_argument("--workdir", default="demo-out")
     ap.add_argument("--items", type=int, default=20, help="subset: items per task")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--scorers", type=int, nargs="+", default=[1, 2], help="scorers: the counts to compare")
+    ap.add_argument("--repeats", type=int, default=3, help="scorers: runs per count")
+    ap.add_argument("--generations", type=int, help="scorers: fewer generations than the demo's 12")
     args = ap.parse_args()
     bench = Path(".bench")
     bench.mkdir(exist_ok=True)
     work = Path(args.workdir)
     if args.what == "subset":
         res = bench_subset(work, args.items, bench / "evolve-subset.json")
+    elif args.what == "scorers":
+        res = bench_scorers(work, args.scorers, args.repeats, args.generations, bench / "evolve-scorers.json")
     else:
         res = bench_seeds(work, args.seeds, bench / "evolve-seeds.json")
     print(json.dumps(res, indent=2, default=str))

@@ -4,7 +4,8 @@
     report = evolve("manifests/demo.yaml", "demo.run")   # EvolveReport; resume=True continues a run
 
 plan/template.py (genes -> template plan), search.py (cma ask/tell, replay), history.py (the run directory),
-fitness.py (scorer, subset), report.py (plots, card), run.py (the loop), cli.py (the command).
+fitness.py (scorer, subset), report.py (plots, card), run.py (the loop), scorers.py (the pool of scorers,
+one in process), dask_scorers.py (N scorers on dask.distributed), cli.py (the command).
 """
 
 from __future__ import annotations

@@ -13,6 +13,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", help="where the run lives (default: ./<manifest name>.run)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir after a stop or a kill")
     parser.add_argument("--backend", choices=["hf", "vllm"], help="override evolve.backend.name")
+    parser.add_argument("--scorers", type=int, metavar="N",
+                        help="score N candidates at once, one live engine per dask worker process "
+                             "(overrides evolve.backend.scorers; docs/cluster.md)")
+    parser.add_argument("--scheduler", metavar="ADDRESS",
+                        help="score on this dask.distributed cluster, one scorer per worker (docs/cluster.md)")
     parser.add_argument("--json", action="store_true", help="end with one JSON object (the report)")
     parser.add_argument("--quiet", action="store_true", help="no progress display")
 
@@ -73,6 +78,10 @@ def print_report(report: Any, as_json: bool) -> None:
         for name, v in rows:
             if v is not None:
                 print(f"  {name:<40} {v:.4f}")
+    sc = report.scorers or {}
+    if sc.get("scorers", 1) > 1:
+        use = ", ".join(f"{u:.0%}" for u in sc["utilisation"])
+        print(f"scorers:  {sc['scorers']}, busy {use} of {sc['span_s']:.1f} s; jobs {sc['jobs']}")
     if report.subset:
         s = report.subset
         rho = "n/a" if s.get("spearman") is None else f"{s['spearman']:.3f}"
@@ -85,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
 
     display = Display(args.quiet or args.json)
     try:
-        report = evolve(args.manifest, args.run_dir, resume=args.resume, progress=display, backend=args.backend)
+        report = evolve(args.manifest, args.run_dir, resume=args.resume, progress=display, backend=args.backend,
+                        scorers=args.scorers, client=args.scheduler)
     finally:
         display.close()
     if report.interrupted:

@@ -30,6 +30,9 @@ class EvolveReport:
     peak_anon_bytes: int = 0  # peak RssAnon of this process (the transformers backend's model counts)
     baseline_anon_bytes: int = 0
     notes: list[str] = field(default_factory=list)
+    # per scorer: busy seconds, utilisation over the scoring span, jobs, and each job's busy interval
+    # (scorer, label, start, end; seconds on the run's clock): scorers.BusyLog.summary
+    scorers: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from darwin_stream.errors import DependencyError, EvolveError
 from darwin_stream.evolution import fitness as fit
 from darwin_stream.evolution import report as rep
 from darwin_stream.evolution.history import Candidate, RunDir, digest
+from darwin_stream.evolution.scorers import Job, LocalPool, ScorerPool
 from darwin_stream.evolution.search import Search
 from darwin_stream.manifest import Manifest, load_manifest
 from darwin_stream.plan import Plan, build_plan
@@ -78,7 +80,9 @@ def fingerprint(m: Manifest, plan: Plan) -> dict[str, str]:
         "fitness": digest({"tasks": [_file_digest(t) for t in sec.fitness.tasks],
                            "subset": sec.fitness.subset.model_dump() if sec.fitness.subset else None}),
         "heldout": digest([_file_digest(t) for t in sec.fitness.heldout]),
-        "backend": digest(sec.backend.model_dump()),
+        # how many scorers run it changes nothing in the search (tests/evolution/test_parallel.py): a run
+        # started on one can be resumed on four; the dump is the one from before the field existed
+        "backend": digest(sec.backend.model_dump(exclude={"scorers"})),
     }
 
 
@@ -133,27 +137,40 @@ def reference_models(m: Manifest, plan: Plan, tpl: Template) -> dict[str, Any]:
     return refs
 
 
-def _score(scorer: fit.Scorer, tasks: list[Task]) -> dict[str, Any]:
-    r = scorer.score(tasks)
-    return {"fitness": r["fitness"], "tasks": {k: v["score"] for k, v in r["tasks"].items()},
-            "correct": fit.correctness(r), "seconds": r["seconds"]}
+def _jobs(label: str, child: Any, splits: tuple[str, ...], pool: ScorerPool) -> list[Job]:
+    """One job per child on one scorer (one load, as before pools); one per split on several, so
+    that a reference's two splits are scored at once (breeding is 3% of a demo candidate)."""
+    if pool.size == 1 or len(splits) == 1:
+        return [Job(label, child, splits)]
+    return [Job(f"{label}/{s}", child, (s,)) for s in splits]
 
 
-def _score_refs(run: RunDir, scorer: fit.Scorer, refs: dict[str, Any], fit_tasks: list[Task],
-                held: list[Task], progress: Progress | None) -> dict[str, dict[str, Any]]:
-    """Each reference on both splits; kept in refs.json so a resumed run does not score them again."""
+def _score_refs(run: RunDir, pool: ScorerPool, refs: dict[str, Any], held: list[Task],
+                progress: Progress | None) -> dict[str, dict[str, Any]]:
+    """Each reference on both splits, all handed to the pool at once; kept in refs.json so a
+    resumed run does not score them again."""
     path = run.path / REFS_FILE
     if path.is_file() and path.stat().st_size < 64 * 2**20:
         with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
             data = json.loads(path.read_text())
             if isinstance(data, dict) and set(data) == set(refs):
                 return data
-    out = {}
+    splits = ("fitness", "heldout") if held else ("fitness",)
+    jobs, owner = [], {}
     for name, child in refs.items():
-        if progress:
-            progress({"event": "reference", "name": name})
-        scorer.load(child)
-        out[name] = {"fitness": _score(scorer, fit_tasks), "heldout": _score(scorer, held) if held else None}
+        for job in _jobs(f"ref {name}", child, splits, pool):
+            jobs.append(job)
+            owner[job.label] = name
+    announced: set[str] = set()
+
+    def started(job: Job) -> None:
+        if progress and owner[job.label] not in announced:
+            announced.add(owner[job.label])
+            progress({"event": "reference", "name": owner[job.label]})
+
+    out: dict[str, dict[str, Any]] = {name: {"fitness": None, "heldout": None} for name in refs}
+    for r in pool.run(jobs, started=started):
+        out[owner[r.job.label]].update(r.scores)
     tmp = path.with_name(f".{REFS_FILE}.tmp")
     tmp.write_text(json.dumps(out))
     os.replace(tmp, path)
@@ -161,30 +178,23 @@ def _score_refs(run: RunDir, scorer: fit.Scorer, refs: dict[str, Any], fit_tasks
 
 
 class _Loop:
-    """The ask/score/tell loop over one run directory."""
+    """The ask/score/tell loop over one run directory and a pool of scorers.
 
-    def __init__(self, tpl: Template, run: RunDir, scorer: fit.Scorer, tasks: list[Task],
-                 history: list[Candidate], progress: Progress | None):
-        self.tpl, self.run, self.scorer, self.tasks = tpl, run, scorer, tasks
+    A generation's candidates are handed to the pool together and scored as scorers come free; they
+    are recorded in candidate order (history.jsonl, fsynced), so a candidate that finishes early
+    waits in memory for the ones before it. cma's ask/tell needs a generation's every fitness
+    before it asks again, so the pool runs dry at the end of each generation: that barrier is
+    cma's, and the report's scorer utilisation counts it as idle time.
+    """
+
+    def __init__(self, tpl: Template, run: RunDir, pool: ScorerPool, history: list[Candidate],
+                 progress: Progress | None):
+        self.tpl, self.run, self.pool = tpl, run, pool
         self.history = history
         self.progress = progress
         self.search_cfg = tpl.section.search
         self.cache = {tuple(c.genome): c for c in history}
         self.scored = 0
-
-    def evaluate(self, gen: int, i: int, x: list[float]) -> Candidate:
-        hit = self.cache.get(tuple(x))
-        if hit is not None:
-            return Candidate(gen, i, x, hit.fitness, dict(hit.tasks), cached=True, full_fitness=hit.full_fitness)
-        t0 = time.perf_counter()
-        plan = self.tpl.apply(x)
-        t1 = time.perf_counter()
-        breed_s = self.scorer.load(plan)
-        r = _score(self.scorer, self.tasks)
-        self.scored += 1
-        c = Candidate(gen, i, x, r["fitness"], r["tasks"], plan_s=t1 - t0, breed_s=breed_s, score_s=r["seconds"])
-        self.cache[tuple(x)] = c
-        return c
 
     def run_search(self, search: Search, stop: dict[str, bool]) -> bool:
         """Returns True when a cap ended the search, False when it was interrupted."""
@@ -200,27 +210,15 @@ class _Loop:
                 return True
             xs = search.ask()
             done = {c.index: c for c in by_gen.get(gen, [])}
-            results: list[Candidate] = []
-            for i, x in enumerate(xs):
-                if i in done:
-                    if done[i].genome != x:
-                        raise EvolveError(f"cannot resume: candidate {i} of generation {gen} differs from what the "
-                                          "search asks; start a new --run-dir")
-                    results.append(done[i])
-                    continue
-                if stop["stop"]:
-                    return False
-                if len(self.history) >= cap:
-                    return True
-                c = self.evaluate(gen, i, x)
-                self.run.append(c)
-                self.history.append(c)
-                results.append(c)
-                if self.progress:
-                    self.progress({"event": "candidate", "generation": gen, "index": i, "fitness": c.fitness,
-                                   "evaluations": len(self.history), "cap": cap,
-                                   "seconds": c.plan_s + c.breed_s + c.score_s})
-            search.tell(xs, [c.fitness for c in results])
+            for i in sorted(done):
+                if i >= len(xs) or done[i].genome != xs[i]:
+                    raise EvolveError(f"cannot resume: candidate {i} of generation {gen} differs from what the "
+                                      "search asks; start a new --run-dir")
+            ended = self.generation(gen, xs, done, cap, stop)
+            if ended is not None:
+                return ended
+            results = {**done, **{c.index: c for c in self.history if c.generation == gen}}
+            search.tell(xs, [results[i].fitness for i in range(len(xs))])
             if self.progress:
                 stats = rep.generation_stats(self.history)[-1]
                 self.progress({"event": "generation", "generation": gen, "generations": cfg.max_generations,
@@ -229,28 +227,91 @@ class _Loop:
                 return False
         return True
 
+    def generation(self, gen: int, xs: list[list[float]], done: dict[int, Candidate], cap: int,
+                   stop: dict[str, bool]) -> bool | None:
+        """Score and record the candidates generation `gen` still lacks, in index order. None when
+        the generation is complete; True when the evaluation cap cut it short; False when stopped."""
+        left = [i for i in range(len(xs)) if i not in done]
+        todo = left[: max(0, cap - len(self.history))]
+        jobs: list[Job] = []
+        index: dict[str, int] = {}
+        repeat: dict[int, tuple[float, ...]] = {}
+        seen: set[tuple[float, ...]] = set()
+        for i in todo:
+            key = tuple(xs[i])
+            if key in self.cache or key in seen:
+                repeat[i] = key  # served from the cache once its first occurrence is scored
+            else:
+                seen.add(key)
+                jobs.append(Job(f"g{gen}c{i}", xs[i], ("search",)))
+                index[jobs[-1].label] = i
+        scored: dict[int, Candidate] = {}
+        queue = deque(todo)
 
-def _winner(loop: _Loop, full_tasks: list[Task] | None, top: int) -> Candidate:
+        def record() -> None:
+            while queue:
+                i = queue[0]
+                if i in scored:
+                    c = scored.pop(i)
+                elif i in repeat and repeat[i] in self.cache and not stop["stop"]:
+                    hit = self.cache[repeat[i]]
+                    c = Candidate(gen, i, xs[i], hit.fitness, dict(hit.tasks), cached=True, full_fitness=hit.full_fitness)
+                else:
+                    return
+                queue.popleft()
+                self._record(c, cap)
+
+        for r in self.pool.run(jobs, stop=lambda: stop["stop"]):
+            i = index[r.job.label]
+            s = r.scores["search"]
+            c = Candidate(gen, i, xs[i], s["fitness"], s["tasks"], plan_s=r.plan_s, breed_s=r.breed_s,
+                          score_s=s["seconds"])
+            self.cache[tuple(xs[i])] = c
+            self.scored += 1
+            scored[i] = c
+            record()
+        record()
+        if queue:
+            return False
+        if len(todo) < len(left):
+            return not stop["stop"]
+        return None
+
+    def _record(self, c: Candidate, cap: int) -> None:
+        self.run.append(c)
+        self.history.append(c)
+        if self.progress:
+            self.progress({"event": "candidate", "generation": c.generation, "index": c.index, "fitness": c.fitness,
+                           "evaluations": len(self.history), "cap": cap,
+                           "seconds": c.plan_s + c.breed_s + c.score_s})
+
+
+def _winner(loop: _Loop, subset: bool, top: int) -> Candidate:
     """The best candidate: on full-set fitness (rescored) in subset mode, never one lucky subset draw."""
     distinct: dict[tuple[float, ...], Candidate] = {}
     for c in loop.history:
         distinct.setdefault(tuple(c.genome), c)
     ranked = sorted(distinct.values(), key=lambda c: (-c.fitness, c.generation, c.index))
-    if full_tasks is None:
+    if not subset:
         return ranked[0]
-    changed = False
-    for c in ranked[:top]:
-        if c.full_fitness is None:
-            loop.scorer.load(loop.tpl.apply(c.genome))
-            c.full_fitness = _score(loop.scorer, full_tasks)["fitness"]
-            changed = True
-    if changed:
+    todo = {f"rescore g{c.generation}c{c.index}": c for c in ranked[:top] if c.full_fitness is None}
+    for r in loop.pool.run([Job(label, c.genome, ("fitness",)) for label, c in todo.items()]):
+        todo[r.job.label].full_fitness = r.scores["fitness"]["fitness"]
+    if todo:
         for c in loop.history:
             src = distinct[tuple(c.genome)]
             c.full_fitness = src.full_fitness
         loop.run.rewrite(loop.history)
     rescored = [c for c in ranked if c.full_fitness is not None]
     return max(rescored, key=lambda c: (c.full_fitness or 0.0, c.fitness, -c.generation, -c.index))
+
+
+def _score_child(pool: ScorerPool, genome: list[float], held: bool) -> dict[str, dict[str, Any]]:
+    """The winner on the fitness split and the held-out one (on two scorers at once, when there are)."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in pool.run(_jobs("child", genome, ("fitness", "heldout") if held else ("fitness",), pool)):
+        out.update(r.scores)
+    return out
 
 
 def _export(tpl: Template, x: list[float], text: str, run: RunDir, card_extra: dict[str, Any]) -> Path:
@@ -277,7 +338,8 @@ def _export(tpl: Template, x: list[float], text: str, run: RunDir, card_extra: d
 
 @at_edge("evolve")
 def evolve(manifest: str | os.PathLike, run_dir: str | os.PathLike | None = None, *, resume: bool = False,
-           progress: Progress | None = None, backend: str | None = None) -> rep.EvolveReport:
+           progress: Progress | None = None, backend: str | None = None, scorers: int | None = None,
+           client: Any = None) -> rep.EvolveReport:
     """Run (or resume) the evolution a manifest's `evolve:` section describes; see docs/evolution.md.
 
     Args:
@@ -286,6 +348,10 @@ def evolve(manifest: str | os.PathLike, run_dir: str | os.PathLike | None = None
         resume: continue the run in `run_dir` (refused, naming the part, if the manifest changed).
         progress: called with one dict per event (a candidate scored, a generation done).
         backend: "vllm" or "hf", overriding the manifest's `evolve: backend: name`.
+        scorers: how many live engines score candidates at once (default `evolve.backend.scorers`,
+            else 1), each in a worker process of a dask LocalCluster started here (docs/cluster.md).
+        client: a dask.distributed Client or a scheduler address: that cluster's workers score, one
+            scorer per worker (all of them unless `scorers` says how many).
 
     Returns:
         An EvolveReport; `interrupted` is True when Ctrl-C stopped the search (resume continues it).
@@ -298,6 +364,8 @@ def evolve(manifest: str | os.PathLike, run_dir: str | os.PathLike | None = None
     """
     t_start = time.perf_counter()
     _check_extras()
+    if scorers is not None and scorers < 1:
+        raise EvolveError(f"scorers: expected at least 1, got {scorers}")
     m, text = load_manifest(manifest)
     if m.evolve is None:
         raise EvolveError("manifest: evolve: this manifest has no evolve section (see docs/evolution.md)")
@@ -311,21 +379,38 @@ def evolve(manifest: str | os.PathLike, run_dir: str | os.PathLike | None = None
         run_dir = default_run_dir(manifest)
     run = RunDir(run_dir)
     history = run.open(fingerprint(m, plan), resume=resume, manifest=os.fspath(manifest) if "\n" not in os.fspath(manifest) else "<text>")
+    name = backend or sec.backend.name
     opts: dict[str, Any] = {"dtype": sec.backend.dtype}
-    if sec.backend.max_model_len and (backend or sec.backend.name) == "vllm":
+    if sec.backend.max_model_len and name == "vllm":
         opts["max_model_len"] = sec.backend.max_model_len
+    n = scorers if scorers is not None else sec.backend.scorers
+
+    def open_pool() -> ScorerPool:
+        return _open_pool(name, opts, sec.backend.threads, tpl, x0, n, client)
+
     with torch_threads(sec.backend.threads), PeakMemory() as mem:
-        report = _run(m, text, tpl, x0, run, history, sec, backend, opts, progress, t_start)
+        report = _run(m, text, tpl, x0, run, history, sec, open_pool, progress, t_start)
     report.wall_s = round(time.perf_counter() - t_start, 3)
     report.peak_anon_bytes, report.baseline_anon_bytes = mem.peak, mem.baseline
     return report
 
 
-def _run(m: Manifest, text: str, tpl: Template, x0: list[float], run: RunDir, history: list[Candidate],
-         sec: Any, backend: str | None, opts: dict[str, Any], progress: Progress | None,
-         t_start: float) -> rep.EvolveReport:
-    from darwin_stream.score.backend import open_backend
+def _open_pool(backend: str, opts: dict[str, Any], threads: int | None, tpl: Template, x0: list[float],
+               n: int | None, client: Any) -> ScorerPool:
+    """One scorer in this process (the default), or N on dask.distributed."""
+    if client is None and (n or 1) == 1:
+        from darwin_stream.score.backend import open_backend
 
+        return LocalPool(fit.Scorer(open_backend(backend, tpl.apply(x0), **opts)), tpl)
+    # dask.distributed is heavy and only needed here: imported only for a run with several scorers
+    from darwin_stream.evolution.dask_scorers import open_pool
+
+    return open_pool(n, client, backend=backend, options=opts, threads=threads, template=tpl, x0=x0)
+
+
+def _run(m: Manifest, text: str, tpl: Template, x0: list[float], run: RunDir, history: list[Candidate],
+         sec: Any, open_pool: Callable[[], ScorerPool], progress: Progress | None,
+         t_start: float) -> rep.EvolveReport:
     fit_tasks = fit.copy_tasks(sec.fitness.tasks, run.path / "tasks" / "fitness")
     held = fit.copy_tasks(sec.fitness.heldout, run.path / "tasks" / "heldout")
     n_overlap = fit.overlap(fit_tasks, held)
@@ -333,11 +418,12 @@ def _run(m: Manifest, text: str, tpl: Template, x0: list[float], run: RunDir, hi
         print(f"darwin-stream: warning: {n_overlap} held-out items also appear in the fitness split", file=sys.stderr)
     plan = tpl.plan
     t_engine = time.perf_counter()
-    scorer = fit.Scorer(open_backend(backend or sec.backend.name, tpl.apply(x0), **opts))
+    pool = open_pool()
     seconds = {"engine_start": time.perf_counter() - t_engine}
     try:
+        pool.set_tasks({"fitness": fit_tasks, "heldout": held})
         t0 = time.perf_counter()
-        refs = _score_refs(run, scorer, reference_models(m, plan, tpl), fit_tasks, held, progress)
+        refs = _score_refs(run, pool, reference_models(m, plan, tpl), held, progress)
         seconds["references"] = time.perf_counter() - t0
         search_tasks, subset_info = fit_tasks, None
         if sec.fitness.subset is not None:
@@ -345,7 +431,8 @@ def _run(m: Manifest, text: str, tpl: Template, x0: list[float], run: RunDir, hi
             search_tasks = fit.pick_subset(fit_tasks, per_item, sec.fitness.subset.items)
             subset_info = {"items": sum(len(t.items) for t in search_tasks),
                            "full_items": sum(len(t.items) for t in fit_tasks)}
-        loop = _Loop(tpl, run, scorer, search_tasks, history, progress)
+        pool.set_tasks({"search": search_tasks})
+        loop = _Loop(tpl, run, pool, history, progress)
         search = Search(x0, sec.search.sigma0, lower=tpl.lower, upper=tpl.upper,
                         popsize=sec.search.popsize, seed=sec.search.seed)
         t0 = time.perf_counter()
@@ -356,13 +443,12 @@ def _run(m: Manifest, text: str, tpl: Template, x0: list[float], run: RunDir, hi
             return _interrupted(loop, run, t_start)
         t0 = time.perf_counter()
         top = sec.fitness.subset.rescore_top if sec.fitness.subset else 0
-        best = _winner(loop, fit_tasks if sec.fitness.subset else None, top)
+        best = _winner(loop, sec.fitness.subset is not None, top)
         seconds["rescore"] = time.perf_counter() - t0
-        scorer.load(tpl.apply(best.genome))
-        child_fit = _score(scorer, fit_tasks)
-        child_held = _score(scorer, held) if held else None
+        child = _score_child(pool, best.genome, bool(held))
+        child_fit, child_held = child["fitness"], child.get("heldout")
     finally:
-        scorer.close()
+        pool.close()
     if subset_info is not None:
         pairs = [(c.fitness, c.full_fitness) for c in {tuple(c.genome): c for c in loop.history}.values()
                  if c.full_fitness is not None]
@@ -376,7 +462,8 @@ def _interrupted(loop: _Loop, run: RunDir, t_start: float) -> rep.EvolveReport:
     return rep.EvolveReport(
         best_fitness=best.fitness if best else float("nan"), heldout={}, generations=len({c.generation for c in loop.history}),
         evaluations=len(loop.history), run_dir=str(run.path), child_dir="", genome=best.genome if best else [],
-        scored_evaluations=loop.scored, seconds={"total": time.perf_counter() - t_start}, interrupted=True)
+        scored_evaluations=loop.scored, seconds={"total": time.perf_counter() - t_start}, interrupted=True,
+        scorers=loop.pool.busy.summary())
 
 
 def _rows(refs: dict[str, dict[str, Any]], child: dict[str, Any] | None, split: str) -> dict[str, dict[str, Any]]:
@@ -418,7 +505,7 @@ def _finish(tpl: Template, text: str, run: RunDir, refs: dict[str, Any], best: C
         child_dir=str(child_dir), genome=best.genome,
         fitness={"child": child_fit["fitness"], **{n: r["fitness"]["fitness"] for n, r in refs.items()}},
         scored_evaluations=loop.scored, seconds={k: round(v, 3) for k, v in seconds.items()}, subset=subset_info,
-        tables={"fitness": _plain(fit_rows), "heldout": _plain(held_rows)})
+        tables={"fitness": _plain(fit_rows), "heldout": _plain(held_rows)}, scorers=loop.pool.busy.summary())
     (run.path / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     (run.path / "scores.md").write_text("## Fitness split\n\n" + rep.score_table(fit_rows) + "\n\n## Held-out split\n\n"
                                         + (rep.score_table(held_rows) if held_rows else "(none)") + "\n")
