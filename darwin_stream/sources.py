@@ -29,6 +29,7 @@ import torch
 
 from darwin_stream import dtypes
 from darwin_stream.bounded import MAX_FILE_BYTES, check_local_file, clip, load_json, read_local, show
+from darwin_stream.child_marker import refuse_incomplete
 from darwin_stream.errors import DarwinError, SourceError
 
 if TYPE_CHECKING:
@@ -614,6 +615,7 @@ def _open_url_unchecked(spec: str, storage_options: dict | None) -> Parent:
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(spec, **(storage_options or {}))
+    refuse_incomplete(fs, path, spec)  # a bucket child whose merge has not finished
     url = fs.unstrip_protocol  # full URLs in TensorInfo.file, so reference views find their filesystem
     from darwin_stream.store import api as store_api
 
