@@ -52,11 +52,14 @@ class S3Server:
 
 
 def start() -> S3Server:
+    import logging
+
     import boto3
     import moto.s3.models
     from moto.server import ThreadedMotoServer
 
     moto.s3.models.S3_UPLOAD_PART_MIN_SIZE = PART  # read at each CompleteMultipartUpload
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
