@@ -263,9 +263,13 @@ class _BucketRun:
         for name, data in child_files(plan).items():
             sink.write_file(name, data)
         final = sink.finish()
+        notes = [sink.restarted] if sink.restarted else []
+        if sink.stats.peak_waiting > reserve:  # the tasks ran further out of order than planned for
+            notes.append(f"parts waiting to upload held {human_bytes(sink.stats.peak_waiting)}, over the "
+                         f"{human_bytes(reserve)} set aside for them")
         return self._report(final, stats, sink.layout.nbytes, start=start, mem=mem, fmt="safetensors",
-                            predicted=engine.predicted_peak(plan, budget, workers) + reserve,
-                            notes=[sink.restarted] if sink.restarted else [], uploads=sink.stats.to_dict())
+                            predicted=engine.predicted_peak(plan, budget, workers) + reserve, notes=notes,
+                            uploads=sink.stats.to_dict())
 
     def _merge_budget(self, reserve: int, part: int, workers: int) -> int:
         """What is left of the budget for the merge's tasks once waiting parts are set aside."""
