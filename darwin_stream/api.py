@@ -255,7 +255,7 @@ class _BucketRun:
         reserve = object_sink.waiting_bytes(part, workers)
         budget = self._merge_budget(reserve, part, workers)
         sink = object_sink.ObjectSink(self.out, plan, self.shard_size, overwrite=overwrite, part_size=part,
-                                      identities=identity.plan_identities(plan, engine.get_parent),
+                                      workers=workers, identities=identity.plan_identities(plan, engine.get_parent),
                                       storage_options=self.storage_options)
         if on_plan:
             on_plan(plan, plan.nbytes)
@@ -264,9 +264,9 @@ class _BucketRun:
             sink.write_file(name, data)
         final = sink.finish()
         notes = [sink.restarted] if sink.restarted else []
-        if sink.stats.peak_waiting > reserve:  # the tasks ran further out of order than planned for
-            notes.append(f"parts waiting to upload held {human_bytes(sink.stats.peak_waiting)}, over the "
-                         f"{human_bytes(reserve)} set aside for them")
+        if sink.stats.spilled_bytes:  # the tasks ran further out of order than the reserve allows for
+            notes.append(f"{human_bytes(sink.stats.spilled_bytes)} of parts waiting to upload did not fit in the "
+                         f"{human_bytes(reserve)} set aside for them, and went through the bucket instead")
         return self._report(final, stats, sink.layout.nbytes, start=start, mem=mem, fmt="safetensors",
                             predicted=engine.predicted_peak(plan, budget, workers) + reserve, notes=notes,
                             uploads=sink.stats.to_dict())

@@ -604,7 +604,9 @@ def build_graph(plan: Plan, writer: ChildSink, *, budget: int, workers: int, dev
         todo = [t for t in tasks if not writer.is_done(tp.name, t.start, t.stop)]
         if not todo:
             continue
-        layer = "other" if tp.layer is None else f"layer-{tp.layer}"
+        # Zero-padded: dask runs ready tasks in key order, and `layer-10` before `layer-2` made a
+        # bucket child's parts wait for tasks far away in the shard (object_sink: 8 parts, not 6).
+        layer = "other" if tp.layer is None else f"layer-{tp.layer:05d}"
         stat = methods.get(tp.method).statistic
         state_key = None
         if len(tasks) > 1 and stat is not None and not _is_copy(plan, tp):

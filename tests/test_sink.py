@@ -14,7 +14,7 @@ import pytest
 
 from darwin_stream import engine
 from darwin_stream.export import ChildWriter, layout
-from darwin_stream.object_sink import ObjectSink, PartSpan
+from darwin_stream.object_sink import ObjectSink, PartSpan, waiting_bytes
 from darwin_stream.plan import Plan, SourceRef, TensorPlan
 from darwin_stream.sink import ChildSink
 
@@ -179,7 +179,7 @@ def test_a_span_stages_rows_and_hands_them_over_in_order():
     got = []
 
     class Recorder:
-        def put(self, shard, offset, data):
+        def put(self, shard, offset, data, within=(0, 0)):
             got.append((offset, bytes(data)))
 
     span = PartSpan(Recorder(), "s", 100, 100 + 10_000, buffer=None)
@@ -190,3 +190,34 @@ def test_a_span_stages_rows_and_hands_them_over_in_order():
     assert [o for o, _ in got] == sorted(o for o, _ in got) and got[0][0] == 100
     with pytest.raises(AssertionError, match="past the end"), PartSpan(Recorder(), "s", 0, 8, None) as small:
         small.reserve(9)
+
+
+def test_shared_parts_past_the_reserve_go_through_the_bucket_and_the_budget_holds(pair, monkeypatch):
+    """Tasks that run far out of byte order would keep every shared part waiting; past the reserve
+    (one own part per worker, `workers + 2` shared ones) their bytes are spilled as fragment
+    objects and read back, so memory stays bounded and the child is the same."""
+    import fsspec.core
+
+    dirs, shapes = pair
+    plan = _plan(dirs, shapes)
+    s3 = FakeS3()
+    monkeypatch.setattr(fsspec.core, "url_to_fs", lambda url, **kw: (s3, url[len("s3://"):]))
+    part = 4096
+    sink = ObjectSink("s3://bucket/child", plan, 10**9, part_size=part, workers=1, identities={"a": "x"})
+    (shard, (head, size)), = sink.layout.shards.items()
+    want = bytearray(size)
+    want[: len(head)] = head
+    rng = random.Random(1)
+    tasks = []  # "tasks" of 1000 bytes (none holds a whole part), run in a shuffled order
+    for pos in range(len(head), size, 1000):
+        tasks.append((pos, bytes(rng.randrange(256) for _ in range(min(1000, size - pos)))))
+    rng.shuffle(tasks)
+    for pos, data in tasks:
+        want[pos : pos + len(data)] = data
+        sink.put(shard, pos, memoryview(data), (pos, pos + len(data)))
+        assert sink._waiting <= waiting_bytes(part, 1)
+    assert sink.stats.spilled_bytes > 0 and sink.stats.peak_waiting <= waiting_bytes(part, 1)
+    assert sink.stats.parts == -(-size // part) and not sink._fragments
+    assert not [k for k in s3.objects if "/fragments/" in k]  # read back and deleted
+    sink.finish()
+    assert s3.objects["child/" + shard] == bytes(want)
