@@ -161,7 +161,8 @@ class ObjectSink:
 
     def _call(self, method: str, *, missing_ok: bool = False, **kwargs: Any) -> Any:
         """One S3 request through s3fs; any failure is one line naming the URL."""
-        self.stats.requests += 1
+        with self._lock:
+            self.stats.requests += 1
         try:
             return self.fs.call_s3(method, Bucket=self.bucket, **kwargs)
         except FileNotFoundError:
@@ -174,7 +175,8 @@ class ObjectSink:
 
     def _put_object(self, key: str, data: bytes) -> None:
         self._call("put_object", Key=key, Body=data)
-        self.stats.bytes_uploaded += len(data)
+        with self._lock:
+            self.stats.bytes_uploaded += len(data)
 
     def _keys(self, prefix: str) -> list[str]:
         keys, token = [], None
@@ -359,7 +361,8 @@ class ObjectSink:
             if buf is None:
                 buf = bytearray(length)  # every byte of it was spilled
             for lo, hi, fkey in fragments:
-                self.stats.requests += 1
+                with self._lock:
+                    self.stats.requests += 1
                 try:
                     got = self.fs.cat_file(f"{self.bucket}/{fkey}")
                 except Exception as e:  # as in _call
