@@ -14,12 +14,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from darwin_stream import engine, identity, outputs, pool
-from darwin_stream.child_writer import ChildWriter
+from darwin_stream import engine, identity, object_sink, outputs, pool, storage
+from darwin_stream.child_writer import ChildWriter, layout
 from darwin_stream.edge import at_edge
-from darwin_stream.errors import OptionError, OutputError
+from darwin_stream.errors import DarwinError, OptionError, OutputError
 from darwin_stream.manifest import parse_size
-from darwin_stream.plan import Plan
+from darwin_stream.plan import Plan, human_bytes
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
 
@@ -48,6 +48,7 @@ class MergeReport:
     resumed_chunks: int
     format: str = "safetensors"
     direct_io: bool = False  # whole pages were written with O_DIRECT (asked for, and the filesystem took it)
+    uploads: dict[str, int] | None = None  # a child in a bucket: object_sink.UploadStats
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -126,7 +127,7 @@ def model_card(plan: Plan) -> str:
         lines.append(f"- `{spec}` ({arch})" + (f": {', '.join(role)}" if role else ""))
     if plan.notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in plan.notes]
-    lines += ["", "## Manifest", "", "```yaml", plan.manifest.rstrip(), "```", ""]
+    lines += ["", "## Manifest", "", "```yaml", storage.redact(plan.manifest).rstrip(), "```", ""]
     return "\n".join(lines)
 
 
@@ -144,11 +145,14 @@ def merge(
     direct_io: bool | None = None,
     progress: Callable[[int], None] | None = None,
     on_plan: Callable[[Plan, int], None] | None = None,
+    storage_options: dict | None = None,
 ) -> MergeReport:
     """Merge a manifest into a child checkpoint at `out`; arguments override the manifest's options.
 
     The child is written under a temporary sibling and renamed to `out` only when complete; an
-    interrupted merge of the same plan resumes from its finished chunks.
+    interrupted merge of the same plan resumes from its finished chunks. An `s3://bucket/prefix`
+    output is uploaded straight into the bucket (`object_sink`), with `storage_options` over the
+    manifest's `darwin.storage_options` over fsspec's configuration (`storage`).
 
     Args:
         manifest: a manifest path, its YAML text, or a Plan from `load_plan`.
@@ -162,6 +166,8 @@ def merge(
         direct_io: write whole pages with O_DIRECT (default True where the filesystem allows).
         progress: called with the bytes of each finished chunk.
         on_plan: called once with the plan and its bytes, before the first write.
+        storage_options: fsspec options for an object-store `out` (endpoint_url, key, secret...);
+            never written into the child's model card.
 
     Returns:
         A MergeReport.
@@ -183,6 +189,11 @@ def merge(
         if out_format not in ("safetensors", "zarr"):
             raise OptionError(f"format: expected safetensors or zarr, got {out_format!r}")
         engine.check_device(device)
+        if object_sink.is_url(out):
+            run = _BucketRun(plan, os.fspath(out), client=client, budget=budget, device=device, shard_size=shard_size,
+                             storage_options=storage.combine(storage.from_manifest_text(plan.manifest), storage_options))
+            return run.merge(out_format, overwrite=overwrite, direct_io=direct_io, progress=progress,
+                             on_plan=on_plan, start=start, mem=mem)
         engine.check_budget(plan, budget, engine.worker_count(client))
         paths = outputs.output_paths(out)
         target = paths.final if out_format == "safetensors" else paths.final.parent / f".{paths.final.name}.safetensors"
@@ -391,3 +402,107 @@ def export(
     return ExportReport(out=str(r["out_dir"]), tensors=r["tensors"], bytes=r["bytes"], shards=r["shards"],
                         source_shards=r.get("source_shards"), wall_s=round(engine.now() - start, 3),
                         peak_anon_bytes=mem.peak, baseline_anon_bytes=mem.baseline, notes=list(r.get("notes", [])))
+
+
+@dataclass
+class _BucketRun:
+    """A merge whose child goes into a bucket: `object_sink.ObjectSink`, or for --format zarr a copy
+    store written by `store.ingest` (its chunks put as objects, its root marked complete last)."""
+
+    plan: Plan
+    out: str
+    client: Any
+    budget: int
+    device: str
+    shard_size: int
+    storage_options: dict
+
+    def merge(self, out_format: str, *, overwrite: bool, direct_io: bool | None, progress: Callable[[int], None] | None,
+              on_plan: Callable[[Plan, int], None] | None, start: float, mem: engine.PeakMemory) -> MergeReport:
+        from darwin_stream.child_marker import partial_prefix
+
+        plan, workers = self.plan, engine.worker_count(self.client)
+        outputs.check_not_input([self.out, partial_prefix(self.out)], identity.plan_locations(plan, engine.get_parent))
+        if out_format == "zarr":
+            return self._to_store(overwrite=overwrite, direct_io=direct_io, progress=progress, on_plan=on_plan,
+                                  start=start, mem=mem)
+        if self.client is not None:
+            raise OutputError(f"output {self.out}: a child in a bucket cannot yet be written by a dask.distributed "
+                              "cluster (--scheduler); merge without it, or into a shared filesystem")
+        part = object_sink.part_bytes(layout(plan, self.shard_size))
+        reserve = object_sink.waiting_bytes(part, workers)
+        budget = self._merge_budget(reserve, part, workers)
+        sink = object_sink.ObjectSink(self.out, plan, self.shard_size, overwrite=overwrite, part_size=part,
+                                      workers=workers, identities=identity.plan_identities(plan, engine.get_parent),
+                                      storage_options=self.storage_options)
+        if on_plan:
+            on_plan(plan, plan.nbytes)
+        stats = engine.run(plan, sink, budget=budget, device=self.device, progress=progress)
+        for name, data in child_files(plan).items():
+            sink.write_file(name, data)
+        final = sink.finish()
+        notes = [sink.restarted] if sink.restarted else []
+        if sink.stats.spilled_bytes:  # the tasks ran further out of order than the reserve allows for
+            notes.append(f"{human_bytes(sink.stats.spilled_bytes)} of parts waiting to upload did not fit in the "
+                         f"{human_bytes(reserve)} set aside for them, and went through the bucket instead")
+        return self._report(final, stats, sink.layout.nbytes, start=start, mem=mem, fmt="safetensors",
+                            predicted=engine.predicted_peak(plan, budget, workers) + reserve, notes=notes,
+                            uploads=sink.stats.to_dict())
+
+    def _merge_budget(self, reserve: int, part: int, workers: int) -> int:
+        """What is left of the budget for the merge's tasks once waiting parts are set aside."""
+        least, tensor = engine.minimum_budget(self.plan, workers)
+        if self.budget - reserve < least:
+            need = least + reserve
+            raise OutputError(
+                f"memory budget {human_bytes(self.budget)} is below the {human_bytes(need)} a child in a bucket needs "
+                f"with {workers} worker(s): {human_bytes(reserve)} for {reserve // part} parts of {human_bytes(part)} "
+                f"waiting to upload, and {human_bytes(least)} for the merge (one row of {tensor}); "
+                f"give --memory-budget {-(-need // 1024)}KiB or more")
+        return self.budget - reserve
+
+    def _to_store(self, *, overwrite: bool, direct_io: bool | None, progress: Callable[[int], None] | None,
+                  on_plan: Callable[[Plan, int], None] | None, start: float, mem: engine.PeakMemory) -> MergeReport:
+        """--format zarr into a bucket: the safetensors child staged in a local temporary directory
+        (as a local --format zarr child is), then copied into the store by `store.ingest`, which
+        writes its chunks as objects and sets the root's `complete` attribute last."""
+        import shutil
+        import tempfile
+
+        from darwin_stream import store
+
+        plan, workers = self.plan, engine.worker_count(self.client)
+        engine.check_budget(plan, self.budget, workers)
+        if store.is_store(self.out, storage_options=self.storage_options) and not overwrite:
+            raise OutputError(f"output {self.out} already exists (use --overwrite to replace it)")
+        tmp = Path(tempfile.mkdtemp(prefix="darwin-stream-zarr-"))
+        try:
+            writer = ChildWriter(tmp / "child", plan, self.shard_size, direct=direct_io is not False,
+                                 identities=identity.plan_identities(plan, engine.get_parent))
+            if on_plan:
+                on_plan(plan, plan.nbytes)
+            stats = engine.run(plan, writer, budget=self.budget, client=self.client, device=self.device,
+                               progress=progress)
+            for name, data in child_files(plan).items():
+                writer.write_file(name, data)
+            staged = writer.finish()
+            try:
+                store.ingest(str(staged), self.out, mode="copy", storage_options=self.storage_options)
+            except DarwinError:
+                raise
+            except Exception as e:  # s3fs, botocore, aiohttp: all mean the bucket cannot be written
+                first = (str(e).strip().splitlines() or [""])[0][:200]
+                raise OutputError(f"output {self.out}: cannot write ({type(e).__name__}: {first})") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return self._report(self.out, stats, writer.layout.nbytes, start=start, mem=mem, fmt="zarr",
+                            predicted=engine.predicted_peak(plan, self.budget, workers), notes=[], uploads=None)
+
+    def _report(self, final: str, stats: engine.RunStats, nbytes: int, *, start: float, mem: engine.PeakMemory,
+                fmt: str, predicted: int, notes: list[str], uploads: dict | None) -> MergeReport:
+        mem.peak = max(mem.peak, engine.rss_anon())
+        return MergeReport(out=final, wall_s=round(engine.now() - start, 3), bytes_read=stats.bytes_read,
+                           bytes_written=nbytes, peak_anon_bytes=mem.peak, baseline_anon_bytes=mem.baseline,
+                           memory_budget=self.budget, predicted_peak_bytes=predicted, tensors=len(self.plan.tensors),
+                           chunks=stats.chunks, resumed_chunks=stats.skipped_chunks, format=fmt, direct_io=False,
+                           notes=list(self.plan.notes) + notes, uploads=uploads)

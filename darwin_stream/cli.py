@@ -91,7 +91,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         report = api.merge(args.manifest, args.out_dir, client=client, memory_budget=args.memory_budget,
                            device=args.device, shard_size=args.shard_size, out_format=args.format,
                            overwrite=args.overwrite, direct_io=False if args.page_cache else None,
-                           progress=bar.callback(),
+                           progress=bar.callback(), storage_options=_storage_options(args),
                            on_plan=lambda plan, nbytes: bar.start(nbytes))
     if args.json:
         print(json.dumps(report.to_dict()))
@@ -102,6 +102,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
         for note in report.notes:
             print(f"note: {note}")
     return 0
+
+
+def _storage_options(args: argparse.Namespace) -> dict | None:
+    """--storage-options JSON: fsspec options for URL outputs (and an ingest's URL source)."""
+    from darwin_stream.storage import parse_json
+
+    return parse_json(args.storage_options) if args.storage_options else None
 
 
 def _client(address: str | None):
@@ -126,17 +133,37 @@ def cmd_plan(args: argparse.Namespace) -> int:
     engine.check_budget(plan, budget, workers)
     peak = engine.predicted_peak(plan, budget, workers)
     size = layout(plan, int(args.shard_size or plan.options.get("shard_size") or api.DEFAULT_SHARD_SIZE))
+    bucket_peak, part, reserve = _bucket_peak(plan, size, budget, workers)
     if args.json:
         print(json.dumps({"plan": json.loads(plan.to_json()), "child_bytes": size.nbytes,
-                          "shards": len(size.shards), "predicted_peak_bytes": peak, "memory_budget": budget}))
+                          "shards": len(size.shards), "predicted_peak_bytes": peak, "memory_budget": budget,
+                          "predicted_peak_bucket_bytes": bucket_peak}))
         return 0
     print(format_plan(plan))
     print(f"output: {len(size.shards)} shard(s), {_human(size.nbytes)} with headers; "
           f"predicted peak memory {_human(peak)} above baseline (budget {_human(budget)}, {workers} workers)")
+    if bucket_peak is None:
+        print(f"into a bucket (s3://...): the budget is too small once {_human(reserve)} is set aside for parts of "
+              f"{_human(part)} waiting to upload")
+    else:
+        print(f"into a bucket (s3://...): predicted peak memory {_human(bucket_peak)}, of which {_human(reserve)} "
+              f"for parts of {_human(part)} waiting to upload")
     for note in plan.notes:
         print(f"note: {note}")
     _print_genome(args.manifest, plan)
     return 0
+
+
+def _bucket_peak(plan, size, budget: int, workers: int) -> tuple[int | None, int, int]:
+    """(predicted peak, part size, bytes set aside for waiting parts) of a merge into a bucket;
+    the peak is None when the budget cannot hold both."""
+    from darwin_stream import engine, object_sink
+
+    part = object_sink.part_bytes(size)
+    reserve = object_sink.waiting_bytes(part, workers)
+    if budget - reserve < engine.minimum_budget(plan, workers)[0]:
+        return None, part, reserve
+    return engine.predicted_peak(plan, budget - reserve, workers) + reserve, part, reserve
 
 
 def _print_genome(manifest: str, plan) -> None:
@@ -158,10 +185,12 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         kwargs["chunk_bytes"] = args.chunk_size
     if args.zstd:
         kwargs["compressor"] = "zstd"
+    opts = _storage_options(args)
     with _Bar("ingest", args.quiet) as bar, pool.session():  # one open parent for the bar and the ingest
-        parent = pool.get_parent(args.source)
+        parent = pool.get_parent(args.source, opts if "://" in args.source else None)
         bar.start(sum(t.nbytes for t in parent.tensors.values()))
-        report = store.ingest(parent, args.store, mode=args.mode, progress=bar.callback(), **kwargs)
+        report = store.ingest(parent, args.store, mode=args.mode, progress=bar.callback(), storage_options=opts,
+                              **kwargs)
     print(json.dumps(report) if args.json else f"store: {args.store} ({report.get('mode', args.mode)} mode)")
     return 0
 
@@ -250,6 +279,9 @@ MANIFEST_HELP = "a merge or breed manifest: mergekit-style YAML (docs/manifest.m
 BUDGET_HELP = ("most bytes in flight above the process's baseline, e.g. 256MiB (default: the manifest's "
                "darwin.memory_budget, else 1GiB); a budget below what the plan needs is refused")
 SHARD_HELP = "largest output shard, e.g. 2GB (default: the manifest's darwin.shard_size, else 5GB)"
+STORAGE_HELP = ("fsspec options for s3:// URLs as a JSON object, e.g. '{\"endpoint_url\": \"http://127.0.0.1:9000\"}' "
+                "(over the manifest's darwin.storage_options and fsspec's own FSSPEC_S3_* configuration; never "
+                "written into the child)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -268,8 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Merge the parents a manifest names into a child checkpoint at OUT_DIR. "
                                    "The child appears only when complete; an interrupted merge resumes.")
     m.add_argument("manifest", help=MANIFEST_HELP)
-    m.add_argument("out_dir", help="where the child is written (a directory; refused if it exists, "
-                                   "unless --overwrite)")
+    m.add_argument("out_dir", help="where the child is written (a directory, or a bucket URL such as "
+                                   "s3://bucket/child; refused if it exists, unless --overwrite)")
     m.add_argument("--memory-budget", type=parse_size, metavar="SIZE", help=BUDGET_HELP)
     m.add_argument("--shard-size", type=parse_size, metavar="SIZE", help=SHARD_HELP)
     m.add_argument("--device", help="cpu (default) or cuda: where the blend arithmetic runs")
@@ -282,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--page-cache", action="store_true",
                    help="write the child through the page cache, leaving it cached for a following load "
                         "(default: O_DIRECT where the filesystem allows it)")
+    m.add_argument("--storage-options", metavar="JSON", help=STORAGE_HELP)
     common(m)
     m.set_defaults(func=cmd_merge)
 
@@ -303,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reference: zero-copy view of local shards (default for local parents); copy: a real store")
     i.add_argument("--chunk-size", type=parse_size, metavar="SIZE", help="copy mode: bytes per chunk")
     i.add_argument("--zstd", action="store_true", help="copy mode: compress chunks with zstd")
+    i.add_argument("--storage-options", metavar="JSON", help=STORAGE_HELP)
     common(i)
     i.set_defaults(func=cmd_ingest)
 

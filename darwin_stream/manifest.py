@@ -352,6 +352,8 @@ class DarwinSection(Section):
     out_dtype: DType = None
     direct_io: bool = True  # write shards with O_DIRECT where the filesystem allows it
     allow_nonfinite: bool = False  # merge parents holding NaN/Inf (and let the child hold them)
+    # fsspec options for URL outputs (storage.py); kept out of the plan and the model card
+    storage_options: dict[str, Any] | None = None
 
 
 # --- the breed section (its planner is plan/breed.py) -------------------------------------------

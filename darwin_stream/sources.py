@@ -27,6 +27,7 @@ import torch
 
 from darwin_stream import dtypes, lora
 from darwin_stream.bounded import MAX_FILE_BYTES, check_local_file, clip, load_json, read_local, show
+from darwin_stream.child_marker import refuse_incomplete
 from darwin_stream.errors import DarwinError, SourceError
 from darwin_stream.names import name_problem
 from darwin_stream.transports import MemoryMap, RangedReads, Transport
@@ -582,6 +583,7 @@ def _open_url_unchecked(spec: str, storage_options: dict | None, stores: StoreOp
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(spec, **(storage_options or {}))
+    refuse_incomplete(fs, path, spec)  # a bucket child whose merge has not finished
     url = fs.unstrip_protocol  # full URLs in TensorInfo.file, so reference views find their filesystem
     store = stores(spec, storage_options, probe_options=True) if stores is not None else None
     if store is not None:

@@ -54,3 +54,18 @@ def trio(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
 
     root = tmp_path_factory.mktemp("trio")
     return tuple(build_model(root / n, seed=s) for n, s in (("base", 11), ("a", 12), ("b", 13)))
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One moto S3 server on a free loopback port for the session, with an empty bucket `darwin`
+    (tests.s3_server). Tests write under their own prefixes."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    from tests import s3_server
+
+    server = s3_server.start()
+    try:
+        yield server
+    finally:
+        server.server.stop()

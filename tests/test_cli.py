@@ -217,3 +217,22 @@ def test_page_cache_flag_and_option_give_the_same_child(capsys, tmp_path, tiny_p
     for name, tensor in children[0].items():
         for other in children[1:]:
             assert tensor.view(-1).view(torch.uint8).equal(other[name].view(-1).view(torch.uint8)), name
+
+
+def test_plan_counts_the_parts_a_bucket_child_keeps_waiting(capsys, tmp_path, tiny_parents, monkeypatch):
+    """`plan` says what a merge into a bucket would hold at its peak: the merge's own peak plus
+    the parts that wait for their other bytes (object_sink.waiting_bytes), from the same budget."""
+    from darwin_stream import object_sink
+
+    a, b = tiny_parents
+    m = tmp_path / "m.yaml"
+    m.write_text(f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n"
+                 f"  - model: {b}\n    parameters: {{weight: 1}}\ndtype: bfloat16\n")
+    monkeypatch.setenv(object_sink.PART_ENV, str(2**16))
+    assert main(["plan", str(m), "--memory-budget", "4MiB", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["predicted_peak_bucket_bytes"] > object_sink.waiting_bytes(2**16, 1)
+    assert got["predicted_peak_bucket_bytes"] <= got["memory_budget"]
+    monkeypatch.setenv(object_sink.PART_ENV, str(2**22))  # 4 MiB parts cannot wait within a 4 MiB budget
+    assert main(["plan", str(m), "--memory-budget", "4MiB"]) == 0
+    assert "into a bucket (s3://...): the budget is too small" in capsys.readouterr().out

@@ -199,7 +199,7 @@ def _options(manifest: Any) -> tuple[dict[str, Any], int, str | None]:
     """(darwin options, seed, out_dtype code) from whatever the manifest object offers."""
     darwin = getattr(manifest, "darwin", None)
     if hasattr(darwin, "model_dump"):
-        opts = darwin.model_dump(exclude_none=True)
+        opts = darwin.model_dump(exclude_none=True, exclude={"storage_options"})  # secrets: never in a plan
     elif isinstance(darwin, dict):
         opts = dict(darwin)
     else:

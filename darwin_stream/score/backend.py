@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from darwin_stream.child_marker import refuse_incomplete_url
 from darwin_stream.errors import DependencyError, ScoreError
 from darwin_stream.hints import install_hint as hint
 from darwin_stream.hints import vllm_extra
@@ -23,6 +24,8 @@ MANIFEST_SUFFIXES = (".yaml", ".yml")
 
 def resolve_model(spec: str) -> Child:
     """A MODEL argument -> a checkpoint spec (dir / repo id, returned as is) or a Plan (manifest)."""
+    if "://" in spec:
+        refuse_incomplete_url(spec)  # a bucket child whose merge has not finished
     p = Path(spec)
     if p.is_file() and p.suffix in MANIFEST_SUFFIXES:
         return plan_from_manifest(p)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 
@@ -20,30 +18,17 @@ def raw(t: torch.Tensor) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def s3(tiny_parents):
-    """A moto S3 server on a free loopback port with one bucket holding the father checkpoint."""
-    pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    opts = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
-    import boto3
+def s3(s3_server, tiny_parents):
+    """s3fs options for the session's moto server, with the father checkpoint in the bucket."""
     import s3fs
 
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                 aws_secret_access_key="testing").create_bucket(Bucket="darwin")
+    opts = {"key": "testing", "secret": "testing",
+            "client_kwargs": {"endpoint_url": s3_server.endpoint, "region_name": "us-east-1"}}
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **opts)
     father, _ = tiny_parents
     for f in father.iterdir():
         fs.pipe_file(f"darwin/parents/father/{f.name}", f.read_bytes())
-    try:
-        yield opts
-    finally:
-        server.stop()
+    return opts
 
 
 def test_parent_from_s3_url(s3, tiny_parents):

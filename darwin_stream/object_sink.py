@@ -1,0 +1,473 @@
+"""A child written straight into an S3 bucket: each shard one multipart upload, the marker last.
+
+The shard layout is planned before any task runs (`child_writer.layout`), so every byte of the child has
+a known place. Each shard's bytes are cut into fixed parts of `part_bytes` (the last one shorter),
+and part `i` is uploaded as part number `i + 1` of the shard's multipart upload as soon as all its
+bytes have been produced. Tasks fill their byte ranges in any order, so a part that straddles two
+tasks waits in memory for the second one. Those buffers are bounded (`waiting_bytes`, which
+`api.merge` sets aside from the memory budget): one part of its own per worker, and shared parts up
+to `workers + 4`. dask runs ready tasks in key order, which follows the layout only roughly (a
+statistic's passes make a tensor's blends ready late, and under a small budget a tensor is many
+chunks: the test parents under 1 MiB spill 0.4 of 1.3 MiB, under 2 MiB nothing). So once the
+shared reserve is full, a part's next bytes are put as a fragment object beside the child instead,
+and read back when the part is complete: the budget holds, at the cost of those bytes going up
+twice and down once (`stats.spilled_bytes`, and a note in the report).
+
+Nothing is visible under the child's name until the end (`finish`): uploads are completed only
+when every part of every shard is in, then the inherited files and the index are written, and the
+completion marker (`child_marker.MARKER`) last. While the child is being made, a small JSON journal
+beside it (`child_marker.journal_path`) holds the plan's fingerprint, the part size and the upload
+ids; readers refuse a location with a journal and no marker.
+
+Resume: a re-run with the same fingerprint and part size lists each upload's parts (ListParts) and
+uploads only the missing ones; `is_done` tells the engine which row chunks lie wholly in uploaded
+parts, and bytes that fall in an uploaded part are dropped. A changed plan, layout or parent aborts
+the old uploads and starts again. A failure (credentials, a missing bucket, a dropped connection)
+is one `OutputError` naming the URL; the open uploads are kept for the re-run to resume (they are
+invisible, but a bucket is billed for them until a re-run completes or aborts them).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import threading
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from darwin_stream import child_marker
+from darwin_stream.child_writer import (
+    INDEX_NAME,
+    STAGE_BYTES,
+    Layout,
+    _changed,
+    layout,
+    plan_fingerprint,
+    staging_buffer,
+)
+from darwin_stream.errors import OutputError
+from darwin_stream.identity import plan_identities
+from darwin_stream.plan import Plan
+
+MIN_PART = 5 * 2**20  # S3's smallest part, except a multipart upload's last
+MAX_PARTS = 10_000  # S3's largest part number
+# 8 MiB, the AWS CLI's and boto3's default chunk: 10,000 of them cover a 78 GiB shard (the default
+# shard is 5 GB), and a part waiting for its second task costs little beside any budget.
+DEFAULT_PART = 8 * 2**20
+# Internal knob, for tests against a local server whose minimum part is lowered (moto's
+# S3_UPLOAD_PART_MIN_SIZE): real S3 refuses parts under MIN_PART with EntityTooSmall.
+PART_ENV = "DARWIN_STREAM_S3_PART_BYTES"
+JOURNAL_LIMIT = 16 * 2**20  # bytes: a journal holds a fingerprint and one upload id per shard
+
+
+def part_bytes(lay: Layout) -> int:
+    """The part size for this layout: 8 MiB, or more when a shard would need over 10,000 parts."""
+    knob = os.environ.get(PART_ENV)
+    base = int(knob) if knob else DEFAULT_PART
+    biggest = max((size for _, size in lay.shards.values()), default=0)
+    need = -(-biggest // MAX_PARTS)
+    return base if need <= base else -(-need // 2**20) * 2**20  # whole MiB, 10,000 parts at most
+
+
+def waiting_bytes(part: int, workers: int) -> int:
+    """Memory set aside for parts that wait for their other bytes.
+
+    A task's own whole parts go out as it writes them; what waits are the parts it shares with the
+    tasks before and after it: one boundary per task in flight as they walk the shard, plus a few
+    left open by a jump in the order tasks run in (dask starts with the embeddings, the final norm
+    and lm_head, whose boundaries with the layers close last). So one own part per worker is
+    always allowed, and shared parts up to `workers + 4`; past that their pieces are spilled
+    (`ObjectSink.put`). The total is a bound, and `stats.peak_waiting` what a run held.
+    """
+    return (2 * max(workers, 1) + 4) * part
+
+
+def is_url(out: str | os.PathLike) -> bool:
+    """Whether an output is a URL a sink other than the local writer takes."""
+    s = os.fspath(out)
+    return "://" in s and not s.startswith("file://")
+
+
+@dataclass
+class UploadStats:
+    requests: int = 0  # S3 requests this run made (uploads, listings, the journal, the marker)
+    parts: int = 0  # parts uploaded by this run
+    bytes_uploaded: int = 0  # bytes of all objects this run put (parts, files, index, marker, journal)
+    resumed_parts: int = 0  # parts an interrupted run had uploaded, not uploaded again
+    peak_waiting: int = 0  # most bytes held at once in parts waiting for their other bytes
+    spilled_bytes: int = 0  # bytes put as fragments (then read back) because waiting parts filled the reserve
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def _why(e: BaseException) -> str:
+    text = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+class ObjectSink:
+    """A child under construction at `s3://bucket/prefix`; implements `sink.ChildSink`."""
+
+    direct = False  # nothing here goes through a page cache
+
+    def __init__(self, url: str, plan: Plan, shard_size: int, *, overwrite: bool = False,
+                 identities: dict[str, str] | None = None, storage_options: dict | None = None,
+                 part_size: int | None = None, workers: int | None = None):
+        import fsspec  # the fsspec/s3fs stack: only for a URL child
+
+        self.url = url.rstrip("/")
+        if not self.url.startswith("s3://"):
+            raise OutputError(f"output {self.url}: only s3:// URLs (and S3-compatible stores) can hold a child")
+        self.layout = layout(plan, shard_size)
+        self.part = part_size or part_bytes(self.layout)
+        ids = identities if identities is not None else plan_identities(plan)
+        self.fingerprint = plan_fingerprint(plan, self.layout, ids)
+        try:
+            self.fs, path = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+        except (ImportError, ValueError, TypeError) as e:
+            raise OutputError(f"output {self.url}: cannot open ({_why(e)})") from None
+        self.bucket, _, self.key = path.rstrip("/").partition("/")
+        if not self.key:
+            raise OutputError(f"output {self.url}: give a prefix inside the bucket, e.g. {self.url}/child")
+        self.journal_key = child_marker.journal_path(self.key)
+        self.done: set[tuple[str, int, int]] = set()
+        self.restarted: str | None = None
+        self.stats = UploadStats()
+        self.files: dict[str, bytes] = {}
+        self.uploads: dict[str, str] = {}  # shard -> upload id
+        self.etags: dict[str, dict[int, str]] = {s: {} for s in self.layout.shards}  # shard -> part number -> ETag
+        self._lock = threading.Lock()
+        self._buffers: dict[tuple[str, int], bytearray] = {}
+        self._filled: dict[tuple[str, int], int] = {}
+        self._waiting = 0
+        # Waiting buffers: one own part per worker, and shared ones up to the rest of the reserve
+        # (waiting_bytes); without `workers`, no limit.
+        self._shared_limit = None if workers is None else waiting_bytes(self.part, workers) - workers * self.part
+        self._shared = 0
+        self._own: dict[tuple[str, int], bool] = {}
+        self.fragments = f"{child_marker.partial_prefix(self.key)}/fragments"  # spilled part pieces
+        self._fragments: dict[tuple[str, int], list[tuple[int, int, str]]] = {}
+        self._old: list[str] = []  # keys of a child being replaced, removed once the new one is in
+        self._prepare(plan, overwrite)
+
+    def __getstate__(self) -> dict:
+        # Parts that straddle two tasks are assembled in this process's memory, so tasks on other
+        # processes cannot share them (yet): refuse rather than upload a torn part.
+        raise OutputError(f"output {self.url}: a child in a bucket cannot yet be written by dask.distributed workers")
+
+    # --- requests ---------------------------------------------------------------------------------
+
+    def _call(self, method: str, *, missing_ok: bool = False, **kwargs: Any) -> Any:
+        """One S3 request through s3fs; any failure is one line naming the URL."""
+        with self._lock:
+            self.stats.requests += 1
+        try:
+            return self.fs.call_s3(method, Bucket=self.bucket, **kwargs)
+        except FileNotFoundError:
+            if missing_ok:
+                return None
+            raise OutputError(f"output {self.url}: cannot write ({method}: no such bucket or key; "
+                              f"check that bucket {self.bucket!r} exists)") from None
+        except Exception as e:  # botocore, aiohttp and s3fs raise many types; all mean "cannot write"
+            raise OutputError(f"output {self.url}: cannot write ({method}: {_why(e)})") from None
+
+    def _put_object(self, key: str, data: bytes) -> None:
+        self._call("put_object", Key=key, Body=data)
+        with self._lock:
+            self.stats.bytes_uploaded += len(data)
+
+    def _keys(self, prefix: str) -> list[str]:
+        keys, token = [], None
+        while True:
+            kw = {"ContinuationToken": token} if token else {}
+            r = self._call("list_objects_v2", Prefix=prefix, **kw)
+            keys += [o["Key"] for o in r.get("Contents", [])]
+            token = r.get("NextContinuationToken")
+            if not r.get("IsTruncated") or not token:
+                return keys
+
+    # --- preparing and resuming -------------------------------------------------------------------
+
+    def _prepare(self, plan: Plan, overwrite: bool) -> None:
+        existing = self._keys(self.key + "/")  # the first request: credentials and bucket fail here
+        journal = self._read_journal()
+        ours = journal is not None and f"{self.key}/{child_marker.MARKER}" not in existing
+        if existing and not overwrite and not ours:
+            raise OutputError(f"output {self.url} already exists (use --overwrite to replace it)")
+        self._old = existing
+        for key in self._keys(self.fragments + "/") if journal is not None else ():
+            self._call("delete_object", Key=key)  # a killed run's spilled pieces: its parts are redone
+        if journal is not None and self._resumable(journal):
+            self.uploads = dict(journal["uploads"])
+            for shard in self.layout.shards:
+                if not self._list_parts(shard):
+                    self._start_upload(shard)  # its upload is gone (completed or aborted): redo it
+            self._write_journal()
+        else:
+            if journal is not None:
+                self._abort(journal.get("uploads"))
+                why = (_changed(journal.get("fingerprint"), self.fingerprint, plan)
+                       if journal.get("fingerprint") != self.fingerprint else "its part size differs")
+                self.restarted = f"discarded the partial child at {self.url}: {why}; the merge restarted from scratch"
+            for shard in self.layout.shards:
+                self._start_upload(shard)
+            self._write_journal()
+        self.stats.resumed_parts = sum(len(e) for e in self.etags.values())
+        for shard, (head, _) in self.layout.shards.items():
+            self.put(shard, 0, memoryview(head))
+
+    def _read_journal(self) -> dict | None:
+        """The journal of an earlier run, {} when it is not one, None when there is none."""
+        self.stats.requests += 1
+        try:
+            raw = self.fs.cat_file(f"{self.bucket}/{self.journal_key}", start=0, end=JOURNAL_LIMIT + 1)
+        except FileNotFoundError:
+            return None
+        except Exception as e:  # as in _call
+            raise OutputError(f"output {self.url}: cannot read its journal ({_why(e)})") from None
+        try:
+            journal = json.loads(raw) if len(raw) <= JOURNAL_LIMIT else None
+        except ValueError:
+            journal = None
+        return journal if isinstance(journal, dict) else {}
+
+    def _resumable(self, journal: dict) -> bool:
+        uploads = journal.get("uploads")
+        return (journal.get("fingerprint") == self.fingerprint and journal.get("part_bytes") == self.part
+                and isinstance(uploads, dict) and set(uploads) == set(self.layout.shards)
+                and all(isinstance(u, str) for u in uploads.values()))
+
+    def _write_journal(self) -> None:
+        body = json.dumps({"version": 1, "fingerprint": self.fingerprint, "part_bytes": self.part,
+                           "uploads": self.uploads}).encode()
+        self._put_object(self.journal_key, body)
+
+    def _start_upload(self, shard: str) -> None:
+        r = self._call("create_multipart_upload", Key=f"{self.key}/{shard}")
+        self.uploads[shard] = r["UploadId"]
+        self.etags[shard] = {}
+
+    def _list_parts(self, shard: str) -> bool:
+        """Record the parts of `shard`'s upload that are in, at their planned sizes; False if it is gone."""
+        size = self.layout.shards[shard][1]
+        marker = 0
+        while True:
+            r = self._call("list_parts", Key=f"{self.key}/{shard}", UploadId=self.uploads[shard],
+                           PartNumberMarker=marker, missing_ok=True)
+            if r is None:
+                return False
+            for p in r.get("Parts", []):
+                n = int(p["PartNumber"])
+                if n >= 1 and p.get("Size") == min(self.part, size - (n - 1) * self.part):
+                    self.etags[shard][n] = p["ETag"]
+            if not r.get("IsTruncated"):
+                return True
+            marker = int(r["NextPartNumberMarker"])
+
+    def _abort(self, uploads: Any) -> None:
+        """Abort a stale run's uploads; one already gone (or not ours to name) is no matter."""
+        for shard, upload in (uploads or {}).items() if isinstance(uploads, dict) else ():
+            if isinstance(shard, str) and isinstance(upload, str) and "/" not in shard:
+                self._call("abort_multipart_upload", Key=f"{self.key}/{shard}", UploadId=upload, missing_ok=True)
+
+    # --- the ChildSink protocol -------------------------------------------------------------------
+
+    def _parts(self, shard: str, lo: int, hi: int) -> range:
+        return range(lo // self.part, (hi - 1) // self.part + 1) if hi > lo else range(0)
+
+    def is_done(self, name: str, start_row: int, stop_row: int) -> bool:
+        """Whether every part holding rows [start_row, stop_row) of `name` is already uploaded."""
+        slot = self.layout.slots[name]
+        lo = slot.offset + start_row * slot.row_bytes
+        hi = min(slot.offset + slot.nbytes, slot.offset + stop_row * slot.row_bytes)
+        parts = self._parts(slot.shard, lo, hi)
+        done = len(parts) > 0 and all(i + 1 in self.etags[slot.shard] for i in parts)
+        if done:
+            self.done.add((name, start_row, stop_row))
+        return done
+
+    def span(self, name: str, start_row: int, buffer: mmap.mmap | None = None) -> PartSpan:
+        slot = self.layout.slots[name]
+        return PartSpan(self, slot.shard, slot.offset + start_row * slot.row_bytes, slot.offset + slot.nbytes, buffer)
+
+    def mark_done(self, name: str, start_row: int, stop_row: int) -> None:
+        """Nothing to record: the uploaded parts themselves say what is done (ListParts)."""
+
+    def write_file(self, name: str, data: bytes) -> None:
+        """An inherited file, held until `finish` (config, tokenizer, card: a few MiB at most)."""
+        if ("/" in name or "\\" in name or name.startswith(".") or name in self.layout.shards
+                or name == INDEX_NAME):
+            raise OutputError(f"output {self.url}: refusing to write an inherited file named {name!r}")
+        self.files[name] = bytes(data)
+
+    # --- parts ------------------------------------------------------------------------------------
+
+    def put(self, shard: str, offset: int, data: memoryview, within: tuple[int, int] = (0, 0)) -> None:
+        """Bytes `data` of `shard` at `offset`, into the parts they fall in; full parts go out.
+
+        `within` is the byte range of the task writing them. A part inside it is the task's own:
+        it is filled and sent by this one thread, so it always gets a buffer (one per worker at a
+        time). A part shared with other tasks gets one while the shared buffers fit in their
+        share of `reserve`; past it, its bytes are put in the bucket as a fragment object instead,
+        fetched back when the part is complete.
+        """
+        size = self.layout.shards[shard][1]
+        end = offset + len(data)
+        for i in self._parts(shard, offset, end):
+            if i + 1 in self.etags[shard]:
+                continue  # uploaded by the interrupted run: these bytes are already in the bucket
+            p0 = i * self.part
+            length = min(self.part, size - p0)
+            lo, hi = max(offset, p0), min(end, p0 + length)
+            piece, key = data[lo - offset : hi - offset], (shard, i)
+            own = within[0] <= p0 and p0 + length <= within[1]
+            with self._lock:
+                buf = self._buffers.get(key)
+                if buf is None and (own or self._shared_limit is None or self._shared + length <= self._shared_limit):
+                    buf = self._buffers[key] = bytearray(length)
+                    self._waiting += length
+                    self._shared += 0 if own else length
+                    self._own[key] = own
+                    self.stats.peak_waiting = max(self.stats.peak_waiting, self._waiting)
+            if buf is not None:
+                buf[lo - p0 : hi - p0] = piece  # disjoint ranges: no lock needed
+            else:
+                self._spill(key, lo - p0, piece)
+            with self._lock:
+                filled = self._filled[key] = self._filled.get(key, 0) + hi - lo
+                full = filled == length
+                if full:
+                    del self._filled[key]
+                    buf, fragments = self._buffers.pop(key, None), self._fragments.pop(key, [])
+                    own = self._own.pop(key, True)
+            if full:
+                self._complete_part(shard, i, length, buf, fragments, shared=not own)
+
+    def _spill(self, key: tuple[str, int], lo: int, piece: memoryview) -> None:
+        shard, i = key
+        fkey = f"{self.fragments}/{shard}/{i + 1}-{lo}"
+        self._put_object(fkey, bytes(piece))
+        with self._lock:
+            self._fragments.setdefault(key, []).append((lo, lo + len(piece), fkey))
+            self.stats.spilled_bytes += len(piece)
+
+    def _complete_part(self, shard: str, i: int, length: int, buf: bytearray | None, fragments: list, *,
+                       shared: bool) -> None:
+        """Upload a part whose every byte is in: its buffer, with any spilled fragments put back."""
+        owned = buf is not None
+        try:
+            if buf is None:
+                buf = bytearray(length)  # every byte of it was spilled
+            for lo, hi, fkey in fragments:
+                with self._lock:
+                    self.stats.requests += 1
+                try:
+                    got = self.fs.cat_file(f"{self.bucket}/{fkey}")
+                except Exception as e:  # as in _call
+                    raise OutputError(f"output {self.url}: cannot read back a part's fragment ({_why(e)})") from None
+                if len(got) != hi - lo:
+                    raise OutputError(f"output {self.url}: fragment {fkey} changed under this merge")
+                buf[lo:hi] = got
+            self._upload(shard, i, buf)
+            for _, _, fkey in fragments:
+                self._call("delete_object", Key=fkey)
+        finally:
+            if owned:
+                with self._lock:
+                    self._waiting -= length
+                    self._shared -= length if shared else 0
+
+    def _upload(self, shard: str, i: int, buf: bytearray) -> None:
+        r = self._call("upload_part", Key=f"{self.key}/{shard}", UploadId=self.uploads[shard],
+                       PartNumber=i + 1, Body=bytes(buf))
+        with self._lock:
+            self.etags[shard][i + 1] = r["ETag"]
+            self.stats.parts += 1
+            self.stats.bytes_uploaded += len(buf)
+
+    # --- completion -------------------------------------------------------------------------------
+
+    def finish(self, index_metadata: dict | None = None) -> str:
+        """Complete every upload, write the files and the index, then the marker; drop the journal."""
+        for shard, (_, size) in self.layout.shards.items():
+            missing = [i for i in range(-(-size // self.part)) if i + 1 not in self.etags[shard]]
+            if missing:
+                raise AssertionError(f"{shard}: parts {missing[:5]} were never produced")
+        marker = f"{self.key}/{child_marker.MARKER}"
+        if marker in self._old:
+            self._call("delete_object", Key=marker)  # the child being replaced stops being readable
+        for shard in self.layout.shards:
+            parts = [{"PartNumber": n, "ETag": e} for n, e in sorted(self.etags[shard].items())]
+            self._call("complete_multipart_upload", Key=f"{self.key}/{shard}", UploadId=self.uploads[shard],
+                       MultipartUpload={"Parts": parts})
+        files = dict(self.files)
+        if len(self.layout.shards) > 1:
+            index = {"metadata": {"total_size": sum(s.nbytes for s in self.layout.slots.values()), **(index_metadata or {})},
+                     "weight_map": {s.name: s.shard for s in self.layout.slots.values()}}
+            files[INDEX_NAME] = json.dumps(index, indent=2).encode()
+        for name, data in files.items():
+            self._put_object(f"{self.key}/{name}", data)
+        keep = {f"{self.key}/{n}" for n in [*self.layout.shards, *files]}
+        for key in self._old:
+            if key not in keep and key != marker:
+                self._call("delete_object", Key=key)  # a file of the replaced child this one lacks
+        sizes = {s: size for s, (_, size) in self.layout.shards.items()}
+        self._put_object(marker, json.dumps({"darwin_stream": 1, "shards": sizes}).encode())
+        self._call("delete_object", Key=self.journal_key)
+        return self.url
+
+
+class PartSpan:
+    """One task's rows of one tensor, staged in the thread's buffer and handed to the sink's parts.
+
+    Rows arrive in order (`reserve`, `write`), like `export.Span`; when the staging buffer is full
+    (and at the end) its bytes are copied into the parts they belong to.
+    """
+
+    def __init__(self, sink: ObjectSink, shard: str, offset: int, end: int, buffer: mmap.mmap | None):
+        self.sink, self.shard, self.start, self.end = sink, shard, offset, end
+        self.buf = buffer if buffer is not None else staging_buffer(min(end - offset, STAGE_BYTES))
+        self.view = memoryview(self.buf)
+        self.base, self.fill = offset, 0
+
+    @property
+    def written(self) -> int:
+        return self.base + self.fill - self.start
+
+    def reserve(self, nbytes: int) -> memoryview:
+        if self.base + self.fill + nbytes > self.end:
+            raise AssertionError(f"{self.shard}: write past the end of the tensor")
+        if self.fill + nbytes > len(self.buf):
+            self._flush()
+        if nbytes > len(self.buf):
+            self.view.release()
+            self.buf = staging_buffer(nbytes)
+            self.view = memoryview(self.buf)
+        view = self.view[self.fill : self.fill + nbytes]
+        self.fill += nbytes
+        return view
+
+    def write(self, data: bytes | memoryview) -> None:
+        data = memoryview(data).cast("B")
+        step = max(4096, len(self.buf) // 2)
+        for i in range(0, len(data), step):
+            piece = data[i : i + step]
+            self.reserve(len(piece))[:] = piece
+
+    def _flush(self) -> None:
+        if self.fill:
+            self.sink.put(self.shard, self.base, self.view[: self.fill], (self.start, self.end))
+            self.base += self.fill
+            self.fill = 0
+
+    def __enter__(self) -> PartSpan:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        try:
+            if exc_type is None:
+                self._flush()
+        finally:
+            self.view.release()
