@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from darwin_stream.errors import PlanError
 from darwin_stream.manifest import evaluate
 from darwin_stream.plan.types import Plan, SourceRef, TensorPlan, layer_t, tensor_seed
-from darwin_stream.tokenizer import TokenizerPlan, plan_tokenizer
+from darwin_stream.plan.vocab import TokenizerPlan, plan_tokenizer
 
 if TYPE_CHECKING:
     from darwin_stream.manifest import Manifest, Parameters

@@ -5,16 +5,16 @@ section and chat_template (docs/manifest.md, "Tokenizers").
               to the rows its config declares
     vocab.py  the child's vocabulary (union, base or one model, plus added tokens) and, for each
               parent, where each child token sits in it
-    rows.py   mergekit's rule for the rows a parent lacks, as plan data (RowRun) per input
     chat.py   chat templates: the names mergekit ships (darwin-stream's own text), Jinja, auto
-    plan.py   what the planner calls: the tokenizer part of a Plan, and the files a child gets
+    files.py  the files a child gets (built again from the plan at write time)
 
-transformers is imported only inside the functions that build tokenizers (it is heavy, and a plan
-without a tokenizer section never needs it).
+The planning side is plan/vocab.py (the plan's tokenizer part) and plan/vocab_rows.py (mergekit's
+rule for the rows a parent lacks). transformers is imported only inside the functions that build
+tokenizers: it is heavy, and a plan without a tokenizer section never needs it.
 """
 
 from __future__ import annotations
 
-from darwin_stream.tokenizer.plan import TokenizerPlan, child_tokenizer_files, plan_tokenizer
+from darwin_stream.tokenizer.files import child_tokenizer_files
 
-__all__ = ["TokenizerPlan", "child_tokenizer_files", "plan_tokenizer"]
+__all__ = ["child_tokenizer_files"]

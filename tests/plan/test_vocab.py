@@ -1,11 +1,11 @@
-"""The config a child gets with its vocabulary, and chat template resolution (no models needed)."""
+"""The config a child gets with its vocabulary: special ids follow their tokens (no models needed)."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-from darwin_stream.tokenizer import chat
-from darwin_stream.tokenizer.plan import _config_overrides, _id_map, _remap
+from darwin_stream.plan.vocab import _config_overrides, _id_map
+from darwin_stream.tokenizer.files import remap as _remap
 from darwin_stream.tokenizer.vocab import ChildVocab
 
 
@@ -33,15 +33,3 @@ def test_a_lost_special_token_takes_the_childs_own():
 def test_multimodal_vocab_size_lives_in_text_config():
     config = {"text_config": {"vocab_size": 10, "eos_token_id": 1}}
     assert _config_overrides(config, 12, {1: 5}) == {"text_config": {"vocab_size": 12, "eos_token_id": 5}}
-
-
-def test_chat_templates():
-    tok = SimpleNamespace
-    assert chat.resolve(None, []) is None
-    assert chat.resolve("chatml", []) == chat.TEMPLATES["chatml"]
-    assert chat.resolve("{% if x %}{{ y }}{% endif %} custom", []) == "{% if x %}{{ y }}{% endif %} custom"
-    many = [tok(chat_template="T2"), tok(chat_template=" T1 "), tok(chat_template={"default": "T1"}), None,
-            tok(chat_template=None)]
-    assert chat.resolve("auto", many) == "T1"  # the plurality, stripped; dict templates' default
-    assert chat.resolve("auto", [tok(chat_template="T2"), tok(chat_template="T1")]) == "T2"  # a tie: the first
-    assert chat.resolve("auto", [tok(chat_template=None)]) is None

@@ -1,27 +1,24 @@
-"""The tokenizer part of a plan (what plan/merge.py asks for) and the files a child gets from it."""
+"""The tokenizer part of a plan: the child's vocabulary, its config, and its vocabulary tensors' rows
+(what plan/merge.py asks for when a manifest has tokenizer_source, `tokenizer:` or chat_template)."""
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from darwin_stream.errors import DarwinError, PlanError
-from darwin_stream.plan.types import Plan, SourceRef, TensorPlan
+from darwin_stream.errors import PlanError
+from darwin_stream.plan.types import SourceRef, TensorPlan
+from darwin_stream.plan.vocab_rows import Input, TokenSource, default_rows, input_runs
 from darwin_stream.tokenizer import chat
-from darwin_stream.tokenizer.load import config_vocab_size, has_tokenizer, load_tokenizer, reload
-from darwin_stream.tokenizer.rows import Input, TokenSource, default_rows, input_runs
-from darwin_stream.tokenizer.vocab import ChildVocab, ParentVocab, build_vocab, vocab_digest
+from darwin_stream.tokenizer.files import SPECIAL_IDS, ids_of, parent_vocabs, remap, tokenizers_of
+from darwin_stream.tokenizer.vocab import ChildVocab, build_vocab, vocab_digest
 
 if TYPE_CHECKING:
     from darwin_stream.manifest import Manifest
     from darwin_stream.sources import Parent
 
 VOCAB_ROLES = ("embed", "lm_head")  # token-indexed rows: mergekit's vocabulary_axis weights
-SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 @dataclass
@@ -60,19 +57,6 @@ def _source(manifest: Manifest) -> str | None:
     return manifest.tokenizer_source
 
 
-def _tokenizers(keys: Sequence[str], parent_of: Callable[[str], Parent], specs: Mapping[str, str]) -> dict[str, Any]:
-    out = {}
-    for k in keys:
-        aux = parent_of(specs[k]).read_aux()
-        out[k] = load_tokenizer(specs[k], aux) if has_tokenizer(aux) else None
-    return out
-
-
-def _parent_vocabs(keys: Sequence[str], toks: Mapping[str, Any], parent_of: Callable[[str], Parent],
-                   specs: Mapping[str, str]) -> list[ParentVocab]:
-    return [ParentVocab(k, toks[k], config_vocab_size(parent_of(specs[k]).config)) for k in keys]
-
-
 def plan_tokenizer(manifest: Manifest, parent_of: Callable[[str], Parent], key_of: Callable[[str], str | None],
                    specs: Mapping[str, str], base_key: str) -> TokenizerPlan | None:
     """The child's tokenizer for a manifest with tokenizer_source, `tokenizer:` or chat_template.
@@ -90,7 +74,7 @@ def plan_tokenizer(manifest: Manifest, parent_of: Callable[[str], Parent], key_o
                             f"{', '.join(specs.values())})")
         source = key
     keys = list(specs)
-    toks = _tokenizers(keys, parent_of, specs)
+    toks = tokenizers_of(keys, parent_of, specs)
     if toks[base_key] is None:
         raise PlanError(f"parent {specs[base_key]}: ships no tokenizer, and the child's tokenizer is built from it")
     spec: dict[str, Any] = {"source": source, "base": base_key, "models": keys}
@@ -100,7 +84,7 @@ def plan_tokenizer(manifest: Manifest, parent_of: Callable[[str], Parent], key_o
     if source is not None:
         entries = (manifest.tokenizer.tokens or {}) if manifest.tokenizer is not None else {}
         spec["add_tokens"] = list(entries)
-        pvs = _parent_vocabs(keys, toks, parent_of, specs)
+        pvs = parent_vocabs(keys, toks, parent_of, specs)
         vocab = build_vocab(source, pvs[0], pvs[1:], spec["add_tokens"])
         tokens = _token_sources(entries, key_of, vocab)
         spec |= {"vocab_size": vocab.size, "digest": vocab_digest(vocab.vocab)}
@@ -143,12 +127,6 @@ def _token_sources(entries: Mapping[str, Any], key_of: Callable[[str], str | Non
     return out
 
 
-def _ids(config: Mapping[str, Any], name: str) -> list[int]:
-    v = config.get(name)
-    vs = v if isinstance(v, list) else [v]
-    return [x for x in vs if isinstance(x, int) and not isinstance(x, bool)]
-
-
 def _id_map(config: Mapping[str, Any], vocab: ChildVocab, base_key: str) -> dict[int, int]:
     """The base's special token ids (config bos/eos/pad) -> the same tokens' ids in the child."""
     by_id = {i: t for t, i in vocab.original.get(base_key, {}).items()}
@@ -156,7 +134,7 @@ def _id_map(config: Mapping[str, Any], vocab: ChildVocab, base_key: str) -> dict
     for cfg in (config, config.get("text_config")):
         if isinstance(cfg, Mapping):
             for name in SPECIAL_IDS:
-                for i in _ids(cfg, name):
+                for i in ids_of(cfg, name):
                     tok = by_id.get(i)
                     if tok is not None and tok in vocab.vocab:
                         out[i] = vocab.vocab[tok]
@@ -167,81 +145,16 @@ def _id_map(config: Mapping[str, Any], vocab: ChildVocab, base_key: str) -> dict
     return out
 
 
-def _remap(cfg: Mapping[str, Any], ids: Mapping[int, int]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name in SPECIAL_IDS:
-        v = cfg.get(name)
-        if isinstance(v, list):
-            new = [ids.get(x, x) if isinstance(x, int) else x for x in v]
-        elif isinstance(v, int) and not isinstance(v, bool):
-            new = ids.get(v, v)
-        else:
-            continue
-        if new != v:
-            out[name] = new
-    return out
-
-
 def _config_overrides(config: Mapping[str, Any], size: int, ids: Mapping[int, int]) -> dict[str, Any]:
     """vocab_size and special ids, where the config keeps them (a multimodal one: in text_config)."""
     out: dict[str, Any] = {}
     text = config.get("text_config")
     if isinstance(text, Mapping) and "vocab_size" in text and "vocab_size" not in config:
-        out["text_config"] = {"vocab_size": size, **_remap(text, ids)}
+        out["text_config"] = {"vocab_size": size, **remap(text, ids)}
     else:
         out["vocab_size"] = size
-        if isinstance(text, Mapping) and _remap(text, ids):
-            out["text_config"] = _remap(text, ids)
-    return out | _remap(config, ids)
+        if isinstance(text, Mapping) and remap(text, ids):
+            out["text_config"] = remap(text, ids)
+    return out | remap(config, ids)
 
 
-# --- the child's files ----------------------------------------------------------------------------
-
-
-def _child_tokenizer(plan: Plan, parent_of: Callable[[str], Parent]) -> Any:
-    """The tokenizer the plan describes, built again from its parents (and checked to be the same)."""
-    spec = plan.tokenizer
-    keys = list(spec["models"])
-    toks = _tokenizers(keys, parent_of, plan.parents)
-    if spec.get("source") is None:
-        tok = reload(toks[spec["base"]])
-    else:
-        pvs = _parent_vocabs(keys, toks, parent_of, plan.parents)
-        tok = build_vocab(spec["source"], pvs[0], pvs[1:], spec.get("add_tokens", [])).tokenizer
-        if vocab_digest(tok.get_vocab()) != spec["digest"]:
-            raise DarwinError("a parent's tokenizer changed since the plan was made; plan the merge again")
-    if spec.get("chat_template"):
-        tok.chat_template = spec["chat_template"]
-    return tok
-
-
-_LOAD_KEYS = ("is_local", "local_files_only")  # load-time arguments transformers saves back
-
-
-def child_tokenizer_files(plan: Plan, parent_of: Callable[[str], Parent]) -> dict[str, bytes] | None:
-    """tokenizer.json, tokenizer_config.json, special_tokens_map.json (and chat_template.jinja) for
-    a plan with a tokenizer part, plus generation_config.json with its special ids remapped;
-    None when the child takes its tokenizer's files from `tokenizer_from` unchanged."""
-    if not plan.tokenizer:
-        return None
-    tok = _child_tokenizer(plan, parent_of)
-    files: dict[str, bytes] = {}
-    with tempfile.TemporaryDirectory(prefix="darwin-tok-") as d:
-        tok.save_pretrained(d)
-        for name in sorted(os.listdir(d)):
-            with open(os.path.join(d, name), "rb") as f:
-                files[name] = f.read()
-    if "tokenizer_config.json" in files:
-        cfg = json.loads(files["tokenizer_config.json"])
-        for k in _LOAD_KEYS:
-            cfg.pop(k, None)
-        files["tokenizer_config.json"] = (json.dumps(cfg, indent=2, ensure_ascii=False) + "\n").encode()
-    if "special_tokens_map.json" not in files and tok.special_tokens_map:
-        files["special_tokens_map.json"] = (json.dumps(tok.special_tokens_map, indent=2, ensure_ascii=False) + "\n").encode()
-    gen = parent_of(plan.parents[plan.config_from]).read_aux().get("generation_config.json")
-    ids = {int(a): b for a, b in plan.tokenizer.get("ids", {}).items()}
-    if gen is not None and ids:
-        g = json.loads(bytes(gen))
-        if isinstance(g, dict):
-            files["generation_config.json"] = (json.dumps(g | _remap(g, ids), indent=2) + "\n").encode()
-    return files

@@ -6,7 +6,7 @@ import pytest
 
 from darwin_stream.errors import PlanError
 from darwin_stream.plan.types import RowRun
-from darwin_stream.tokenizer.rows import Input, TokenSource, default_rows, input_runs
+from darwin_stream.plan.vocab_rows import Input, TokenSource, default_rows, input_runs
 from darwin_stream.tokenizer.vocab import ChildVocab
 
 # child tokens 0..5; where each sits in parents a, b, c (-1: absent)
