@@ -111,7 +111,8 @@ TOKENIZER_CASES: dict[str, str] = {
     "    <|im_start|>: {{source: {z}, force: true}}\n    <tool>: {{source: {{kind: zero}}}}\n"
     "    <|im_end|>: {{source: {{kind: model_token, model: {x}, token: <|endoftext|>}}}}\n"
     "    <newtok>: {{source: {{kind: model_token, model: {y}, token_id: 5}}}}\nchat_template: auto\n",
-    "chat_template_llama3": "merge_method: linear\n" + LIN2 + "chat_template: llama3\n",
+    "chat_template_llama3": "merge_method: linear\nmodels:\n  - model: {x}\n    parameters: {{weight: 1.0}}\n"
+    "chat_template: llama3\n",
 }
 
 
@@ -141,10 +142,13 @@ def compare_by_token(mk_dir: Path, ds_dir: Path) -> dict:
             if x.dim() == 2 and x.shape[0] == len(vm) and ds[name].shape == x.shape:
                 ds[name] = ds[name][order]
     row = compare(mk, ds, {}, False)
+    vocab_rows = [n for n, x in mk.items() if x.dim() == 2 and x.shape[0] == len(vm)]
+    row["vocab_rows"] = compare({n: mk[n] for n in vocab_rows}, {n: ds[n] for n in vocab_rows}, {}, False)["frac_gt_1ulp"]
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
 
     def render(tok) -> str | None:
-        return tok.apply_chat_template(msgs, tokenize=False) if tok.chat_template else None
+        # the tiny parents have no bos token, which llama3 and mistral templates use
+        return tok.apply_chat_template(msgs, tokenize=False, bos_token="<s>") if tok.chat_template else None
 
     cfg = [json.loads((d / "config.json").read_text()) for d in (mk_dir, ds_dir)]
     return row | {
@@ -310,7 +314,8 @@ def print_table(rows: list[dict]) -> None:
         note = ""
         if "vocab" in r:
             ok = ok and r["vocab"] != "DIFFERS" and r["chat"] == "same" and r["vocab_size"][0] == r["vocab_size"][1]
-            note = f"; vocabulary {r['vocab']} ({r['vocab_size'][1]} tokens), chat template {r['chat']}"
+            note = (f"; vocabulary {r['vocab']} ({r['vocab_size'][1]} tokens), embedding and lm_head rows by token: "
+                    f"{r['vocab_rows']:.2e} > 1 ulp, chat template {r['chat']}")
         if "tied" in r:
             note = f"; of {r['apart']} elements > 1 ulp, {r['tied']} tie at the threshold, {r['cancelled']} nearly cancel"
         print(f"| {r['case']} | {r['tensors']} | {r['frac_gt_1ulp']:.2e} ({r['worst']}) | {r['max_ulp']} | {bf16} | "
