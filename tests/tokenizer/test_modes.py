@@ -191,3 +191,19 @@ def test_gathered_rows_stream_in_chunks_and_breed_in_place(tmp_path, vocab_paren
     assert all(torch.equal(a[k], b[k]) for k in b)
     bred = dict(engine.iter_tensors(Plan.from_json(plan.to_json()), workers=1))
     assert all(torch.equal(bred[k], b[k]) for k in b)
+
+
+def test_a_union_plan_breeds_into_the_transformers_backend(tmp_path, vocab_parents):
+    """Bred in place, the child has the union vocabulary and its tokenizer, as the disk child has."""
+    from darwin_stream.score.backend import open_backend
+
+    text = _manifest(vocab_parents, {"a": 0.4, "b": 0.6}, "tokenizer_source: union")
+    plan = load_plan(text)
+    disk = read_all(_merge(tmp_path, text))
+    backend = open_backend("hf", plan, dtype="float32")
+    try:
+        assert len(backend.tokenizer) == plan.tokenizer["vocab_size"] == disk["lm_head.weight"].shape[0]
+        emb = backend.model.get_input_embeddings().weight
+        assert torch.equal(emb.detach().to(torch.bfloat16), disk["model.embed_tokens.weight"])
+    finally:
+        backend.close()
