@@ -20,6 +20,8 @@ from darwin_stream.edge import at_edge
 from darwin_stream.errors import DarwinError, OptionError, OutputError
 from darwin_stream.manifest import parse_size
 from darwin_stream.plan import Plan, human_bytes
+from darwin_stream.tokenizer import child_tokenizer_files
+from darwin_stream.tokenizer.load import TOKENIZER_FILES
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
 
@@ -102,7 +104,10 @@ def child_files(plan: Plan) -> dict[str, bytes]:
     files: dict[str, bytes] = {}
     files.update({k: v for k, v in _aux(plan, plan.config_from).items() if k == "generation_config.json"})
     tokenizer = _aux(plan, plan.tokenizer_from)
-    files.update({k: v for k, v in tokenizer.items() if k not in ("config.json", "generation_config.json")})
+    made = child_tokenizer_files(plan, engine.get_parent)  # the child's own vocabulary or chat template
+    skip = ("config.json", "generation_config.json") + (TOKENIZER_FILES if made is not None else ())
+    files.update({k: v for k, v in tokenizer.items() if k not in skip})
+    files.update(made or {})
     files["config.json"] = (json.dumps(child_config(plan), indent=2) + "\n").encode()
     files["README.md"] = model_card(plan).encode()
     return files

@@ -160,7 +160,7 @@ def build_model(
     spec = {**TINY_CONFIGS[arch], **(overrides or {})}
     model_type = spec.pop("model_type")
     config = AutoConfig.for_model(
-        model_type, vocab_size=VOCAB_SIZE, bos_token_id=0, eos_token_id=0, pad_token_id=1, **spec
+        model_type, **{"vocab_size": VOCAB_SIZE, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1, **spec}
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -173,6 +173,40 @@ def build_model(
     build_tokenizer(out)
     gen = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1, "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    return out
+
+
+def build_vocab_model(
+    out_dir: str | Path,
+    seed: int,
+    *,
+    extra_corpus: str = "",
+    vocab_size: int = VOCAB_SIZE,
+    added: tuple[str, ...] = (),
+    special: tuple[str, ...] = (),
+    chat_template: str | None = None,
+) -> Path:
+    """A tiny qwen3 model whose vocabulary is its own: a BPE trained on CORPUS + `extra_corpus`
+    (ordinary tokens in another order), then `added` and `special` tokens, with one embedding and
+    lm_head row per token. Parents for the tokenizer modes (tokenizer_source: union, ...)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|pad|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([CORPUS + extra_corpus], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
+    fast.add_tokens(list(added))
+    fast.add_tokens([AddedToken(t, special=True, normalized=False) for t in special], special_tokens=True)
+    if chat_template:
+        fast.chat_template = chat_template
+    out = build_model(out_dir, seed=seed, overrides={"vocab_size": len(fast.get_vocab())})
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (out / f).unlink(missing_ok=True)
+    fast.save_pretrained(out)
     return out
 
 

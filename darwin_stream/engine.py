@@ -33,7 +33,7 @@ from typing import Any
 import dask.threaded
 import torch
 
-from darwin_stream import dtypes, methods, pool
+from darwin_stream import dtypes, methods, pool, row_gather
 from darwin_stream.child_writer import PAGE, STAGE_BYTES, staging_buffer
 from darwin_stream.errors import BudgetError, DarwinError, OptionError, PlanError, SourceError
 from darwin_stream.plan import Plan, SourceRef, TensorPlan, human_bytes
@@ -96,7 +96,9 @@ CHUNK_CAP = 64 * 2**20  # raw input bytes per task: enough to amortise a task, s
 
 
 def _inputs_itemsize(plan: Plan, tp: TensorPlan) -> int:
-    return sum(dtypes.itemsize(get_parent_info(plan, s).dtype) for s in tp.sources())
+    """Raw bytes per element a task holds for its inputs. A gathered input (a re-indexed vocabulary)
+    is a float32 copy plus one source range read at a time, where a stored one is a view."""
+    return sum(dtypes.itemsize(get_parent_info(plan, s).dtype) + (4 if s.rows else 0) for s in tp.sources())
 
 
 def block_bytes_per_elem(plan: Plan, tp: TensorPlan) -> int:
@@ -249,11 +251,31 @@ class Rows:
 
 
 def read_rows(plan: Plan, ref: SourceRef, start: int, stop: int) -> Rows:
+    if ref.rows is not None:
+        return _gathered_rows(plan, ref, start, stop)
     parent = get_parent(plan.parents[ref.parent])
     info = parent.info(ref.tensor)
     have = _rows(info.shape)
     data = parent.read_rows(ref.tensor, start, min(stop, have)) if start < have else None
     return Rows(data, tuple(info.shape), start)
+
+
+def _gathered_rows(plan: Plan, ref: SourceRef, start: int, stop: int) -> Rows:
+    """Rows [start, stop) of an input re-indexed by the plan (a child vocabulary), assembled run by run."""
+    assert ref.rows is not None
+    info = get_parent_info(plan, ref)
+    stored = dtypes.to_torch(info.dtype)
+
+    def dtype_of(key: str, tensor: str) -> torch.dtype:
+        return dtypes.to_torch(get_parent(plan.parents[key]).info(tensor).dtype)
+
+    def read(key: str, tensor: str, r0: int, r1: int) -> torch.Tensor:
+        return get_parent(plan.parents[key]).read_rows(tensor, r0, r1)
+
+    dtype = torch.float32 if row_gather.needs_float32(ref.rows, dtype_of, stored) else stored
+    total = ref.rows[-1].row + ref.rows[-1].count if ref.rows else 0
+    data = row_gather.gather(ref.rows, start, min(stop, total), tuple(info.shape[1:]), dtype, read)
+    return Rows(data, (total, *info.shape[1:]), start)
 
 
 def fill(dst: torch.Tensor, rows: Rows, r0: int, r1: int) -> torch.Tensor:
@@ -282,7 +304,7 @@ def read_source(plan: Plan, ref: SourceRef, start: int, stop: int, device: str) 
 def _is_copy(plan: Plan, tp: TensorPlan) -> bool:
     """A tensor whose method declares it its one input unchanged, and whose bytes can go to the
     child as they are: not padded, and already in the child's dtype."""
-    if tp.base or len(tp.models) != 1 or tp.models[0].pad_to:
+    if tp.base or len(tp.models) != 1 or tp.models[0].pad_to or tp.models[0].rows:
         return False
     if not methods.get(tp.method).is_identity(tp.params, tp.model_params):
         return False

@@ -322,23 +322,97 @@ class OutputSlice(Section):
         return self
 
 
+def _tokenizer_source(v: Any) -> str:
+    """mergekit's tokenizer source: union, base, or a model reference (a model of this merge)."""
+    if v in ("union", "base"):
+        return v
+    try:
+        return _model_ref(v)
+    except PydanticCustomError:
+        raise _fail(f"expected union, base or a model of this merge, got {show(v)}") from None
+
+
+TokenizerSource = Annotated[str, BeforeValidator(_tokenizer_source)]
+
+
+class ZeroEmbedding(Section):
+    kind: Literal["zero"]
+
+
+class ModelTokenEmbedding(Section):
+    """A token's row taken from another token (by text or id) of one model."""
+
+    kind: Literal["model_token"]
+    model: ModelRef
+    token: str | None = None
+    token_id: int | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelTokenEmbedding:
+        if (self.token is None) == (self.token_id is None):
+            raise _fail("give exactly one of token or token_id", "token")
+        if self.token_id is not None and self.token_id < 0:
+            raise _fail(f"expected a token id >= 0, got {self.token_id}", "token_id")
+        return self
+
+
+def _embedding_source(v: Any) -> Any:
+    """`source:` of a token: a model reference, {kind: zero} or {kind: model_token, ...}."""
+    if v is None or not isinstance(v, dict) or "kind" not in v:
+        return v if v is None else _model_ref(v)
+    if v["kind"] == "zero":
+        return ZeroEmbedding.model_validate(v)
+    if v["kind"] == "model_token":
+        return ModelTokenEmbedding.model_validate(v)
+    raise _fail(f"expected kind zero or model_token, got {show(v['kind'])}", "kind")
+
+
+class TokenEmbedding(Section):
+    """How one token's embedding and lm_head rows are made (mergekit's TokenEmbeddingConfig)."""
+
+    source: Annotated[Any, BeforeValidator(_embedding_source)] = None
+    force: bool = False  # use `source` for every model, even those that have the token
+
+    @model_validator(mode="after")
+    def _check(self) -> TokenEmbedding:
+        if self.force and self.source is None:
+            raise _fail("force needs a source (a model, {kind: zero} or {kind: model_token, ...})", "force")
+        return self
+
+
 class TokenizerSection(Section):
-    source: Any = "base"
-    tokens: dict | None = None
+    """mergekit's `tokenizer:` section; its source defaults to union, as in mergekit."""
+
+    source: TokenizerSource = "union"
+    tokens: dict[str, TokenEmbedding] | None = None
     pad_to_multiple_of: int | None = None
 
     @model_validator(mode="after")
     def _check(self) -> TokenizerSection:
-        if self.source not in ("base", None):
-            raise _fail(
-                f"only 'base' is supported (the child keeps the base model's tokenizer), got {show(self.source)}",
-                "source",
-            )
-        if self.tokens:
-            raise _fail("adding or re-embedding tokens is not supported", "tokens")
         if self.pad_to_multiple_of is not None:
             raise _fail("pad_to_multiple_of is not supported", "pad_to_multiple_of")
+        for tok in self.tokens or {}:
+            if not tok:
+                raise _fail("a token must be a non-empty string", "tokens")
         return self
+
+
+def _chat_template(v: Any) -> str | None:
+    """mergekit's rule: a short name of a shipped template (or auto), or a Jinja template."""
+    if v is None:
+        return None
+    if not isinstance(v, str) or not v.strip():
+        raise _fail(f"expected a template name (auto, {', '.join(CHAT_TEMPLATE_NAMES)}) or a Jinja template, got {show(v)}")
+    if v == "auto" or v in CHAT_TEMPLATE_NAMES:
+        return v
+    if len(v) < 20 or "{" not in v:
+        raise _fail(f"unknown chat template {show(v)} (expected auto, one of {', '.join(CHAT_TEMPLATE_NAMES)}, "
+                    "or a Jinja template)")
+    return v
+
+
+# The names mergekit 0.1.5 ships (darwin_stream.tokenizer.chat holds darwin-stream's own text for each).
+CHAT_TEMPLATE_NAMES = ("alpaca", "chatml", "exaone", "llama3", "mistral")
 
 
 class DarwinSection(Section):
@@ -540,9 +614,9 @@ class Manifest(Section):
     parameters: Parameters | None = None
     dtype: DType = None
     out_dtype: DType = None
-    tokenizer_source: Any = None
+    tokenizer_source: TokenizerSource | None = None
     tokenizer: TokenizerSection | None = None
-    chat_template: Any = None
+    chat_template: Annotated[str | None, BeforeValidator(_chat_template)] = None
     modules: Any = None
     darwin: DarwinSection = DarwinSection()
     breed: BreedSection | None = None
@@ -553,19 +627,8 @@ class Manifest(Section):
     def _check(self) -> Manifest:
         if self.modules is not None:
             raise _fail("multi-module configs are not supported; use models or slices", "modules")
-        if self.chat_template is not None:
-            raise _fail(
-                "chat_template is not supported; the child keeps the base model's chat template",
-                "chat_template",
-            )
         if self.tokenizer_source is not None and self.tokenizer is not None:
             raise _fail("give tokenizer_source or tokenizer, not both", "tokenizer_source")
-        src = self.tokenizer_source
-        if src is not None and src != "base" and src != self.base_model:
-            raise _fail(
-                f"only 'base' is supported (the child keeps the base model's tokenizer), got {show(src)}",
-                "tokenizer_source",
-            )
         if self.breed is not None:
             return self  # breed.plan_breed owns the rest of the section's meaning
         if self.merge_method is None:

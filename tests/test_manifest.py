@@ -196,9 +196,17 @@ def test_tokenizer_forms():
     parse_manifest(LINEAR + "tokenizer_source: base\n")
     parse_manifest(LINEAR + "tokenizer_source: null\n")
     parse_manifest(LINEAR + "tokenizer:\n  source: base\n")
-    assert "tokenizer_source: only 'base'" in _err(LINEAR + "tokenizer_source: union\n")
-    assert "tokenizer.source: only 'base'" in _err(LINEAR + "tokenizer:\n  source: union\n")
-    assert "tokenizer.tokens" in _err(LINEAR + "tokenizer:\n  source: base\n  tokens: {a: {source: base}}\n")
+    assert parse_manifest(LINEAR + "tokenizer_source: union\n").tokenizer_source == "union"
+    assert parse_manifest(LINEAR + "tokenizer: {tokens: {x: {source: {kind: zero}}}}\n").tokenizer.source == "union"
+    assert "tokenizer_source: expected union, base" in _err(LINEAR + "tokenizer_source: [1]\n")
+    assert "tokenizer.tokens.x.force: force needs a source" in _err(LINEAR + "tokenizer:\n  tokens: {x: {force: true}}\n")
+    assert "give exactly one of token or token_id" in _err(
+        LINEAR + "tokenizer:\n  tokens: {x: {source: {kind: model_token, model: a}}}\n")
+    assert "kind zero or model_token" in _err(LINEAR + "tokenizer:\n  tokens: {x: {source: {kind: mean}}}\n")
+    assert parse_manifest(LINEAR + "chat_template: chatml\n").chat_template == "chatml"
+    assert parse_manifest(LINEAR + "chat_template: auto\n").chat_template == "auto"
+    jinja = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert parse_manifest(LINEAR + f"chat_template: '{jinja}'\n").chat_template == jinja
 
 
 def test_numeric_strings_are_numbers():
@@ -242,7 +250,7 @@ def test_numeric_strings_are_numbers():
         (("model: psmathur/orca_mini_v3_13b", "model: {model: a, lora: 3}"), "models[0].model:", "path or repo id"),
         (("model: psmathur/orca_mini_v3_13b", "model: 3"), "models[0].model:", "path or repo id"),
         (("dtype: float16", "modules: {text: {}}"), "modules:", "not supported"),
-        (("dtype: float16", "chat_template: chatml"), "chat_template:", "not supported"),
+        (("dtype: float16", "chat_template: chat-ml"), "chat_template:", "unknown chat template 'chat-ml'"),
     ],
 )
 def test_bad_inputs_name_their_field(edit, field, expected):

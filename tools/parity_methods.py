@@ -11,6 +11,8 @@ bf16 perturbations), so that task vectors are small as in real merges. Merges ru
 float32, out_dtype: bfloat16`; the contract is that at most 1e-4 of each tensor's elements differ
 by more than one bf16 ulp. Random methods (della*) draw different masks by design: for them the
 table gives the kept fraction of each child's task vector, which must agree in distribution.
+Tokenizer modes (tokenizer_source union/base/<model>, the tokenizer: section, chat_template) run
+on parents whose vocabularies differ; their vocabulary rows are compared token by token.
 Prints a markdown table (docs/methods.md holds the last one).
 """
 
@@ -95,6 +97,81 @@ CASES: dict[str, tuple[str, bool]] = {
         False,
     ),
 }
+
+
+# Tokenizer modes (case -> YAML body): parents x, y, z whose vocabularies differ (demo.build_vocab_model).
+LIN2 = "base_model: {x}\nmodels:\n  - model: {x}\n    parameters: {{weight: 0.3}}\n  - model: {y}\n    parameters: {{weight: 0.7}}\n"
+LIN3 = LIN2 + "  - model: {z}\n    parameters: {{weight: 0.2}}\n"
+TOKENIZER_CASES: dict[str, str] = {
+    "tokenizer_union": "merge_method: linear\n" + LIN3 + "tokenizer_source: union\nchat_template: chatml\n",
+    "tokenizer_union_slerp": "merge_method: slerp\nbase_model: {x}\nmodels:\n  - model: {x}\n  - model: {y}\n"
+    "parameters: {{t: 0.4}}\ntokenizer_source: union\n",
+    "tokenizer_base": "merge_method: linear\n" + LIN2 + "tokenizer_source: base\n",
+    "tokenizer_model": "merge_method: linear\n" + LIN2 + "tokenizer_source: {y}\n",
+    "tokenizer_tokens": "merge_method: linear\n" + LIN3 + "tokenizer:\n  source: union\n  tokens:\n"
+    "    <|im_start|>: {{source: {z}, force: true}}\n    <tool>: {{source: {{kind: zero}}}}\n"
+    "    <|im_end|>: {{source: {{kind: model_token, model: {x}, token: <|endoftext|>}}}}\n"
+    "    <newtok>: {{source: {{kind: model_token, model: {y}, token_id: 5}}}}\nchat_template: auto\n",
+    "chat_template_llama3": "merge_method: linear\nmodels:\n  - model: {x}\n    parameters: {{weight: 1.0}}\n"
+    "chat_template: llama3\n",
+}
+
+
+def tokenizer_family(root: Path) -> dict[str, str]:
+    """x: the demo vocabulary + <|im_start|>, <|im_end|>; y: another BPE (other ids, 15 new tokens),
+    `zebra`, <tool>, <|im_end|>; z: a third BPE with <|im_start|>, <tool> and a chat template."""
+    x = demo.build_vocab_model(root / "x", 1, special=("<|im_start|>", "<|im_end|>"))
+    y = demo.build_vocab_model(root / "y", 2, extra_corpus="zebras and giraffes graze on the savanna. " * 3,
+                               vocab_size=330, added=("zebra",), special=("<tool>", "<|im_end|>"))
+    z = demo.build_vocab_model(root / "z", 3, extra_corpus="the tool calls a function. " * 3, vocab_size=325,
+                               special=("<|im_start|>", "<tool>"),
+                               chat_template="{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    return {"x": str(x), "y": str(y), "z": str(z)}
+
+
+def compare_by_token(mk_dir: Path, ds_dir: Path) -> dict:
+    """Like `compare`, with vocabulary rows matched by token: mergekit's union numbers the tokens
+    it adds in an order that changes from run to run (darwin_stream/tokenizer/vocab.py)."""
+    from transformers import AutoTokenizer
+
+    tm, td = AutoTokenizer.from_pretrained(mk_dir), AutoTokenizer.from_pretrained(ds_dir)
+    vm, vd = tm.get_vocab(), td.get_vocab()
+    mk, ds = read(mk_dir), read(ds_dir)
+    if set(vm) == set(vd):
+        order = [vd[t] for t, _ in sorted(vm.items(), key=lambda kv: kv[1])]
+        for name, x in mk.items():
+            if x.dim() == 2 and x.shape[0] == len(vm) and ds[name].shape == x.shape:
+                ds[name] = ds[name][order]
+    row = compare(mk, ds, {}, False)
+    vocab_rows = [n for n, x in mk.items() if x.dim() == 2 and x.shape[0] == len(vm)]
+    row["vocab_rows"] = compare({n: mk[n] for n in vocab_rows}, {n: ds[n] for n in vocab_rows}, {}, False)["frac_gt_1ulp"]
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+
+    def render(tok) -> str | None:
+        # the tiny parents have no bos token, which llama3 and mistral templates use
+        return tok.apply_chat_template(msgs, tokenize=False, bos_token="<s>") if tok.chat_template else None
+
+    cfg = [json.loads((d / "config.json").read_text()) for d in (mk_dir, ds_dir)]
+    return row | {
+        "vocab": "same" if vm == vd else "same tokens" if set(vm) == set(vd) else "DIFFERS",
+        "vocab_size": (cfg[0].get("vocab_size"), cfg[1].get("vocab_size")),
+        "chat": "same" if render(tm) == render(td) else "DIFFERS",
+    }
+
+
+def run_tokenizer_case(case: str, parents: dict[str, str], work: Path, cli: str) -> dict:
+    yaml = work / f"{case}.yaml"
+    yaml.write_text(TOKENIZER_CASES[case].format(**parents) + "dtype: float32\nout_dtype: bfloat16\n")
+    mk_out, ds_out = work / f"mk-{case}", work / f"ds-{case}"
+    error = mergekit(cli, yaml, mk_out)
+    if error:
+        return {"case": case, "error": error}
+    shutil.rmtree(ds_out, ignore_errors=True)
+    try:
+        darwin_stream.merge(yaml, ds_out)
+    except Exception as e:  # a parity script reports every case, failing or not
+        return {"case": case, "error": f"darwin-stream: {e}"}
+    return {"case": case, **compare_by_token(mk_out, ds_out)}
 
 
 def family(root: Path) -> dict[str, str]:
@@ -305,6 +382,10 @@ def print_table(rows: list[dict]) -> None:
             continue
         ok = r["frac_gt_1ulp"] <= 1e-4 and not r["missing"] and r.get("bf16_ds", 0) <= r.get("bf16_mk", 1)
         note = ""
+        if "vocab" in r:
+            ok = ok and r["vocab"] != "DIFFERS" and r["chat"] == "same" and r["vocab_size"][0] == r["vocab_size"][1]
+            note = (f"; vocabulary {r['vocab']} ({r['vocab_size'][1]} tokens), embedding and lm_head rows by token: "
+                    f"{r['vocab_rows']:.2e} > 1 ulp, chat template {r['chat']}")
         if "tied" in r:
             # the contract: a selection may differ only on elements tied at a threshold
             ok = r["untied_frac"] <= 1e-4 and not r["missing"] and r.get("bf16_ds", 0) <= r.get("bf16_mk", 1)
@@ -323,14 +404,24 @@ def main() -> None:
     ap.add_argument("--mergekit", default="mergekit-yaml", help="mergekit's CLI in its own environment")
     ap.add_argument("--work", default=None, help="where parents and children go (default: a temp dir)")
     ap.add_argument("--bf16", action="store_true", help="also run mergekit with dtype: bfloat16")
-    ap.add_argument("methods", nargs="*", default=sorted(CASES))
+    ap.add_argument("methods", nargs="*", default=sorted(CASES) + list(TOKENIZER_CASES))
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="parity-"))
-    if (work / "parents" / "d").exists():
-        parents = {k: str(work / "parents" / k) for k in "abcd"}
-    else:
-        parents = family(work / "parents")
-    rows = [run_case(case, parents, work, args.mergekit, args.bf16) for case in args.methods]
+    methods = [c for c in args.methods if c in CASES]
+    rows = []
+    if methods:
+        if (work / "parents" / "d").exists():
+            parents = {k: str(work / "parents" / k) for k in "abcd"}
+        else:
+            parents = family(work / "parents")
+        rows += [run_case(case, parents, work, args.mergekit, args.bf16) for case in methods]
+    tok_cases = [c for c in args.methods if c in TOKENIZER_CASES]
+    if tok_cases:
+        if (work / "parents" / "z").exists():
+            vocab_parents = {k: str(work / "parents" / k) for k in "xyz"}
+        else:
+            vocab_parents = tokenizer_family(work / "parents")
+        rows += [run_tokenizer_case(case, vocab_parents, work, args.mergekit) for case in tok_cases]
     print_table(rows)
     (work / "parity.json").write_text(json.dumps(rows, indent=1))
 

@@ -13,13 +13,13 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from darwin_stream.plan.format import format_plan, human_bytes
-from darwin_stream.plan.types import Plan, SourceRef, TensorPlan, layer_t, tensor_seed
+from darwin_stream.plan.types import Plan, RowRun, SourceRef, TensorPlan, layer_t, tensor_seed
 
 if TYPE_CHECKING:
     from darwin_stream.manifest import Manifest
     from darwin_stream.sources import Parent
 
-__all__ = ["Plan", "SourceRef", "TensorPlan", "build_plan", "format_plan", "human_bytes", "layer_t", "tensor_seed"]
+__all__ = ["Plan", "RowRun", "SourceRef", "TensorPlan", "build_plan", "format_plan", "human_bytes", "layer_t", "tensor_seed"]
 
 
 def build_plan(manifest: Manifest, text: str = "", *, parents: Mapping[str, Parent] | None = None) -> Plan:

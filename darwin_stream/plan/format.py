@@ -41,7 +41,8 @@ def format_plan(plan: Plan) -> str:
     for t in plan.tensors:
 
         def src(r: SourceRef, tag: str = "", name: str = t.name) -> str:
-            return (r.parent if r.tensor == name else f"{r.parent}:{r.tensor}") + tag
+            gathered = f"[{len(r.rows)} row runs]" if r.rows else ""  # a re-indexed vocabulary
+            return (r.parent if r.tensor == name else f"{r.parent}:{r.tensor}") + gathered + tag
 
         sources = ([src(t.base, "(base)")] if t.base else []) + [src(r) for r in t.models]
         parts = [_params(t.params)] if t.params else []
@@ -67,6 +68,10 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"config and tokenizer from: {plan.config_from}")
     if plan.config_overrides:
         lines.append(f"config overrides: {_params(plan.config_overrides)}")
+    if plan.tokenizer:
+        tok = plan.tokenizer
+        what = f"{tok['source']}, {tok['vocab_size']} tokens" if tok.get("source") else f"{tok['base']}'s"
+        lines.append(f"tokenizer: {what}" + (", chat template set" if tok.get("chat_template") else ""))
     n = plan.nbytes
     lines.append(f"child: {len(plan.tensors)} tensors, {n:,} bytes ({human_bytes(n)})")
     return "\n".join(lines)

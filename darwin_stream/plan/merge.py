@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from darwin_stream.errors import PlanError
 from darwin_stream.manifest import evaluate
 from darwin_stream.plan.types import Plan, SourceRef, TensorPlan, layer_t, tensor_seed
+from darwin_stream.plan.vocab import TokenizerPlan, plan_tokenizer
 
 if TYPE_CHECKING:
     from darwin_stream.manifest import Manifest, Parameters
@@ -254,6 +255,7 @@ class _Builder:
         self.copy = methods.COPY  # how a tensor that is not blended (an integer buffer) is planned
         self.keys: dict[str, str] = {}
         self.tensors: list[TensorPlan] = []
+        self.tok: TokenizerPlan | None = None  # the child's own vocabulary, when the manifest asks for one
 
     def key(self, spec: str) -> str:
         return self.keys[spec]
@@ -289,6 +291,7 @@ class _Builder:
         tpl_idx = self.ps.index(tpl.spec)
         role = tpl_idx.roles.get(tpl_name)
         src_layer = role.layer if role is not None else None
+        vocab = self.tok is not None and self.tok.reindexes(role.role if role is not None else None)
         names: list[str] = []
         for s in sl.sources:
             nm = (
@@ -304,13 +307,16 @@ class _Builder:
         ref_info = self.ps.get(tpl.spec).tensors[tpl_name]
         for s, nm in zip(sl.sources, names, strict=True):
             info = self.ps.get(s.spec).tensors[nm]
-            if tuple(info.shape) != tuple(ref_info.shape):
+            if tuple(info.shape)[vocab:] != tuple(ref_info.shape)[vocab:]:  # a vocabulary's rows may differ
                 raise PlanError(
                     f"tensor {child!r}: shape {list(ref_info.shape)} in {tpl.spec} "
                     f"but {list(info.shape)} in {s.spec}" + ("" if nm == tpl_name else f" ({nm})")
                 )
         seed = tensor_seed(self.m.darwin.seed, child)
         shape = tuple(ref_info.shape)
+        if vocab:
+            assert self.tok is not None and self.tok.vocab is not None
+            shape = (self.tok.vocab.size, *shape[1:])
         role_name = role.role if role is not None else None
 
         from darwin_stream import dtypes
@@ -360,21 +366,25 @@ class _Builder:
         problem = self.method.check(params, model_params, math.prod(shape)) if self.method.check else None
         if problem:
             raise PlanError(f"tensor {child!r}: {problem}")
-        self.tensors.append(
-            TensorPlan(
-                name=child,
-                shape=shape,
-                dtype=self.m.out_code or ref_info.dtype,
-                method=self.method.name,
-                models=tuple(SourceRef(self.key(s.spec), nm) for s, nm in models),
-                model_params=tuple(model_params),
-                params=params,
-                base=base,
-                layer=layer,
-                role=role_name,
-                seed=seed,
-            )
+        tp = TensorPlan(
+            name=child,
+            shape=shape,
+            dtype=self.m.out_code or ref_info.dtype,
+            method=self.method.name,
+            models=tuple(SourceRef(self.key(s.spec), nm) for s, nm in models),
+            model_params=tuple(model_params),
+            params=params,
+            base=base,
+            layer=layer,
+            role=role_name,
+            seed=seed,
         )
+        if vocab:
+            assert self.tok is not None
+            order = [(self.key(s.spec), nm, self.ps.get(s.spec).tensors[nm].shape[0])
+                     for s, nm in zip(sl.sources, names, strict=True)]
+            tp = self.tok.gathered(tp, order, self.key(sl.base) if sl.base else None)
+        self.tensors.append(tp)
 
     def template(self, sl: _Slice) -> _Source:
         """The source whose tensor names the child takes: the config parent when it is an input."""
@@ -455,6 +465,12 @@ def plan_merge(manifest: Manifest, text: str = "", *, parents: Mapping[str, Pare
     keys = _parent_keys(list(canon_first.values()))
     b.keys = {spec: keys[canon_first[_canon(spec)]] for spec in specs}
 
+    def key_of(spec: str) -> str | None:
+        first = canon_first.get(_canon(spec))
+        return None if first is None else keys[first]
+
+    b.tok = plan_tokenizer(manifest, ps.get, key_of, {keys[s]: s for s in canon_first.values()}, b.key(config_spec))
+
     cfg_idx = ps.index(config_spec)
     pre = [n for n in cfg_idx.outside if cfg_idx.roles[n].group == "embed"]
     post = [n for n in cfg_idx.outside if cfg_idx.roles[n].group != "embed"]
@@ -498,6 +514,8 @@ def plan_merge(manifest: Manifest, text: str = "", *, parents: Mapping[str, Pare
 
     overrides: dict[str, Any] = stacked_config(cfg_idx.parent.config, stacked) if manifest.slices is not None else {}
 
+    if b.tok is not None:
+        overrides.update(b.tok.overrides)
     if manifest.dtype and manifest.dtype != "F32":
         notes.append(
             f"dtype {manifest.dtype}: mergekit computes in this dtype; darwin-stream computes in float32 "
@@ -513,6 +531,7 @@ def plan_merge(manifest: Manifest, text: str = "", *, parents: Mapping[str, Pare
         out_dtype=manifest.out_code,
         manifest=text,
         notes=notes,
+        tokenizer=b.tok.spec if b.tok is not None else {},
         options={
             "memory_budget": d.memory_budget,
             "shard_size": d.shard_size,

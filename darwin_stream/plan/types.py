@@ -14,12 +14,30 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class RowRun:
+    """Rows [row, row + count) of an input, gathered rather than read where they are stored.
+
+    Each term is (parent key, tensor, first source row): the run's rows are rows [first, first +
+    count) of that tensor, or the mean of several such ranges (summed in order in float32, then
+    divided, as mergekit averages a token's embedding over the models that have it); no term
+    means zeros. A child whose vocabulary differs from a parent's (tokenizer_source: union, ...)
+    takes its embedding and lm_head inputs this way, one token row at a time, in runs so that a
+    vocabulary that mostly keeps its order costs a few runs, not one entry per token.
+    """
+
+    row: int
+    count: int
+    terms: tuple[tuple[str, str, int], ...] = ()
+
+
+@dataclass(frozen=True)
 class SourceRef:
     """One input tensor: which parent, which tensor, and how it is reshaped before blending."""
 
     parent: str  # key into Plan.parents
     tensor: str  # tensor name inside that parent
     pad_to: tuple[int, ...] | None = None  # zero-pad (trailing rows/cols) to this shape before blending
+    rows: tuple[RowRun, ...] | None = None  # gathered rows (a re-indexed vocabulary), covering every row
 
 
 @dataclass(frozen=True)
@@ -51,6 +69,9 @@ class Plan:
     manifest: str = ""  # the manifest text, for the model card
     notes: list[str] = field(default_factory=list)  # warnings the model card repeats
     options: dict[str, Any] = field(default_factory=dict)  # darwin section: memory_budget, shard_size, ...
+    # The child's own tokenizer (tokenizer_source, tokenizer:, chat_template), as data that
+    # darwin_stream.tokenizer rebuilds it from; empty when the child keeps tokenizer_from's files.
+    tokenizer: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -62,7 +83,15 @@ class Plan:
         def ref(r: dict | None) -> SourceRef | None:
             if r is None:
                 return None
-            return SourceRef(r["parent"], r["tensor"], tuple(r["pad_to"]) if r.get("pad_to") else None)
+            rows = r.get("rows")
+            return SourceRef(
+                r["parent"],
+                r["tensor"],
+                tuple(r["pad_to"]) if r.get("pad_to") else None,
+                None if rows is None else tuple(
+                    RowRun(g["row"], g["count"], tuple((a, b, c) for a, b, c in g["terms"])) for g in rows
+                ),
+            )
 
         tensors = [
             TensorPlan(

@@ -20,7 +20,7 @@ import torch
 from darwin_stream.errors import PlanError
 from darwin_stream.plan import Plan
 from darwin_stream.score.breeding import changed_tensors, snapshot
-from darwin_stream.score.child import Child, plan_config, resolve_dtype
+from darwin_stream.score.child import Child, plan_config, resolve_dtype, write_skeleton
 from darwin_stream.threads import torch_threads
 
 BATCH = 16
@@ -63,7 +63,8 @@ class HfBackend:
         info: dict[str, Any] = {}
         if isinstance(child, Plan):
             info = self._breed(child)
-            tok_src = child.parents[child.tokenizer_from]
+            # a plan with its own vocabulary (tokenizer_source) has no parent whose tokenizer it is
+            tok_src = write_skeleton(child) if child.tokenizer else child.parents[child.tokenizer_from]
         else:
             self._forget()
             model = AutoModelForCausalLM.from_pretrained(child, dtype=self.dtype, trust_remote_code=False)
