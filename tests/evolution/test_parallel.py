@@ -175,3 +175,19 @@ def test_a_bad_scheduler_address_is_one_line(trio, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--scheduler nonsense://nowhere:1: cannot connect to a dask scheduler" in err[0]
     assert not (tmp_path / "r" / "history.jsonl").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_two_vllm_scorers_give_the_one_scorer_history(trio, tmp_path):
+    """vLLM engines inside dask workers (non-daemon, so that vLLM can start its engine processes)."""
+    pytest.importorskip("vllm")
+    from tests.helpers import evolve_yaml
+
+    p = tmp_path / "v.yaml"
+    p.write_text(evolve_yaml(trio, search="{popsize: 2, max_generations: 2, sigma0: 0.3}")
+                 .replace("{name: hf, dtype: float32}", "{name: vllm, dtype: float32}"))
+    r1 = evolve(p, tmp_path / "one")
+    r2 = evolve(p, tmp_path / "two", scorers=2)
+    assert _history(tmp_path / "two") == _history(tmp_path / "one") and len(_history(tmp_path / "one")) == 4
+    assert r2.genome == r1.genome and r2.scorers["scorers"] == 2 and all(n > 0 for n in r2.scorers["jobs"])
