@@ -724,6 +724,11 @@ def render_section(kept: dict[str, dict[str, list[str]]] | None = None) -> str:
              "buffered write, which a merge that overlaps the two and writes with O_DIRECT beat. "
              "Cold = parents evicted with `posix_fadvise(DONTNEED)` after `sync`; warm = parents "
              "read once beforehand. Ratios are computed per repetition, then the median is taken.", ""]
+    old = [g for g, k in kept.items() if any("I/O floor s (read + write)" in ln for ln in k["section"])]
+    if old:  # kept tables from before the physical floor: say which, so no ratio is read against the wrong one
+        lines[-2] += (f" The tables of {', '.join(old)} were measured against that older floor (their heads say "
+                      "\"read + write\", and their ratios and targets use it, with 1.3× as the target); rerun "
+                      "`tools/bench.py run` for the physical one.")
     if not docs and not kept:
         return "\n".join([*lines, "No results yet.", ""])
     targets: list[tuple[str, bool | None, str]] = []

@@ -140,9 +140,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def table(doc: dict) -> list[str]:
     """One row per method: medians over the repetitions, ratios of medians from the same run."""
     runs = doc["runs"]
-    rows = ["| method | darwin-stream s | mergekit s | mergekit / darwin-stream | ≥ 2× | plan baseline MiB "
+    rows = ["| method | git | darwin-stream s | mergekit s | mergekit / darwin-stream | ≥ 2× | plan baseline MiB "
             "| darwin-stream peak MiB | above baseline MiB | ≤ 256 MiB | mergekit peak MiB | load avg (1 min) |",
-            "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- | ---: | ---: |"]
+            "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- | ---: | ---: |"]
     for method in dict.fromkeys(r["method"] for r in runs):
         def med(tool: str, key: str, method: str = method) -> float | None:
             return bc.median(r[key] for r in runs if r["method"] == method and r["tool"] == tool and r["rc"] == 0)
@@ -153,7 +153,7 @@ def table(doc: dict) -> list[str]:
         speed = mk / ds if ds and mk else None
         above = (peak - plan) / bc.MiB if peak is not None and plan is not None else None
         rows.append(
-            f"| {method} | {bench.fmt(ds)} | {bench.fmt(mk)} | {bench.fmt(speed, '.1f', '×')} | "
+            f"| {method} | {next((r.get('git', '') for r in runs if r['method'] == method), '')} | {bench.fmt(ds)} | {bench.fmt(mk)} | {bench.fmt(speed, '.1f', '×')} | "
             f"{'yes' if speed and speed >= 2 else 'no' if speed else ''} | {bench.fmt(plan and plan / bc.MiB, '.0f')} | "
             f"{bench.fmt(peak and peak / bc.MiB, '.0f')} | {bench.fmt(above, '.0f')} | "
             f"{'yes' if above is not None and above <= 256 else 'no' if above is not None else ''} | "
@@ -183,8 +183,30 @@ def render(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def write_docs(raw: Path) -> None:
-    doc = json.loads(raw.read_text())
+def merged(files: list[Path]) -> dict:
+    """Several runs of one geometry as one: for each method, the runs of the newest file that has it
+    (a run cut short is completed by a later one for the methods it did not reach)."""
+    docs = [json.loads(f.read_text()) for f in files]
+    newest: dict[str, dict] = {}
+    for d in docs:  # oldest first: later files win
+        for r in d["runs"]:
+            newest[r["method"]] = d
+    out = dict(docs[-1])
+    out["runs"] = [r for m, d in newest.items() for r in d["runs"] if r["method"] == m]
+    out["runs"].sort(key=lambda r: list(BODIES).index(r["method"]))
+    for r in out["runs"]:
+        r["git"] = next(d["machine"]["git"] for m, d in newest.items() if m == r["method"])
+    loads = [x for d in docs for x in (*d["machine"]["load_avg_at_start"], *d["machine"].get("load_avg_at_end", ()))]
+    out["machine"] = {**docs[-1]["machine"], "date": docs[0]["machine"]["date"] + " to " + docs[-1]["machine"]["date"],
+                      "git": ", ".join(dict.fromkeys(d["machine"]["git"] for d in newest.values())),
+                      "load_avg_at_start": docs[0]["machine"]["load_avg_at_start"],
+                      "load_avg_at_end": docs[-1]["machine"].get("load_avg_at_end", docs[-1]["machine"]["load_avg_at_start"]),
+                      "load_range": (min(loads), max(loads)) if loads else None}
+    return out
+
+
+def write_docs(raw: Path | list[Path]) -> None:
+    doc = merged(raw) if isinstance(raw, list) else json.loads(raw.read_text())
     section = render(doc)
     text = bench.DOCS.read_text()
     if SECTION in text:
@@ -206,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--reps", type=int, default=1)
     r.add_argument("--mergekit", default=None, help="mergekit-yaml in its own environment")
     r.add_argument("--write-docs", action="store_true")
-    p = sub.add_parser("report", help="render the newest results into docs/benchmarks.md")
+    p = sub.add_parser("report", help="render the results (newest per method) into docs/benchmarks.md")
+    p.add_argument("--geometry", default="0.6b", choices=sorted(bench.GEOMETRIES))
     p.add_argument("--write-docs", action="store_true")
     args = ap.parse_args(argv)
     if args.cmd == "run":
@@ -215,10 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     if not files:
         print("no results under .bench/results/", file=sys.stderr)
         return 1
+    files = [f for f in files if json.loads(f.read_text())["geometry"] == bench.GEOMETRIES[args.geometry].name]
     if args.write_docs:
-        write_docs(files[-1])
+        write_docs(files)
     else:
-        print(render(json.loads(files[-1].read_text())))
+        print(render(merged(files)))
     return 0
 
 

@@ -108,3 +108,16 @@ def test_dare_zero_task_vectors_give_base():
     base, _ = make_inputs((16, 8), 0, seed=35)
     out = run_method("dare_ties", base, [base.clone()], [{"weight": 1.0, "density": 0.5}], rows=3)
     assert torch.equal(out, base)
+
+
+def test_the_wrapping_hash_multiply_is_the_split_one():
+    """The masks use one int64 product where torch wraps on overflow; its low 32 bits must be the
+    16-bit-split product's for every 32-bit input, edge values included."""
+    from darwin_stream.methods import masks
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.cat([torch.randint(0, 2**32, (100_000,), generator=g, dtype=torch.int64),
+                   torch.tensor([0, 1, 0xFFFF, 0x10000, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF])])
+    for c in (0x7FEB352D, 0x846CA68B):
+        assert torch.equal(masks._mul32_wrapping(x, c), masks._mul32_split(x, c))
+    assert masks._mul32 is masks._mul32_wrapping  # the fast path is the one taken on this build
