@@ -172,7 +172,9 @@ def render(doc: dict) -> str:
              f"{', '.join(f'{x:.1f}' for x in m.get('load_avg_at_end', m['load_avg_at_start']))} at the end. "
              f"{doc['versions']}.",
              "",
-             f"The {doc['geometry']} geometry (bf16 parents a, b, c of 1.5 GB each, tools/bench.py's generator), "
+             f"The {doc['geometry']} geometry (bf16 parents a, b, c of "
+             f"{next(g for g in bench.GEOMETRIES.values() if g.name == doc['geometry']).nbytes() / bc.GiB:.2f} GiB "
+             "each, tools/bench.py's generator), "
              "each method's YAML in mergekit's form with `dtype: bfloat16`, run unchanged by both tools; "
              f"darwin-stream with `--memory-budget {doc['budget']}`, mergekit with its defaults. Warm: the parents "
              "are in the page cache before every command, and no child is left from the one before. Wall time "
