@@ -431,25 +431,30 @@ class _BucketRun:
         if out_format == "zarr":
             return self._to_store(overwrite=overwrite, direct_io=direct_io, progress=progress, on_plan=on_plan,
                                   start=start, mem=mem)
-        if self.client is not None:
-            raise OutputError(f"output {self.out}: a child in a bucket cannot yet be written by a dask.distributed "
-                              "cluster (--scheduler); merge without it, or into a shared filesystem")
         part = object_sink.part_bytes(layout(plan, self.shard_size))
-        reserve = object_sink.waiting_bytes(part, workers)
+        cluster = self.client is not None  # workers upload their own parts, shared ones go as fragments
+        reserve = object_sink.waiting_bytes(part, workers, distributed=cluster)
         budget = self._merge_budget(reserve, part, workers)
         sink = object_sink.ObjectSink(self.out, plan, self.shard_size, overwrite=overwrite, part_size=part,
                                       workers=workers, identities=identity.plan_identities(plan, engine.get_parent),
-                                      storage_options=self.storage_options)
+                                      storage_options=self.storage_options, distributed=cluster)
         if on_plan:
             on_plan(plan, plan.nbytes)
-        stats = engine.run(plan, sink, budget=budget, device=self.device, progress=progress)
+        try:
+            stats = engine.run(plan, sink, budget=budget, client=self.client, device=self.device, progress=progress)
+        finally:
+            if cluster:  # what each worker's copy of the sink uploaded
+                sink.absorb(self.client.run(object_sink.take_stats, sink.run_id).values())
         for name, data in child_files(plan).items():
             sink.write_file(name, data)
         final = sink.finish()
         notes = [sink.restarted] if sink.restarted else []
-        if sink.stats.spilled_bytes:  # the tasks ran further out of order than the reserve allows for
+        if sink.stats.spilled_bytes and not cluster:  # the tasks ran further out of order than the reserve allows for
             notes.append(f"{human_bytes(sink.stats.spilled_bytes)} of parts waiting to upload did not fit in the "
                          f"{human_bytes(reserve)} set aside for them, and went through the bucket instead")
+        elif sink.stats.spilled_bytes:
+            notes.append(f"{human_bytes(sink.stats.spilled_bytes)} of parts shared by tasks went through the bucket "
+                         "as fragments (the cluster's workers share no memory), read back to upload those parts")
         return self._report(final, stats, sink.layout.nbytes, start=start, mem=mem, fmt="safetensors",
                             predicted=engine.predicted_peak(plan, budget, workers) + reserve, notes=notes,
                             uploads=sink.stats.to_dict())

@@ -107,3 +107,35 @@ def test_the_cli_runs_on_a_scheduler_address(client, tiny_parents, tmp_path):
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert _shards(tmp_path / "cli") == _shards(tmp_path / "threads")
+
+
+@pytest.mark.s3
+def test_a_cluster_writes_the_threaded_child_into_a_bucket(client, s3_server, tiny_parents, tmp_path, monkeypatch):
+    """Workers upload their own parts; parts shared by tasks go as fragments, uploaded by `finish`."""
+    from darwin_stream import object_sink
+    from tests.s3_server import PART
+
+    monkeypatch.setenv(object_sink.PART_ENV, str(PART))
+    a, b = tiny_parents
+    manifest = str(_merge_yaml(tmp_path, a, b))
+    budget, shard = 2**20, 2**20
+    api.merge(manifest, tmp_path / "threads", memory_budget=budget, shard_size=shard)
+    threaded = api.merge(manifest, "s3://darwin/dist-threads", memory_budget=budget, shard_size=shard,
+                         storage_options=s3_server.opts)
+    report = api.merge(manifest, "s3://darwin/dist-cluster", client=client, memory_budget=budget, shard_size=shard,
+                       storage_options=s3_server.opts)
+    local = {p.name: p.read_bytes() for p in (tmp_path / "threads").iterdir()}
+    for prefix in ("dist-threads", "dist-cluster"):
+        got = {k[len(prefix) + 1:]: s3_server.get(k) for k in s3_server.keys(prefix + "/")}
+        assert got.pop(".darwin-complete")
+        assert got == local, prefix  # bit for bit: shards, index, config, tokenizer, card
+    assert not s3_server.uploads("dist-cluster") and not s3_server.keys(".dist-cluster.partial/")
+    up, child = report.uploads, sum(len(v) for v in local.values())
+    want_parts = sum(-(-len(v) // PART) for k, v in local.items() if k.endswith(".safetensors"))
+    assert up["parts"] + up["resumed_parts"] == want_parts  # every part uploaded once, by a worker or finish
+    assert up["spilled_bytes"] > 0  # parts shared by tasks went through the bucket ...
+    assert child <= up["bytes_uploaded"] <= child + up["spilled_bytes"] + 8192  # ... and only they twice
+    assert up["peak_waiting"] <= object_sink.waiting_bytes(PART, 1, distributed=True)
+    print(f"\nbucket child {child} B: threaded {threaded.uploads['requests']} requests, "
+          f"{threaded.uploads['bytes_uploaded']} B up; cluster {up['requests']} requests, {up['bytes_uploaded']} B up "
+          f"({up['spilled_bytes']} B as fragments)")
