@@ -7,6 +7,7 @@ logs: where the output went, bytes, tensors, wall time, peak private memory, not
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -58,9 +59,10 @@ class MergeReport:
 
 
 @at_edge("plan")
-def load_plan(manifest: str | os.PathLike | Plan) -> Plan:
+def load_plan(manifest: str | os.PathLike | Plan, *, storage_options: dict | None = None) -> Plan:
     """A Plan from a manifest path, manifest YAML text, or a Plan (returned as is).
 
+    URL parents are opened with `storage_options` over the manifest's darwin.storage_options.
     Raises ManifestError (the YAML), SourceError (a parent) or PlanError (the two together).
     """
     if isinstance(manifest, Plan):
@@ -69,7 +71,8 @@ def load_plan(manifest: str | os.PathLike | Plan) -> Plan:
     from darwin_stream.plan import build_plan
 
     m, text = load_manifest(manifest)
-    return build_plan(m, text)
+    with pool.url_options(storage.combine(storage.from_manifest_text(text), storage_options)):
+        return build_plan(m, text)
 
 
 def _deep_update(base: dict, over: dict) -> dict:
@@ -171,7 +174,7 @@ def merge(
         direct_io: write whole pages with O_DIRECT (default True where the filesystem allows).
         progress: called with the bytes of each finished chunk.
         on_plan: called once with the plan and its bytes, before the first write.
-        storage_options: fsspec options for an object-store `out` (endpoint_url, key, secret...);
+        storage_options: fsspec options for an object-store `out` and URL parents (endpoint_url, key, secret...);
             never written into the child's model card.
 
     Returns:
@@ -184,8 +187,11 @@ def merge(
         StorageError: an OSError or an object-store error while reading or writing.
     """
     start = engine.now()
-    with engine.PeakMemory() as mem, pool.session():  # each parent opened once, closed at the end
-        plan = load_plan(manifest)
+    with engine.PeakMemory() as mem, pool.session(), contextlib.ExitStack() as scope:  # each parent opened once
+        plan = load_plan(manifest, storage_options=storage_options)
+        # URL parents and a URL child: fsspec's config < the manifest's < the argument's (storage.py)
+        storage_options = storage.combine(storage.from_manifest_text(plan.manifest), storage_options)
+        scope.enter_context(pool.url_options(storage_options))
         opts = plan.options or {}
         budget = _size("memory_budget", memory_budget or opts.get("memory_budget") or engine.DEFAULT_BUDGET)
         device = device or opts.get("device") or "cpu"
@@ -196,7 +202,7 @@ def merge(
         engine.check_device(device)
         if object_sink.is_url(out):
             run = _BucketRun(plan, os.fspath(out), client=client, budget=budget, device=device, shard_size=shard_size,
-                             storage_options=storage.combine(storage.from_manifest_text(plan.manifest), storage_options))
+                             storage_options=storage_options)
             return run.merge(out_format, overwrite=overwrite, direct_io=direct_io, progress=progress,
                              on_plan=on_plan, start=start, mem=mem)
         engine.check_budget(plan, budget, engine.worker_count(client))

@@ -139,3 +139,22 @@ def test_a_cluster_writes_the_threaded_child_into_a_bucket(client, s3_server, ti
     print(f"\nbucket child {child} B: threaded {threaded.uploads['requests']} requests, "
           f"{threaded.uploads['bytes_uploaded']} B up; cluster {up['requests']} requests, {up['bytes_uploaded']} B up "
           f"({up['spilled_bytes']} B as fragments)")
+
+
+@pytest.mark.s3
+def test_workers_read_url_parents_with_the_merge_s_storage_options(client, s3_server, tiny_parents, tmp_path,
+                                                                   monkeypatch):
+    """The tasks carry the storage options: the workers have no fsspec config for the server."""
+    import fsspec.config
+
+    from tests.test_object_sink import put_parents
+
+    monkeypatch.delitem(fsspec.config.conf, "s3", raising=False)
+    assert not any(any(k.startswith("FSSPEC_S3") for k in env) for env in client.run(lambda: dict(os.environ)).values())
+    a, b = put_parents(s3_server, tiny_parents, "dist-opts")
+    local = _merge_yaml(tmp_path, *tiny_parents)
+    api.merge(str(local), tmp_path / "threads", memory_budget=BUDGET)
+    remote = tmp_path / "remote.yaml"
+    remote.write_text(local.read_text().replace(str(tiny_parents[0]), a).replace(str(tiny_parents[1]), b))
+    api.merge(str(remote), tmp_path / "cluster", client=client, memory_budget=BUDGET, storage_options=s3_server.opts)
+    assert _shards(tmp_path / "cluster") == _shards(tmp_path / "threads")
