@@ -530,7 +530,7 @@ class ObjectSink:
         try:
             got = self.fs.cat_file(f"{self.bucket}/{fkey}", start=0, end=most + 1)
         except Exception as e:  # as in _call
-            raise OutputError(f"output {self.url}: cannot read back a part's fragment ({_why(e)})") from None
+            raise OutputError(f"output {self.url}: cannot write (reading back a part's fragment: {_why(e)})") from None
         if len(got) > most:
             raise OutputError(f"output {self.url}: fragment {fkey} runs past its part")
         return got
@@ -553,7 +553,7 @@ class ObjectSink:
                 try:
                     got = self.fs.cat_file(f"{self.bucket}/{fkey}")
                 except Exception as e:  # as in _call
-                    raise OutputError(f"output {self.url}: cannot read back a part's fragment ({_why(e)})") from None
+                    raise OutputError(f"output {self.url}: cannot write (reading back a part's fragment: {_why(e)})") from None
                 if len(got) != hi - lo:
                     raise OutputError(f"output {self.url}: fragment {fkey} changed under this merge")
                 buf[lo:hi] = got

@@ -158,3 +158,40 @@ def test_workers_read_url_parents_with_the_merge_s_storage_options(client, s3_se
     remote.write_text(local.read_text().replace(str(tiny_parents[0]), a).replace(str(tiny_parents[1]), b))
     api.merge(str(remote), tmp_path / "cluster", client=client, memory_budget=BUDGET, storage_options=s3_server.opts)
     assert _shards(tmp_path / "cluster") == _shards(tmp_path / "threads")
+
+
+
+@pytest.mark.s3
+def test_a_failed_cluster_merge_into_a_bucket_resumes(client, s3_server, tiny_parents, tmp_path, monkeypatch):
+    """Parts uploaded before a failure are kept (ListParts); the fragments in the bucket are used."""
+    from darwin_stream import object_sink
+    from darwin_stream.errors import OutputError
+    from tests.s3_server import PART
+
+    monkeypatch.setenv(object_sink.PART_ENV, str(PART))
+    manifest = str(_merge_yaml(tmp_path, *tiny_parents))
+    api.merge(manifest, tmp_path / "threads", memory_budget=2**20, shard_size=2**20)
+    upload, calls = object_sink.ObjectSink._upload, {"n": 0}
+
+    def failing(self, shard, i, buf):  # in this process: `finish` uploading the parts left as fragments
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OutputError("injected: connection lost")
+        return upload(self, shard, i, buf)
+
+    monkeypatch.setattr(object_sink.ObjectSink, "_upload", failing)
+    with pytest.raises(OutputError, match="injected"):
+        api.merge(manifest, "s3://darwin/dist-resume", client=client, memory_budget=2**20, shard_size=2**20,
+                  storage_options=s3_server.opts)
+    monkeypatch.setattr(object_sink.ObjectSink, "_upload", upload)
+    assert not s3_server.keys("dist-resume/") and s3_server.keys(".dist-resume.partial/fragments/")
+    report = api.merge(manifest, "s3://darwin/dist-resume", client=client, memory_budget=2**20, shard_size=2**20,
+                       storage_options=s3_server.opts)
+    local = {p.name: p.read_bytes() for p in (tmp_path / "threads").iterdir()}
+    got = {k[len("dist-resume/"):]: s3_server.get(k) for k in s3_server.keys("dist-resume/")}
+    assert got.pop(".darwin-complete") and got == local
+    up = report.uploads
+    want_parts = sum(-(-len(v) // PART) for k, v in local.items() if k.endswith(".safetensors"))
+    assert up["resumed_parts"] >= 2 and up["parts"] + up["resumed_parts"] == want_parts
+    assert report.resumed_chunks > 0
+    assert not s3_server.uploads("dist-resume") and not s3_server.keys(".dist-resume.partial/")
