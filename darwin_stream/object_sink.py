@@ -13,6 +13,11 @@ shared reserve is full, a part's next bytes are put as a fragment object beside 
 and read back when the part is complete: the budget holds, at the cost of those bytes going up
 twice and down once (`stats.spilled_bytes`, and a note in the report).
 
+On a dask.distributed cluster (`distributed=True`) the sink goes to the workers as names, upload
+ids and slots (`__getstate__`), and no part waits for a task in another process: a worker uploads
+the parts inside one task's rows, every piece of a shared part is a fragment object, and `finish`,
+in the client process, lists the uploaded parts and uploads the others from their fragments.
+
 Nothing is visible under the child's name until the end (`finish`): uploads are completed only
 when every part of every shard is in, then the inherited files and the index are written, and the
 completion marker (`child_marker.MARKER`) last. While the child is being made, a small JSON journal
@@ -38,7 +43,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from darwin_stream import child_marker
+from darwin_stream import child_marker, pool
 from darwin_stream.child_writer import (
     INDEX_NAME,
     STAGE_BYTES,
@@ -155,7 +160,7 @@ class ObjectSink:
             raise OutputError(f"output {self.url}: only s3:// URLs (and S3-compatible stores) can hold a child")
         self.layout = layout(plan, shard_size)
         self.part = part_size or part_bytes(self.layout)
-        ids = identities if identities is not None else plan_identities(plan)
+        ids = identities if identities is not None else plan_identities(plan, pool.get_parent)
         self.fingerprint = plan_fingerprint(plan, self.layout, ids)
         try:
             self._fs, path = fsspec.core.url_to_fs(self.url, **self.storage_options)
