@@ -7,6 +7,7 @@ logs: where the output went, bytes, tensors, wall time, peak private memory, not
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -58,9 +59,10 @@ class MergeReport:
 
 
 @at_edge("plan")
-def load_plan(manifest: str | os.PathLike | Plan) -> Plan:
+def load_plan(manifest: str | os.PathLike | Plan, *, storage_options: dict | None = None) -> Plan:
     """A Plan from a manifest path, manifest YAML text, or a Plan (returned as is).
 
+    URL parents are opened with `storage_options` over the manifest's darwin.storage_options.
     Raises ManifestError (the YAML), SourceError (a parent) or PlanError (the two together).
     """
     if isinstance(manifest, Plan):
@@ -69,7 +71,8 @@ def load_plan(manifest: str | os.PathLike | Plan) -> Plan:
     from darwin_stream.plan import build_plan
 
     m, text = load_manifest(manifest)
-    return build_plan(m, text)
+    with pool.url_options(storage.combine(storage.from_manifest_text(text), storage_options)):
+        return build_plan(m, text)
 
 
 def _deep_update(base: dict, over: dict) -> dict:
@@ -171,7 +174,7 @@ def merge(
         direct_io: write whole pages with O_DIRECT (default True where the filesystem allows).
         progress: called with the bytes of each finished chunk.
         on_plan: called once with the plan and its bytes, before the first write.
-        storage_options: fsspec options for an object-store `out` (endpoint_url, key, secret...);
+        storage_options: fsspec options for an object-store `out` and URL parents (endpoint_url, key, secret...);
             never written into the child's model card.
 
     Returns:
@@ -184,8 +187,11 @@ def merge(
         StorageError: an OSError or an object-store error while reading or writing.
     """
     start = engine.now()
-    with engine.PeakMemory() as mem, pool.session():  # each parent opened once, closed at the end
-        plan = load_plan(manifest)
+    with engine.PeakMemory() as mem, pool.session(), contextlib.ExitStack() as scope:  # each parent opened once
+        plan = load_plan(manifest, storage_options=storage_options)
+        # URL parents and a URL child: fsspec's config < the manifest's < the argument's (storage.py)
+        storage_options = storage.combine(storage.from_manifest_text(plan.manifest), storage_options)
+        scope.enter_context(pool.url_options(storage_options))
         opts = plan.options or {}
         budget = _size("memory_budget", memory_budget or opts.get("memory_budget") or engine.DEFAULT_BUDGET)
         device = device or opts.get("device") or "cpu"
@@ -196,7 +202,7 @@ def merge(
         engine.check_device(device)
         if object_sink.is_url(out):
             run = _BucketRun(plan, os.fspath(out), client=client, budget=budget, device=device, shard_size=shard_size,
-                             storage_options=storage.combine(storage.from_manifest_text(plan.manifest), storage_options))
+                             storage_options=storage_options)
             return run.merge(out_format, overwrite=overwrite, direct_io=direct_io, progress=progress,
                              on_plan=on_plan, start=start, mem=mem)
         engine.check_budget(plan, budget, engine.worker_count(client))
@@ -431,25 +437,30 @@ class _BucketRun:
         if out_format == "zarr":
             return self._to_store(overwrite=overwrite, direct_io=direct_io, progress=progress, on_plan=on_plan,
                                   start=start, mem=mem)
-        if self.client is not None:
-            raise OutputError(f"output {self.out}: a child in a bucket cannot yet be written by a dask.distributed "
-                              "cluster (--scheduler); merge without it, or into a shared filesystem")
         part = object_sink.part_bytes(layout(plan, self.shard_size))
-        reserve = object_sink.waiting_bytes(part, workers)
+        cluster = self.client is not None  # workers upload their own parts, shared ones go as fragments
+        reserve = object_sink.waiting_bytes(part, workers, distributed=cluster)
         budget = self._merge_budget(reserve, part, workers)
         sink = object_sink.ObjectSink(self.out, plan, self.shard_size, overwrite=overwrite, part_size=part,
                                       workers=workers, identities=identity.plan_identities(plan, engine.get_parent),
-                                      storage_options=self.storage_options)
+                                      storage_options=self.storage_options, distributed=cluster)
         if on_plan:
             on_plan(plan, plan.nbytes)
-        stats = engine.run(plan, sink, budget=budget, device=self.device, progress=progress)
+        try:
+            stats = engine.run(plan, sink, budget=budget, client=self.client, device=self.device, progress=progress)
+        finally:
+            if cluster:  # what each worker's copy of the sink uploaded
+                sink.absorb(self.client.run(object_sink.take_stats, sink.run_id).values())
         for name, data in child_files(plan).items():
             sink.write_file(name, data)
         final = sink.finish()
         notes = [sink.restarted] if sink.restarted else []
-        if sink.stats.spilled_bytes:  # the tasks ran further out of order than the reserve allows for
+        if sink.stats.spilled_bytes and not cluster:  # the tasks ran further out of order than the reserve allows for
             notes.append(f"{human_bytes(sink.stats.spilled_bytes)} of parts waiting to upload did not fit in the "
                          f"{human_bytes(reserve)} set aside for them, and went through the bucket instead")
+        elif sink.stats.spilled_bytes:
+            notes.append(f"{human_bytes(sink.stats.spilled_bytes)} of parts shared by tasks went through the bucket "
+                         "as fragments (the cluster's workers share no memory), read back to upload those parts")
         return self._report(final, stats, sink.layout.nbytes, start=start, mem=mem, fmt="safetensors",
                             predicted=engine.predicted_peak(plan, budget, workers) + reserve, notes=notes,
                             uploads=sink.stats.to_dict())

@@ -27,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import dask.threaded
@@ -380,6 +380,9 @@ class Task:
     block: int
     device: str
     stage: int  # bytes of the writer's staging buffer
+    # Storage options for URL parents (pool.url_options), which a worker process must read them with;
+    # kept out of the plan, which is printed and written.
+    storage_options: dict = field(default_factory=dict, repr=False, compare=False)
 
     def read(self) -> Inputs:
         base = read_rows(self.plan, self.tp.base, self.start, self.stop) if self.tp.base else None
@@ -488,7 +491,7 @@ def task_plan(plan: Plan, tp: TensorPlan, shared: dict | None = None) -> Plan:
 def make_task(plan: Plan, tp: TensorPlan, start: int, stop: int, device: str, budget: int, workers: int,
               shared: dict | None = None) -> Task:
     return Task(task_plan(plan, tp, shared), tp, start, stop, block_rows(plan, tp, budget, workers), device,
-                stage_bytes(budget, workers))
+                stage_bytes(budget, workers), pool.current_url_options())
 
 
 def iter_tensors(plan: Plan, *, device: str = "cpu", workers: int | None = None,
@@ -574,6 +577,7 @@ def _naming(tp: TensorPlan):
 
 def _write_task(task: Task, state: Any, writer: ChildSink, progress) -> int:
     tp = task.tp
+    pool.set_url_options(task.storage_options)  # on a worker: this merge's options for URL parents
     with writer.span(tp.name, task.start, scratch().stage(task.stage)) as span:
         check = check_finite(task.plan)
         if _is_copy(task.plan, tp):
@@ -604,6 +608,7 @@ def _write_task(task: Task, state: Any, writer: ChildSink, progress) -> int:
 
 
 def _partial_task(task: Task, state: Any) -> Any:
+    pool.set_url_options(task.storage_options)
     with _naming(task.tp):
         return task.partial(state)
 

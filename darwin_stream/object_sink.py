@@ -13,6 +13,11 @@ shared reserve is full, a part's next bytes are put as a fragment object beside 
 and read back when the part is complete: the budget holds, at the cost of those bytes going up
 twice and down once (`stats.spilled_bytes`, and a note in the report).
 
+On a dask.distributed cluster (`distributed=True`) the sink goes to the workers as names, upload
+ids and slots (`__getstate__`), and no part waits for a task in another process: a worker uploads
+the parts inside one task's rows, every piece of a shared part is a fragment object, and `finish`,
+in the client process, lists the uploaded parts and uploads the others from their fragments.
+
 Nothing is visible under the child's name until the end (`finish`): uploads are completed only
 when every part of every shard is in, then the inherited files and the index are written, and the
 completion marker (`child_marker.MARKER`) last. While the child is being made, a small JSON journal
@@ -33,10 +38,12 @@ import json
 import mmap
 import os
 import threading
+import uuid
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from darwin_stream import child_marker
+from darwin_stream import child_marker, pool
 from darwin_stream.child_writer import (
     INDEX_NAME,
     STAGE_BYTES,
@@ -70,7 +77,7 @@ def part_bytes(lay: Layout) -> int:
     return base if need <= base else -(-need // 2**20) * 2**20  # whole MiB, 10,000 parts at most
 
 
-def waiting_bytes(part: int, workers: int) -> int:
+def waiting_bytes(part: int, workers: int, *, distributed: bool = False) -> int:
     """Memory set aside for parts that wait for their other bytes.
 
     A task's own whole parts go out as it writes them; what waits are the parts it shares with the
@@ -79,7 +86,12 @@ def waiting_bytes(part: int, workers: int) -> int:
     and lm_head, whose boundaries with the layers close last). So one own part per worker is
     always allowed, and shared parts up to `workers + 4`; past that their pieces are spilled
     (`ObjectSink.put`). The total is a bound, and `stats.peak_waiting` what a run held.
+
+    On a dask.distributed cluster (`distributed`), shared parts never wait: a worker process holds
+    one own part per thread, and the copy of a piece on its way out as a fragment.
     """
+    if distributed:
+        return 2 * max(workers, 1) * part
     return (2 * max(workers, 1) + 4) * part
 
 
@@ -101,6 +113,29 @@ class UploadStats:
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
 
+    def add(self, other: dict[str, int]) -> None:
+        """Fold in a worker process's counts (`take_stats`): sums, and the larger peak."""
+        for k, v in other.items():
+            setattr(self, k, max(self.peak_waiting, v) if k == "peak_waiting" else getattr(self, k) + v)
+
+
+# What the sinks unpickled in this process (a dask.distributed worker) counted, per run id: each
+# worker's copy of the sink is its own object, and the client folds them in after the graph ran.
+_worker_stats: dict[str, UploadStats] = {}
+_worker_stats_lock = threading.Lock()
+
+
+def _stats_for(run_id: str) -> UploadStats:
+    with _worker_stats_lock:
+        return _worker_stats.setdefault(run_id, UploadStats())
+
+
+def take_stats(run_id: str) -> dict[str, int]:
+    """This process's counts for run `run_id`, forgotten once taken (run on every worker)."""
+    with _worker_stats_lock:
+        stats = _worker_stats.pop(run_id, None)
+    return stats.to_dict() if stats is not None else {}
+
 
 def _why(e: BaseException) -> str:
     text = (str(e).strip().splitlines() or [""])[0][:200]
@@ -114,18 +149,21 @@ class ObjectSink:
 
     def __init__(self, url: str, plan: Plan, shard_size: int, *, overwrite: bool = False,
                  identities: dict[str, str] | None = None, storage_options: dict | None = None,
-                 part_size: int | None = None, workers: int | None = None):
+                 part_size: int | None = None, workers: int | None = None, distributed: bool = False):
         import fsspec  # the fsspec/s3fs stack: only for a URL child
 
         self.url = url.rstrip("/")
+        self.distributed = distributed  # tasks run in other processes (dask.distributed): see __getstate__
+        self.run_id = uuid.uuid4().hex
+        self.storage_options = dict(storage_options or {})
         if not self.url.startswith("s3://"):
             raise OutputError(f"output {self.url}: only s3:// URLs (and S3-compatible stores) can hold a child")
         self.layout = layout(plan, shard_size)
         self.part = part_size or part_bytes(self.layout)
-        ids = identities if identities is not None else plan_identities(plan)
+        ids = identities if identities is not None else plan_identities(plan, pool.get_parent)
         self.fingerprint = plan_fingerprint(plan, self.layout, ids)
         try:
-            self.fs, path = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+            self._fs, path = fsspec.core.url_to_fs(self.url, **self.storage_options)
         except (ImportError, ValueError, TypeError) as e:
             raise OutputError(f"output {self.url}: cannot open ({_why(e)})") from None
         self.bucket, _, self.key = path.rstrip("/").partition("/")
@@ -153,9 +191,41 @@ class ObjectSink:
         self._prepare(plan, overwrite)
 
     def __getstate__(self) -> dict:
-        # Parts that straddle two tasks are assembled in this process's memory, so tasks on other
-        # processes cannot share them (yet): refuse rather than upload a torn part.
-        raise OutputError(f"output {self.url}: a child in a bucket cannot yet be written by dask.distributed workers")
+        """What a dask.distributed worker gets: names, ids and the slots, no buffers, no client.
+
+        Parts that straddle two tasks are assembled in one process's memory, so only a sink made
+        `distributed` (which puts those pieces in the bucket instead) may leave its process. The
+        layout goes without its shard headers (the client process wrote them); the parts already
+        in go as part numbers, so that a resumed run's workers skip their bytes too.
+        """
+        if not self.distributed:
+            raise OutputError(f"output {self.url}: this sink assembles shared parts in memory; "
+                              "make it with distributed=True to run its tasks in other processes")
+        from darwin_stream.child_writer import Layout
+
+        shards = {s: (b"", size) for s, (_, size) in self.layout.shards.items()}
+        return {"url": self.url, "bucket": self.bucket, "key": self.key, "part": self.part, "run_id": self.run_id,
+                "storage_options": self.storage_options, "fragments": self.fragments, "uploads": self.uploads,
+                "layout": Layout(shards, self.layout.slots),
+                "uploaded": {s: sorted(e) for s, e in self.etags.items()}}
+
+    def __setstate__(self, state: dict) -> None:
+        uploaded = state.pop("uploaded")
+        self.__dict__.update(state)
+        self.distributed, self._fs, self._lock = True, None, threading.Lock()
+        self.etags = {s: dict.fromkeys(nums, "") for s, nums in uploaded.items()}
+        self.stats = _stats_for(self.run_id)  # shared by every copy of this run's sink in the process
+        self.done, self.restarted, self.files = set(), None, {}
+        self._waiting = 0
+
+    @property
+    def fs(self) -> Any:
+        """The s3fs filesystem; on a worker, opened on first use from the storage options."""
+        if self._fs is None:
+            import fsspec  # as in __init__
+
+            self._fs, _ = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        return self._fs
 
     # --- requests ---------------------------------------------------------------------------------
 
@@ -197,9 +267,12 @@ class ObjectSink:
         if existing and not overwrite and not ours:
             raise OutputError(f"output {self.url} already exists (use --overwrite to replace it)")
         self._old = existing
-        for key in self._keys(self.fragments + "/") if journal is not None else ():
-            self._call("delete_object", Key=key)  # a killed run's spilled pieces: its parts are redone
-        if journal is not None and self._resumable(journal):
+        resumable = journal is not None and self._resumable(journal)
+        # A killed run's spilled pieces: on one process its parts are redone (their other bytes were
+        # in its memory); on a cluster they are the parts' bytes, read back by `finish`.
+        for key in self._keys(self.fragments + "/") if journal is not None and not (resumable and self.distributed) else ():
+            self._call("delete_object", Key=key)
+        if resumable:
             self.uploads = dict(journal["uploads"])
             for shard in self.layout.shards:
                 if not self._list_parts(shard):
@@ -216,7 +289,12 @@ class ObjectSink:
             self._write_journal()
         self.stats.resumed_parts = sum(len(e) for e in self.etags.values())
         for shard, (head, _) in self.layout.shards.items():
-            self.put(shard, 0, memoryview(head))
+            if self.distributed:  # the header's parts go out, or as fragments, now: no part waits here
+                pending: dict = {}
+                self.put(shard, 0, memoryview(head), (0, len(head)), pending)
+                self.flush_pending(pending)
+            else:
+                self.put(shard, 0, memoryview(head))
 
     def _read_journal(self) -> dict | None:
         """The journal of an earlier run, {} when it is not one, None when there is none."""
@@ -304,7 +382,8 @@ class ObjectSink:
 
     # --- parts ------------------------------------------------------------------------------------
 
-    def put(self, shard: str, offset: int, data: memoryview, within: tuple[int, int] = (0, 0)) -> None:
+    def put(self, shard: str, offset: int, data: memoryview, within: tuple[int, int] = (0, 0),
+            pending: dict | None = None) -> None:
         """Bytes `data` of `shard` at `offset`, into the parts they fall in; full parts go out.
 
         `within` is the byte range of the task writing them. A part inside it is the task's own:
@@ -312,7 +391,11 @@ class ObjectSink:
         time). A part shared with other tasks gets one while the shared buffers fit in their
         share of `reserve`; past it, its bytes are put in the bucket as a fragment object instead,
         fetched back when the part is complete.
+
+        A `distributed` sink keeps no part that other tasks share: see `_put_apart`.
         """
+        if self.distributed:
+            return self._put_apart(shard, offset, data, within, pending if pending is not None else {})
         size = self.layout.shards[shard][1]
         end = offset + len(data)
         for i in self._parts(shard, offset, end):
@@ -347,11 +430,120 @@ class ObjectSink:
 
     def _spill(self, key: tuple[str, int], lo: int, piece: memoryview) -> None:
         shard, i = key
-        fkey = f"{self.fragments}/{shard}/{i + 1}-{lo}"
+        fkey = f"{self.fragments}/{shard}/{i + 1}-{lo}"  # named by its place: a re-run puts the same bytes there
         self._put_object(fkey, bytes(piece))
         with self._lock:
-            self._fragments.setdefault(key, []).append((lo, lo + len(piece), fkey))
+            if not self.distributed:
+                self._fragments.setdefault(key, []).append((lo, lo + len(piece), fkey))
             self.stats.spilled_bytes += len(piece)
+
+    # --- parts on a cluster -----------------------------------------------------------------------
+
+    def _put_apart(self, shard: str, offset: int, data: memoryview, within: tuple[int, int], pending: dict) -> None:
+        """`put` for tasks spread over processes, which share no memory.
+
+        A part wholly inside the task's range (from its first byte to its tensor's end) is filled
+        in the span's own `pending` buffer, in row order, and uploaded by this worker when full;
+        what the task's rows leave of it at the end (`flush_pending`), and every piece of a part
+        that begins before the task or runs past its tensor, is put as a fragment object, which
+        `finish` (in the client process) reads back to upload that part. So a worker holds one
+        part per thread, and no part is ever torn: each is uploaded whole, by one process.
+        """
+        size = self.layout.shards[shard][1]
+        end = offset + len(data)
+        for i in self._parts(shard, offset, end):
+            if i + 1 in self.etags[shard]:
+                continue  # uploaded by the interrupted run
+            p0 = i * self.part
+            length = min(self.part, size - p0)
+            lo, hi = max(offset, p0), min(end, p0 + length)
+            piece = data[lo - offset : hi - offset]
+            if not (within[0] <= p0 and p0 + length <= within[1]):
+                self._spill((shard, i), lo - p0, piece)
+                continue
+            entry = pending.get((shard, i))
+            if entry is None:
+                entry = pending[(shard, i)] = [bytearray(length), 0]
+                with self._lock:
+                    self._waiting += length
+                    self.stats.peak_waiting = max(self.stats.peak_waiting, self._waiting)
+            buf = entry[0]
+            assert entry[1] == lo - p0, "a task's own part is filled in order"
+            buf[lo - p0 : hi - p0] = piece
+            entry[1] = hi - p0
+            if entry[1] == length:
+                del pending[(shard, i)]
+                try:
+                    self._upload(shard, i, buf)
+                finally:
+                    with self._lock:
+                        self._waiting -= length
+
+    def flush_pending(self, pending: dict) -> None:
+        """A span's own parts its rows did not fill (the next task holds the rest): as fragments."""
+        for (shard, i), (buf, filled) in list(pending.items()):
+            del pending[(shard, i)]
+            try:
+                if filled:
+                    self._spill((shard, i), 0, memoryview(buf)[:filled])
+            finally:
+                with self._lock:
+                    self._waiting -= len(buf)
+
+    def drop_pending(self, pending: dict) -> None:
+        """A span that failed: its buffers go, nothing of them is put."""
+        with self._lock:
+            self._waiting -= sum(len(b) for b, _ in pending.values())
+        pending.clear()
+
+    def _parts_from_fragments(self) -> None:
+        """In `finish` on a cluster: upload every part the workers left as fragments.
+
+        The parts the workers uploaded are listed (ListParts); each missing part is rebuilt from
+        its fragments, one part in memory at a time, and uploaded. Fragments of a killed run count:
+        they are named by their place, and a re-run's for the same place hold the same bytes.
+        """
+        for shard in self.layout.shards:
+            self.etags[shard] = {}
+            self._list_parts(shard)
+        keys = self._keys(self.fragments + "/")
+        found: dict[tuple[str, int], list[tuple[int, str]]] = {}
+        for fkey in keys:
+            shard, _, name = fkey[len(self.fragments) + 1 :].rpartition("/")
+            n, _, lo = name.partition("-")
+            if shard in self.layout.shards and n.isdigit() and lo.isdigit():
+                found.setdefault((shard, int(n)), []).append((int(lo), fkey))
+        for (shard, n), pieces in sorted(found.items()):
+            size = self.layout.shards[shard][1]
+            length = min(self.part, size - (n - 1) * self.part)
+            if n in self.etags[shard] or length <= 0:
+                continue
+            buf, covered = bytearray(length), 0
+            for lo, fkey in sorted(pieces):
+                got = self._read_fragment(fkey, length - lo)
+                buf[lo : lo + len(got)] = got
+                covered = max(covered, lo + len(got)) if lo <= covered else covered
+            if covered == length:
+                self._upload(shard, n - 1, buf)
+        for start in range(0, len(keys), 1000):  # DeleteObjects takes 1,000 keys a request
+            self._call("delete_objects", Delete={"Objects": [{"Key": k} for k in keys[start : start + 1000]],
+                                                 "Quiet": True})
+
+    def _read_fragment(self, fkey: str, most: int) -> bytes:
+        with self._lock:
+            self.stats.requests += 1
+        try:
+            got = self.fs.cat_file(f"{self.bucket}/{fkey}", start=0, end=most + 1)
+        except Exception as e:  # as in _call
+            raise OutputError(f"output {self.url}: cannot write (reading back a part's fragment: {_why(e)})") from None
+        if len(got) > most:
+            raise OutputError(f"output {self.url}: fragment {fkey} runs past its part")
+        return got
+
+    def absorb(self, per_worker: Iterable[dict[str, int]]) -> None:
+        """Add the workers' counts (`take_stats`) to this run's."""
+        for counts in per_worker:
+            self.stats.add(counts)
 
     def _complete_part(self, shard: str, i: int, length: int, buf: bytearray | None, fragments: list, *,
                        shared: bool) -> None:
@@ -366,7 +558,7 @@ class ObjectSink:
                 try:
                     got = self.fs.cat_file(f"{self.bucket}/{fkey}")
                 except Exception as e:  # as in _call
-                    raise OutputError(f"output {self.url}: cannot read back a part's fragment ({_why(e)})") from None
+                    raise OutputError(f"output {self.url}: cannot write (reading back a part's fragment: {_why(e)})") from None
                 if len(got) != hi - lo:
                     raise OutputError(f"output {self.url}: fragment {fkey} changed under this merge")
                 buf[lo:hi] = got
@@ -391,6 +583,8 @@ class ObjectSink:
 
     def finish(self, index_metadata: dict | None = None) -> str:
         """Complete every upload, write the files and the index, then the marker; drop the journal."""
+        if self.distributed:
+            self._parts_from_fragments()
         for shard, (_, size) in self.layout.shards.items():
             missing = [i for i in range(-(-size // self.part)) if i + 1 not in self.etags[shard]]
             if missing:
@@ -431,6 +625,8 @@ class PartSpan:
         self.buf = buffer if buffer is not None else staging_buffer(min(end - offset, STAGE_BYTES))
         self.view = memoryview(self.buf)
         self.base, self.fill = offset, 0
+        # A distributed sink's own parts, filling (ObjectSink._put_apart); None for one process.
+        self.pending: dict | None = {} if getattr(sink, "distributed", False) else None
 
     @property
     def written(self) -> int:
@@ -458,7 +654,10 @@ class PartSpan:
 
     def _flush(self) -> None:
         if self.fill:
-            self.sink.put(self.shard, self.base, self.view[: self.fill], (self.start, self.end))
+            if self.pending is None:
+                self.sink.put(self.shard, self.base, self.view[: self.fill], (self.start, self.end))
+            else:
+                self.sink.put(self.shard, self.base, self.view[: self.fill], (self.start, self.end), self.pending)
             self.base += self.fill
             self.fill = 0
 
@@ -469,5 +668,9 @@ class PartSpan:
         try:
             if exc_type is None:
                 self._flush()
+                if self.pending is not None:
+                    self.sink.flush_pending(self.pending)
         finally:
+            if self.pending is not None:
+                self.sink.drop_pending(self.pending)
             self.view.release()

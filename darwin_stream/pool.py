@@ -91,9 +91,41 @@ def default() -> ParentPool:
     return _default
 
 
+_url_options: dict = {}  # the running merge's storage options, for URL parents asked for without any
+
+
 def get_parent(spec: str | os.PathLike, storage_options: dict | None = None) -> Parent:
-    """The open parent of `spec` in this process, opened on first use."""
+    """The open parent of `spec` in this process, opened on first use. A URL spec asked for
+    without options gets the running merge's (`url_options`)."""
+    if storage_options is None and _url_options and "://" in os.fspath(spec):
+        storage_options = _url_options
     return _default.get(spec, storage_options)
+
+
+def current_url_options() -> dict:
+    """The storage options URL parents are opened with now (`url_options`): tasks carry them."""
+    return _url_options
+
+
+def set_url_options(storage_options: dict | None) -> None:
+    """Open URL parents with these options from now on: a task sets its merge's before it reads, so
+    a worker process reads each merge's URL parents with that merge's options (one merge at a time)."""
+    global _url_options
+    _url_options = dict(storage_options or {})
+
+
+@contextmanager
+def url_options(storage_options: dict | None) -> Iterator[None]:
+    """A scope (a merge, building its plan) in which URL parents are opened with `storage_options`:
+    the run's combined options (`storage.combine`: fsspec's config < the manifest's
+    darwin.storage_options < --storage-options), which the planner, the identity check and the
+    engine's tasks all read parents through. They are kept here, never in the plan."""
+    old = _url_options
+    set_url_options(storage_options)
+    try:
+        yield
+    finally:
+        set_url_options(old)
 
 
 def release_default() -> None:

@@ -107,3 +107,91 @@ def test_the_cli_runs_on_a_scheduler_address(client, tiny_parents, tmp_path):
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert _shards(tmp_path / "cli") == _shards(tmp_path / "threads")
+
+
+@pytest.mark.s3
+def test_a_cluster_writes_the_threaded_child_into_a_bucket(client, s3_server, tiny_parents, tmp_path, monkeypatch):
+    """Workers upload their own parts; parts shared by tasks go as fragments, uploaded by `finish`."""
+    from darwin_stream import object_sink
+    from tests.s3_server import PART
+
+    monkeypatch.setenv(object_sink.PART_ENV, str(PART))
+    a, b = tiny_parents
+    manifest = str(_merge_yaml(tmp_path, a, b))
+    budget, shard = 2**20, 2**20
+    api.merge(manifest, tmp_path / "threads", memory_budget=budget, shard_size=shard)
+    threaded = api.merge(manifest, "s3://darwin/dist-threads", memory_budget=budget, shard_size=shard,
+                         storage_options=s3_server.opts)
+    report = api.merge(manifest, "s3://darwin/dist-cluster", client=client, memory_budget=budget, shard_size=shard,
+                       storage_options=s3_server.opts)
+    local = {p.name: p.read_bytes() for p in (tmp_path / "threads").iterdir()}
+    for prefix in ("dist-threads", "dist-cluster"):
+        got = {k[len(prefix) + 1:]: s3_server.get(k) for k in s3_server.keys(prefix + "/")}
+        assert got.pop(".darwin-complete")
+        assert got == local, prefix  # bit for bit: shards, index, config, tokenizer, card
+    assert not s3_server.uploads("dist-cluster") and not s3_server.keys(".dist-cluster.partial/")
+    up, child = report.uploads, sum(len(v) for v in local.values())
+    want_parts = sum(-(-len(v) // PART) for k, v in local.items() if k.endswith(".safetensors"))
+    assert up["parts"] + up["resumed_parts"] == want_parts  # every part uploaded once, by a worker or finish
+    assert up["spilled_bytes"] > 0  # parts shared by tasks went through the bucket ...
+    assert child <= up["bytes_uploaded"] <= child + up["spilled_bytes"] + 8192  # ... and only they twice
+    assert up["peak_waiting"] <= object_sink.waiting_bytes(PART, 1, distributed=True)
+    print(f"\nbucket child {child} B: threaded {threaded.uploads['requests']} requests, "
+          f"{threaded.uploads['bytes_uploaded']} B up; cluster {up['requests']} requests, {up['bytes_uploaded']} B up "
+          f"({up['spilled_bytes']} B as fragments)")
+
+
+@pytest.mark.s3
+def test_workers_read_url_parents_with_the_merge_s_storage_options(client, s3_server, tiny_parents, tmp_path,
+                                                                   monkeypatch):
+    """The tasks carry the storage options: the workers have no fsspec config for the server."""
+    import fsspec.config
+
+    from tests.test_object_sink import put_parents
+
+    monkeypatch.delitem(fsspec.config.conf, "s3", raising=False)
+    assert not any(any(k.startswith("FSSPEC_S3") for k in env) for env in client.run(lambda: dict(os.environ)).values())
+    a, b = put_parents(s3_server, tiny_parents, "dist-opts")
+    local = _merge_yaml(tmp_path, *tiny_parents)
+    api.merge(str(local), tmp_path / "threads", memory_budget=BUDGET)
+    remote = tmp_path / "remote.yaml"
+    remote.write_text(local.read_text().replace(str(tiny_parents[0]), a).replace(str(tiny_parents[1]), b))
+    api.merge(str(remote), tmp_path / "cluster", client=client, memory_budget=BUDGET, storage_options=s3_server.opts)
+    assert _shards(tmp_path / "cluster") == _shards(tmp_path / "threads")
+
+
+
+@pytest.mark.s3
+def test_a_failed_cluster_merge_into_a_bucket_resumes(client, s3_server, tiny_parents, tmp_path, monkeypatch):
+    """Parts uploaded before a failure are kept (ListParts); the fragments in the bucket are used."""
+    from darwin_stream import object_sink
+    from darwin_stream.errors import OutputError
+    from tests.s3_server import PART
+
+    monkeypatch.setenv(object_sink.PART_ENV, str(PART))
+    manifest = str(_merge_yaml(tmp_path, *tiny_parents))
+    api.merge(manifest, tmp_path / "threads", memory_budget=2**20, shard_size=2**20)
+    upload, calls = object_sink.ObjectSink._upload, {"n": 0}
+
+    def failing(self, shard, i, buf):  # in this process: `finish` uploading the parts left as fragments
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OutputError("injected: connection lost")
+        return upload(self, shard, i, buf)
+
+    monkeypatch.setattr(object_sink.ObjectSink, "_upload", failing)
+    with pytest.raises(OutputError, match="injected"):
+        api.merge(manifest, "s3://darwin/dist-resume", client=client, memory_budget=2**20, shard_size=2**20,
+                  storage_options=s3_server.opts)
+    monkeypatch.setattr(object_sink.ObjectSink, "_upload", upload)
+    assert not s3_server.keys("dist-resume/") and s3_server.keys(".dist-resume.partial/fragments/")
+    report = api.merge(manifest, "s3://darwin/dist-resume", client=client, memory_budget=2**20, shard_size=2**20,
+                       storage_options=s3_server.opts)
+    local = {p.name: p.read_bytes() for p in (tmp_path / "threads").iterdir()}
+    got = {k[len("dist-resume/"):]: s3_server.get(k) for k in s3_server.keys("dist-resume/")}
+    assert got.pop(".darwin-complete") and got == local
+    up = report.uploads
+    want_parts = sum(-(-len(v) // PART) for k, v in local.items() if k.endswith(".safetensors"))
+    assert up["resumed_parts"] >= 2 and up["parts"] + up["resumed_parts"] == want_parts
+    assert report.resumed_chunks > 0
+    assert not s3_server.uploads("dist-resume") and not s3_server.keys(".dist-resume.partial/")

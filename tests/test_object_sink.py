@@ -287,3 +287,41 @@ def test_zarr_into_a_bucket(s3_server, local_child):
     assert set(got.tensors) == set(want.tensors)
     for name in want.tensors:
         assert raw(got.read(name)) == raw(want.read(name)), name
+
+
+def put_parents(server: S3Server, tiny_parents, prefix: str) -> tuple[str, str]:
+    """The tiny parents copied into the bucket under `prefix`, as s3:// specs."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **server.opts)
+    for name, d in zip(("father", "mother"), tiny_parents, strict=True):
+        for f in d.iterdir():
+            fs.pipe_file(f"darwin/{prefix}/{name}/{f.name}", f.read_bytes())
+    return f"s3://darwin/{prefix}/father", f"s3://darwin/{prefix}/mother"
+
+
+def test_url_parents_take_the_storage_options_of_the_command_line(s3_server, tiny_parents, local_child, tmp_path,
+                                                                   monkeypatch, capsys):
+    """No FSSPEC_S3_* and no fsspec config: the endpoint and keys come only from --storage-options,
+    and the planner, the identity check and the tasks all open the bucket parents with them."""
+    import fsspec.config
+
+    monkeypatch.delitem(fsspec.config.conf, "s3", raising=False)
+    for var in [v for v in os.environ if v.startswith("FSSPEC_S3")]:
+        monkeypatch.delenv(var)
+    father, mother = put_parents(s3_server, tiny_parents, "opts")
+    m = tmp_path / "m.yaml"
+    m.write_text(MANIFEST.format(a=father, b=mother))
+    opts = json.dumps(s3_server.opts)
+    for out in (str(tmp_path / "child"), "s3://darwin/opts/child"):
+        assert main(["merge", str(m), out, "--memory-budget", "1MiB", "--shard-size", "1MiB",
+                     "--storage-options", opts, "--quiet"]) == 0, capsys.readouterr().err
+    _, local = local_child
+    got = files_of(s3_server, "opts/child")
+    for f in local.iterdir():
+        if f.name != "README.md":  # the card names the parents by their specs
+            assert (tmp_path / "child" / f.name).read_bytes() == f.read_bytes() == got[f.name], f.name
+    card = got["README.md"].decode()
+    assert father in card and s3_server.endpoint not in card and "testing" not in card
+    plan_out = capsys.readouterr().out
+    assert s3_server.endpoint not in plan_out
