@@ -242,7 +242,9 @@ def run(geometry: str, workers: list[int], reps: int, budget: int, method: str,
     geom = bench.GEOMETRIES[geometry]
     parents = bench.ensure_parents(geom)
     server, counter = start_server()
-    moto.s3.models.S3_UPLOAD_PART_MIN_SIZE = object_sink.MIN_PART  # real S3's rule
+    # real S3's rule, or the tests' smaller parts (object_sink.PART_ENV)
+    moto.s3.models.S3_UPLOAD_PART_MIN_SIZE = min(object_sink.MIN_PART,
+                                                 int(os.environ.get(object_sink.PART_ENV) or object_sink.MIN_PART))
     # The tests' options give up after 5 s; moto completing a 1.2 GB upload (it concatenates and
     # hashes every part) took longer on the loaded machine, and s3fs's retry of that call then
     # found the upload gone. A benchmark waits: one attempt, 10 minutes.
@@ -294,50 +296,60 @@ G70B = bench.Geometry("llama-3-70b-shapes", hidden=8192, intermediate=28672, lay
 SHARD = 5 * 10**9  # bytes per child shard, the default (--shard-size)
 
 
-def count_requests(geom: bench.Geometry, budget: int, workers: int, parents: int = 2) -> dict[str, int]:
+def count_requests(geom: bench.Geometry, budget: int, workers: int, parents: int = 2,
+                   stat_passes: int = 0) -> dict[str, int]:
     """Requests a merge of `parents` bf16 parents of `geom` makes, from engine's own sizing rules.
 
     A task reads its rows of each parent in one ranged GET (engine.chunk_rows: half a worker's
     share of the budget, CHUNK_CAP raw bytes at most, across all inputs); a 1-D tensor is one task.
-    Each child shard is one multipart upload of object_sink.part_bytes parts.
+    Each child shard is one multipart upload of object_sink.part_bytes parts. A method with a
+    statistic (slerp: 1 pass) reads a tensor of more than one task once more per pass
+    (engine.build_graph's partial tasks), which `bytes_read_factor` counts.
     """
     share = budget // workers - engine.stage_bytes(budget, workers)
-    gets = 0
+    gets = reread = 0
     for _, shape in geom.tensors():
         rows = shape[0]
         if len(shape) > 1:
             raw_row = parents * 2 * shape[1]
             per_task = max(1, min(rows, min(share // 2, engine.CHUNK_CAP) // raw_row))
-            gets += parents * -(-rows // per_task)
+            tasks = -(-rows // per_task)
+            gets += parents * tasks * (1 + (stat_passes if tasks > 1 else 0))
+            reread += 2 * rows * shape[1] * (stat_passes if tasks > 1 else 0)
         else:
             gets += parents
     child = geom.nbytes()
     shards = -(-child // SHARD)
-    need = -(-SHARD // object_sink.MAX_PARTS)  # as object_sink.part_bytes: 10,000 parts at most
-    part = max(object_sink.DEFAULT_PART, -(-need // 2**20) * 2**20)
+    need = -(-min(SHARD, child) // object_sink.MAX_PARTS)  # as object_sink.part_bytes: 10,000 parts at most
+    base = int(os.environ.get(object_sink.PART_ENV) or object_sink.DEFAULT_PART)
+    part = base if need <= base else -(-need // 2**20) * 2**20
     parts = sum(-(-min(SHARD, child - i * SHARD) // part) for i in range(shards))
-    return {"get_range": gets, "put_part": parts, "create_complete": 2 * shards, "shards": shards,
+    return {"get_range": gets, "bytes_read_factor": round(1 + reread / geom.nbytes(), 4), "put_part": parts, "create_complete": 2 * shards, "shards": shards,
             "part_bytes": part}
 
 
 def project(measured: dict, net_MBps: float, cpu_MBps: float, workers: list[int], budget: int) -> dict:
     """A 70B merge's bytes, requests and time per worker count.
 
-    Time per worker count W: the child's bytes over W workers, each at the lower of its CPU-bound
-    rate (child bytes/s one worker blends) and its network-bound rate (net_MBps carries the
-    bytes fetched, about 2x the child, plus the child's bytes uploaded, so net/3 of child).
-    The measured fetch and upload ratios scale the bytes.
+    Time per worker count W: the child's bytes over W workers. A worker reads, blends and writes
+    a task in turn (no overlap), so its rate is 1 / (1/cpu + 1/net), where cpu is the child
+    bytes/s one core blends and net the child bytes/s its bandwidth carries: net_MBps over the
+    bytes fetched per child byte (2x for linear, 4x for slerp on 70B) plus the one uploaded.
     """
     child = G70B.nbytes()
-    fetch = max(r["fetch_ratio"] for r in measured["runs"])
+    passes = 1 if measured["method"] == "slerp" else 0
+    reqs = count_requests(G70B, budget, 1, stat_passes=passes)
+    # the measured ratio less the 0.6B's own re-reads, times the 70B's (metadata is the rest)
+    small = count_requests(bench.GEOMETRIES["0.6b"], budget, 1, stat_passes=passes)["bytes_read_factor"]
+    fetch = max(r["fetch_ratio"] for r in measured["runs"]) - small + reqs["bytes_read_factor"]
     upload = max(r["upload_ratio"] for r in measured["runs"])
-    rate = min(cpu_MBps, net_MBps / (2 * fetch + upload)) * 1e6
-    reqs = count_requests(G70B, budget, 1)
+    net = net_MBps / (2 * fetch + upload)
+    rate = 1e6 / (1 / cpu_MBps + 1 / net)
     rows = [{"workers": w, "hours": round(child / (w * rate) / 3600, 2),
              "minutes": round(child / (w * rate) / 60, 1)} for w in workers]
     return {"geometry": G70B.name, "child_bytes": child, "bytes_needed": 2 * child,
             "bytes_fetched": round(2 * child * fetch), "bytes_uploaded": round(child * upload),
-            "requests": reqs, "per_worker_child_MBps": round(rate / 1e6, 1), "net_MBps": net_MBps,
+            "requests": reqs, "per_worker_child_MBps": round(rate / 1e6, 1), "net_child_MBps": round(net, 1), "net_MBps": net_MBps,
             "cpu_MBps": cpu_MBps, "time": rows}
 
 
@@ -349,7 +361,16 @@ def main() -> None:
     p.add_argument("--method", default="slerp", choices=["linear", "slerp"])
     p.add_argument("--memory-budget", type=parse_size, default=2**30)
     p.add_argument("--out", type=Path, help="also write the JSON here")
+    p.add_argument("--project", type=Path, metavar="JSON",
+                   help="don't run: project a 70B merge from this earlier --out")
+    p.add_argument("--net-MBps", type=float, default=100.0, help="assumed S3 bytes/s per worker (projection)")
+    p.add_argument("--cpu-MBps", type=float, default=265.0,
+                   help="child bytes/s one core blends (projection; slerp CPU time in docs/benchmarks.md)")
     a = p.parse_args()
+    if a.project:
+        doc = json.loads(a.project.read_text())
+        print(json.dumps(project(doc, a.net_MBps, a.cpu_MBps, [1, 4, 8, 16, 32, 64], a.memory_budget), indent=2))
+        return
     partial = a.out.with_suffix(".runs.jsonl") if a.out else None
     doc = run(a.geometry, a.workers, a.reps, a.memory_budget, a.method, partial)
     text = json.dumps(doc, indent=2)
