@@ -19,6 +19,7 @@ the default pool's parents (`engine.run` calls it on every worker when a distrib
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import threading
@@ -60,7 +61,11 @@ class ParentPool:
             with self._lock:  # one opener at a time: two threads never open the same parent twice
                 p = self._parents.get(key)
                 if p is None:
-                    p = self._parents[key] = open_parent(key[0], storage_options=storage_options)
+                    # A copy: botocore rewrites a `config_kwargs.retries` it is given in place
+                    # ({"max_attempts": 1} -> {"mode": "legacy", "total_max_attempts": 2}), which
+                    # changed this key under the next caller and opened every URL parent twice.
+                    opts = copy.deepcopy(storage_options)
+                    p = self._parents[key] = open_parent(key[0], storage_options=opts)
                     self.opened[key[0]] += 1
         return p
 
