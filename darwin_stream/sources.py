@@ -40,9 +40,7 @@ MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own reader refuses larger headers
 MAX_DIMS = 16  # torch refuses more than 64; real checkpoints stop at 5 (conv3d)
 MAX_DIM = 2**62  # safetensors allows usize; torch indexes with int64
 INDEX_FILE = "model.safetensors.index.json"
-AUX_FILES = (
-    "config.json",
-    "generation_config.json",
+TOKENIZER_FILES = (  # a tokenizer's files as transformers saves them; the child's are rebuilt from these
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -51,8 +49,8 @@ AUX_FILES = (
     "merges.txt",
     "added_tokens.json",
     "chat_template.jinja",
-    "preprocessor_config.json",
 )
+AUX_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES, "preprocessor_config.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

@@ -10,17 +10,7 @@ from typing import Any
 
 from darwin_stream.bounded import clip
 from darwin_stream.errors import PlanError
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
+from darwin_stream.sources import TOKENIZER_FILES
 
 
 def has_tokenizer(aux: Mapping[str, bytes]) -> bool:
