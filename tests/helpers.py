@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -110,3 +112,15 @@ def evolve_yaml(trio, *, genes: str | None = None, search: str = "{popsize: 4, m
             f"  - model: {a}\n    parameters: {{weight: 0.5}}\n  - model: {b}\n    parameters: {{weight: 0.5}}\n"
             f"dtype: float32\nevolve:\n  genes:\n{genes}  search: {search}\n  fitness:\n{fitness}"
             "  backend: {name: hf, dtype: float32}\n")
+
+
+def wait_for_history(run_dir: Path, n: int, proc: subprocess.Popen, limit: float = 240) -> None:
+    """Wait until an evolve subprocess has journalled `n` candidates (it must still be running)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit:
+        p = run_dir / "history.jsonl"
+        if p.exists() and p.read_text().count("\n") >= n:
+            return
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    raise AssertionError("the run did not get that far")

@@ -25,6 +25,7 @@ from darwin_stream.evolution import demo
 from darwin_stream.evolution.history import RunDir
 from darwin_stream.evolution.run import evolve
 from darwin_stream.evolution.scorers import SLOW_JOB_ENV
+from tests.helpers import wait_for_history
 
 POPSIZE, GENERATIONS = 6, 3
 MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
@@ -100,23 +101,12 @@ def _start(manifest: Path, run_dir: Path, *extra: str, env: dict[str, str] | Non
                             start_new_session=True)
 
 
-def _wait_for(run_dir: Path, n: int, proc: subprocess.Popen, limit: float = 240) -> None:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < limit:
-        p = run_dir / "history.jsonl"
-        if p.exists() and p.read_text().count("\n") >= n:
-            return
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.05)
-    raise AssertionError("the run did not get that far")
-
-
 @pytest.mark.slow
 def test_sigkill_of_a_two_scorer_run_resumes_on_one_scorer_to_the_same_history(one, manifest, tmp_path):
     run_dir = tmp_path / "killed"
     # g1c3 holds its scorer; c4 and c5 finish on the other and wait in memory behind it
     proc = _start(manifest, run_dir, "--scorers", "2", env={SLOW_JOB_ENV: "g1c3=30"})
-    _wait_for(run_dir, POPSIZE + 3, proc)
+    wait_for_history(run_dir, POPSIZE + 3, proc)
     time.sleep(1.0)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -132,7 +122,7 @@ def test_ctrl_c_to_the_process_group_stops_a_two_scorer_run_resumably(one, manif
     """Ctrl-C in a terminal reaches the workers too: they ignore it, and the in-flight candidates finish."""
     run_dir = tmp_path / "stopped"
     proc = _start(manifest, run_dir, "--scorers", "2", env={SLOW_JOB_ENV: "g1c1=3"})
-    _wait_for(run_dir, POPSIZE + 1, proc)
+    wait_for_history(run_dir, POPSIZE + 1, proc)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err

@@ -7,14 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from darwin_stream.evolution import evolve
 from darwin_stream.evolution.history import RunDir
-from tests.helpers import DATA, evolve_yaml
+from tests.helpers import DATA, evolve_yaml, wait_for_history
 
 pytestmark = pytest.mark.slow
 
@@ -84,21 +83,10 @@ def _start(manifest: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
                             text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
-def _wait_for(run_dir: Path, n: int, proc: subprocess.Popen, limit: float = 240) -> None:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < limit:
-        p = run_dir / "history.jsonl"
-        if p.exists() and p.read_text().count("\n") >= n:
-            return
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.05)
-    raise AssertionError("the run did not get that far")
-
-
 def test_sigkill_then_resume_gives_the_uninterrupted_history(finished, manifest, tmp_path):
     run_dir = tmp_path / "killed"
     proc = _start(manifest, run_dir)
-    _wait_for(run_dir, 6, proc)
+    wait_for_history(run_dir, 6, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = _history(run_dir)
@@ -113,7 +101,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_history(finished, manifest,
 def test_ctrl_c_stops_after_the_candidate_and_leaves_a_resumable_run(finished, manifest, tmp_path):
     run_dir = tmp_path / "stopped"
     proc = _start(manifest, run_dir)
-    _wait_for(run_dir, 3, proc)
+    wait_for_history(run_dir, 3, proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
