@@ -274,7 +274,9 @@ def _gathered_rows(plan: Plan, ref: SourceRef, start: int, stop: int) -> Rows:
 
     dtype = torch.float32 if row_gather.needs_float32(ref.rows, dtype_of, stored) else stored
     total = ref.rows[-1].row + ref.rows[-1].count if ref.rows else 0
-    data = row_gather.gather(ref.rows, start, min(stop, total), tuple(info.shape[1:]), dtype, read)
+    # A padded vocabulary's mean row is computed once per process per input (row_gather.padding_mean).
+    key = (tuple(sorted(plan.parents.items())), ref.tensor, ref.rows) if ref.rows and ref.rows[-1].mean else None
+    data = row_gather.gather(ref.rows, start, min(stop, total), tuple(info.shape[1:]), dtype, read, key)
     return Rows(data, (total, *info.shape[1:]), start)
 
 

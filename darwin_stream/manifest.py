@@ -389,8 +389,8 @@ class TokenizerSection(Section):
 
     @model_validator(mode="after")
     def _check(self) -> TokenizerSection:
-        if self.pad_to_multiple_of is not None:
-            raise _fail("pad_to_multiple_of is not supported", "pad_to_multiple_of")
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
+            raise _fail(f"expected a positive integer, got {self.pad_to_multiple_of}", "pad_to_multiple_of")
         for tok in self.tokens or {}:
             if not tok:
                 raise _fail("a token must be a non-empty string", "tokens")

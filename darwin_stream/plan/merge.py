@@ -316,7 +316,7 @@ class _Builder:
         shape = tuple(ref_info.shape)
         if vocab:
             assert self.tok is not None and self.tok.vocab is not None
-            shape = (self.tok.vocab.size, *shape[1:])
+            shape = (self.tok.rows, *shape[1:])
         role_name = role.role if role is not None else None
 
         from darwin_stream import dtypes

@@ -23,11 +23,16 @@ class RowRun:
     means zeros. A child whose vocabulary differs from a parent's (tokenizer_source: union, ...)
     takes its embedding and lm_head inputs this way, one token row at a time, in runs so that a
     vocabulary that mostly keeps its order costs a few runs, not one entry per token.
+
+    A `mean` run (mergekit's `tokenizer.pad_to_multiple_of`) repeats one row: the mean of the
+    input's own gathered rows [0, row), the rows of real tokens, as mergekit fills the padding rows
+    of each model's embedding before the merge.
     """
 
     row: int
     count: int
     terms: tuple[tuple[str, str, int], ...] = ()
+    mean: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,8 @@ class Plan:
                 r["tensor"],
                 tuple(r["pad_to"]) if r.get("pad_to") else None,
                 None if rows is None else tuple(
-                    RowRun(g["row"], g["count"], tuple((a, b, c) for a, b, c in g["terms"])) for g in rows
+                    RowRun(g["row"], g["count"], tuple((a, b, c) for a, b, c in g["terms"]), bool(g.get("mean")))
+                    for g in rows
                 ),
             )
 

@@ -27,6 +27,13 @@ class TokenizerPlan:
     overrides: dict[str, Any]  # config.json: vocab_size, special token ids
     vocab: ChildVocab | None  # None: only the chat template changes
     tokens: dict[str, TokenSource] = field(default_factory=dict)
+    pad_to_multiple_of: int | None = None  # mergekit's tokenizer.pad_to_multiple_of
+
+    @property
+    def rows(self) -> int:
+        """Rows of the child's vocabulary tensors: the vocabulary, padded up to the multiple."""
+        assert self.vocab is not None
+        return padded_rows(self.vocab.size, self.pad_to_multiple_of)
 
     def reindexes(self, role: str | None) -> bool:
         """Whether a tensor of this role takes its rows in the child's token order."""
@@ -46,9 +53,16 @@ class TokenizerPlan:
         by = {(i.key, i.tensor): i for i in inputs}
 
         def g(ref: SourceRef) -> SourceRef:
-            return replace(ref, rows=input_runs(self.vocab, by[(ref.parent, ref.tensor)], defaults, forced))
+            return replace(ref, rows=input_runs(self.vocab, by[(ref.parent, ref.tensor)], defaults, forced, self.rows))
 
         return replace(tp, base=g(tp.base) if tp.base else None, models=tuple(g(m) for m in tp.models))
+
+
+def padded_rows(size: int, multiple: int | None) -> int:
+    """mergekit's rule: the vocabulary size rounded up to a multiple of `multiple` (None: as it is)."""
+    if not multiple or size % multiple == 0:
+        return size
+    return size + multiple - size % multiple
 
 
 def _source(manifest: Manifest) -> str | None:
@@ -88,12 +102,17 @@ def plan_tokenizer(manifest: Manifest, parent_of: Callable[[str], Parent], key_o
         vocab = build_vocab(source, pvs[0], pvs[1:], spec["add_tokens"])
         tokens = _token_sources(entries, key_of, vocab)
         spec |= {"vocab_size": vocab.size, "digest": vocab_digest(vocab.vocab)}
+        pad = manifest.tokenizer.pad_to_multiple_of if manifest.tokenizer is not None else None
+        if pad:
+            spec |= {"pad_to_multiple_of": pad, "rows": padded_rows(vocab.size, pad)}
         config = parent_of(specs[base_key]).config
         ids = _id_map(config, vocab, base_key)
         spec["ids"] = {str(a): b for a, b in ids.items()}
-        overrides = _config_overrides(config, vocab.size, ids)
+        overrides = _config_overrides(config, padded_rows(vocab.size, pad), ids)
+    else:
+        pad = None
     spec["chat_template"] = chat.resolve(manifest.chat_template, [toks[k] for k in keys])
-    return TokenizerPlan(spec, overrides, vocab, tokens)
+    return TokenizerPlan(spec, overrides, vocab, tokens, pad)
 
 
 def _token_sources(entries: Mapping[str, Any], key_of: Callable[[str], str | None],

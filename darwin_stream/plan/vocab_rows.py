@@ -84,8 +84,11 @@ def default_rows(vocab: ChildVocab, inputs: Sequence[Input], base: str | None,
 
 
 def input_runs(vocab: ChildVocab, inp: Input, defaults: Mapping[int, tuple[Term, ...]],
-               forced: set[int]) -> tuple[RowRun, ...] | None:
-    """One input's rows in child order, as runs; None when that is the input exactly as stored."""
+               forced: set[int], rows: int | None = None) -> tuple[RowRun, ...] | None:
+    """One input's rows in child order, as runs; None when that is the input exactly as stored.
+
+    `rows` above the vocabulary's size (tokenizer.pad_to_multiple_of) adds a run of padding rows,
+    each the mean of the input's rows for the real tokens (mergekit's embed.py)."""
     runs: list[RowRun] = []
     at = vocab.positions[inp.key]
     for tid in range(vocab.size):
@@ -99,6 +102,8 @@ def input_runs(vocab: ChildVocab, inp: Input, defaults: Mapping[int, tuple[Term,
                 runs[-1] = RowRun(last.row, last.count + 1, last.terms)
                 continue
         runs.append(RowRun(tid, 1, terms))
+    if rows is not None and rows > vocab.size:
+        runs.append(RowRun(vocab.size, rows - vocab.size, (), mean=True))
     if len(runs) == 1 and runs[0].terms == ((inp.key, inp.tensor, 0),) and runs[0].count == inp.rows:
         return None
     return tuple(runs)

@@ -23,7 +23,7 @@ CASES = [
      ["tokenizer.tokens.<x>.source", "token id 999 is beyond the 322 rows"]),
     ("tokenizer:\n  tokens:\n    <x>: {{source: /elsewhere}}", ["tokenizer.tokens.<x>.source: /elsewhere is not a model of this merge"]),
     ("chat_template: fancy", ["chat_template: unknown chat template 'fancy'", "chatml"]),
-    ("tokenizer: {{pad_to_multiple_of: 64}}", ["pad_to_multiple_of is not supported"]),
+    ("tokenizer: {{pad_to_multiple_of: 0}}", ["pad_to_multiple_of", "expected a positive integer, got 0"]),
 ]
 
 

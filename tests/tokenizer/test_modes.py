@@ -31,13 +31,16 @@ def _manifest(parents: dict[str, Path], weights: dict[str, float], extra: str, b
 
 
 def _reference(child: dict[str, int], parents: dict[str, Path], weights: dict[str, float], base: str | None,
-               tensor: str, configured: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               tensor: str, configured: dict | None = None, pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The child's rows by mergekit's rule, written out token by token in float64, and the sum of
-    the magnitudes of each element's terms (bf16_ulp_mismatch forgives float32 cancellation)."""
+    the magnitudes of each element's terms (bf16_ulp_mismatch forgives float32 cancellation).
+
+    `pad_to`: rows past the vocabulary, each model's padding row the mean of its aligned rows."""
     vocabs = {k: _vocab(parents[k]) for k in weights}
     rows = {k: read_all(parents[k])[tensor].double() for k in weights}
-    out = torch.zeros(len(child), next(iter(rows.values())).shape[1], dtype=torch.float64)
+    out = torch.zeros(pad_to or len(child), next(iter(rows.values())).shape[1], dtype=torch.float64)
     terms = torch.zeros_like(out)
+    aligned_rows = {k: torch.zeros(len(child), out.shape[1], dtype=torch.float64) for k in weights}
     for tok, i in child.items():
         have = [k for k in weights if tok in vocabs[k]]
         fixed = (configured or {}).get(tok)
@@ -53,8 +56,14 @@ def _reference(child: dict[str, int], parents: dict[str, Path], weights: dict[st
             default = sum(rows[k][vocabs[k][tok]] for k in have) / len(have)
         forced = fixed is not None and getattr(fixed, "force", False)
         aligned = {k: (rows[k][vocabs[k][tok]] if k in have and not forced else default) for k in weights}
+        for k in weights:
+            aligned_rows[k][i] = aligned[k]
         out[i] = sum(w * aligned[k] for k, w in weights.items()) / sum(weights.values())
         terms[i] = sum(abs(w) * aligned[k].abs() for k, w in weights.items()) / sum(weights.values())
+    if pad_to and pad_to > len(child):
+        means = {k: aligned_rows[k].mean(dim=0) for k in weights}
+        out[len(child):] = sum(w * means[k] for k, w in weights.items()) / sum(weights.values())
+        terms[len(child):] = sum(abs(w) * means[k].abs() for k, w in weights.items()) / sum(weights.values())
     return out, terms
 
 
@@ -64,11 +73,11 @@ def _merge(tmp_path: Path, text: str, name: str = "child", **kw) -> Path:
     return tmp_path / name
 
 
-def _check_rows(child: Path, parents, weights, base, configured=None) -> None:
+def _check_rows(child: Path, parents, weights, base, configured=None, pad_to=None) -> None:
     got = read_all(child)
     vocab = _vocab(child)
     for t in VOCAB_TENSORS:
-        ref, terms = _reference(vocab, parents, weights, base, t, configured)
+        ref, terms = _reference(vocab, parents, weights, base, t, configured, pad_to)
         assert got[t].shape == ref.shape
         assert bf16_ulp_mismatch(got[t].float(), ref, terms) == 0, t
 
@@ -207,3 +216,32 @@ def test_a_union_plan_breeds_into_the_transformers_backend(tmp_path, vocab_paren
         assert torch.equal(emb.detach().to(torch.bfloat16), disk["model.embed_tokens.weight"])
     finally:
         backend.close()
+
+
+def test_pad_to_multiple_of(tmp_path, vocab_parents):
+    """mergekit's tokenizer.pad_to_multiple_of: the vocabulary tensors padded up to the multiple,
+    each padding row the mean of the model's rows for the real tokens (before the merge), the
+    config's vocab_size padded and the tokenizer not; streamed in chunks, bred in place the same."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = vocab_parents
+    weights = {"a": 0.5, "b": 0.3, "c": 0.2}
+    text = _manifest(p, weights, "tokenizer:\n  source: union\n  pad_to_multiple_of: 64")
+    child = _merge(tmp_path, text)
+    v = _vocab(child)
+    rows = -(-len(v) // 64) * 64
+    assert rows > len(v)  # the test parents' union is not already a multiple of 64
+    got = read_all(child)
+    assert all(got[t].shape[0] == rows for t in VOCAB_TENSORS)
+    _check_rows(child, p, weights, "a", pad_to=rows)
+    assert json.loads((child / "config.json").read_text())["vocab_size"] == rows
+    tok = AutoTokenizer.from_pretrained(child)
+    assert len(tok) == len(v)
+    model = AutoModelForCausalLM.from_pretrained(child)
+    ids = tok("the fox", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] == ids.shape[1] + 3
+    small = read_all(_merge(tmp_path, text, "small", memory_budget=1 << 20))  # the padding rows' own task
+    assert all(torch.equal(small[k], got[k]) for k in got)
+    bred = dict(engine.iter_tensors(load_plan(text), workers=1))
+    assert all(torch.equal(bred[k], got[k]) for k in got)
