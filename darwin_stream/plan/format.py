@@ -71,6 +71,8 @@ def format_plan(plan: Plan) -> str:
     if plan.tokenizer:
         tok = plan.tokenizer
         what = f"{tok['source']}, {tok['vocab_size']} tokens" if tok.get("source") else f"{tok['base']}'s"
+        if tok.get("rows"):
+            what += f" padded to {tok['rows']} rows"
         lines.append(f"tokenizer: {what}" + (", chat template set" if tok.get("chat_template") else ""))
     n = plan.nbytes
     lines.append(f"child: {len(plan.tensors)} tensors, {n:,} bytes ({human_bytes(n)})")
