@@ -302,13 +302,42 @@ def sparsified_delta(chunk: Chunk, state: Any, i: int, sparsification: Sparsific
     if spec is None:
         return delta
     if isinstance(spec, Drop):
-        keep = keep_mask(chunk.seed, i, chunk.offset, delta.shape, spec.density)
+        keep = keep_mask(chunk.seed, i, chunk.offset, delta.shape, spec.density).to(delta.device)
     elif spec.window is None:
         return torch.zeros_like(delta)
     else:
         keep = spec.window.keep(magnitude_keys(delta), chunk.offset, _row_elems(chunk.shape))
-    delta = torch.where(keep, delta, torch.zeros((), dtype=delta.dtype))
-    return delta * spec.scale if spec.scale != 1.0 else delta
+    # A product, as mergekit masks (`tensor * mask`): 4x cheaper than torch.where (measured: 0.44
+    # against 2.4 ns an element); a dropped negative delta is -0.0, which adds as +0.0 does.
+    delta.mul_(keep)
+    return delta.mul_(spec.scale) if spec.scale != 1.0 else delta
+
+
+def _consensus(weighted: list[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
+    """Sum of the weighted deltas that agree with the sign of their sum ('sum' consensus), divided by
+    the agreeing weights when `normalize`; the weighted deltas are overwritten.
+
+    Bit for bit mergekit's `where(sign == majority, wd, 0)` sum, without its comparisons and selects
+    (the slowest elementwise ops on CPU): with S = +-1 the majority sign (+1 where the sum is 0),
+    `relu(S * wd)` is |wd| where wd agrees and 0 where not, and S times their running sum is the
+    running sum of the agreeing deltas, rounding for rounding (negation is exact)."""
+    total = weighted[0].clone()
+    for wd in weighted[1:]:
+        total += wd
+    sign = torch.ones_like(total).copysign_(total)  # a sum that is 0 is +0 here: the majority is +
+    del total
+    kept = torch.zeros_like(sign)
+    divisor = torch.zeros_like(sign) if normalize else None
+    for wd, w in zip(weighted, weights, strict=True):
+        agreeing = wd.mul_(sign).clamp_(min=0)
+        kept += agreeing
+        if divisor is not None:
+            divisor.add_(agreeing.sign_(), alpha=w)  # 1 * w is exact: no rounding in the product
+    mixed = kept.mul_(sign).add_(0.0)  # + 0.0: a sum with nothing agreeing is +0.0, as mergekit's
+    if divisor is not None:
+        divisor += divisor == 0
+        mixed /= divisor
+    return mixed
 
 
 def gta_blend(
@@ -324,39 +353,26 @@ def gta_blend(
     lam = float(chunk.params.get("lambda", 1.0))
     # Only task_arithmetic is declared inplace, so only it is handed the engine's scratch.
     inplace = chunk.out is not None
-    mixed = chunk.out.zero_() if inplace else torch.zeros_like(base)
     if consensus:
-        # Majority sign from the sum of weighted deltas ('sum' consensus), then a second sweep over the
-        # models keeps only agreeing deltas. The weighted deltas of the first sweep are kept for the
-        # second (a block is 2^15 elements, so N of them are N x 128 KiB): sparsifying again, which
-        # before cost dare_ties half its blend time (its hashed masks), gives the same bits.
-        sign_weight = torch.zeros_like(base)
-        weighted = []
-        for i, w in enumerate(weights):
-            weighted.append(sparsified_delta(chunk, state, i, sparsification) * w)
-            sign_weight += weighted[-1]
-        positive = sign_weight >= 0
-        del sign_weight
-        divisor = torch.zeros_like(base)
-        for wd, w in zip(weighted, weights, strict=True):
-            agree = torch.where(positive, wd > 0, wd < 0)
-            mixed += torch.where(agree, wd, torch.zeros((), dtype=wd.dtype))
-            divisor += agree.to(base.dtype) * w
-        divisor[divisor == 0] = 1
+        # Every model's weighted delta is kept for the second sweep (a heap block is 2^15 elements, so
+        # N of them are N x 128 KiB): sparsifying again, which before cost dare_ties half its blend
+        # time (its hashed masks), gives the same bits.
+        weighted = [sparsified_delta(chunk, state, i, sparsification).mul_(w) for i, w in enumerate(weights)]
+        mixed = _consensus(weighted, weights, normalize)
     else:
+        mixed = chunk.out.zero_() if inplace else torch.zeros_like(base)
         for i, w in enumerate(weights):
             if inplace:  # the same roundings as below, computed over the scratch inputs
                 mixed += chunk.models[i].sub_(base).mul_(w)
             else:
-                mixed += sparsified_delta(chunk, state, i, sparsification) * w
+                mixed += sparsified_delta(chunk, state, i, sparsification).mul_(w)
         # mergekit's |sum| < 1e-8 -> 1, tested in the dtype the division runs in (as linear does).
         total = float(torch.tensor(weights, dtype=mixed.dtype).sum())
-        divisor = total if abs(total) >= 1e-8 else 1.0
-    if normalize:
-        mixed /= divisor
+        if normalize:
+            mixed /= total if abs(total) >= 1e-8 else 1.0
     if lam != 1:
         mixed *= lam
-    return torch.add(base, mixed, out=mixed) if inplace else base + mixed
+    return mixed.add_(base)
 
 
 def _check_sparsity(name: str, sparsification: Sparsification, model_params: Sequence[Params], numel: int) -> str | None:

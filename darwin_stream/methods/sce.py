@@ -100,9 +100,26 @@ def _deltas(chunk: Chunk) -> list[torch.Tensor]:
     return [m - chunk.base for m in chunk.models]
 
 
+def variance(deltas: list[torch.Tensor]) -> torch.Tensor:
+    """The elementwise population variance across models, bit for bit mergekit's
+    `torch.var(stack, dim=0, unbiased=False)` in float32.
+
+    torch reduces a short dim with Welford's recurrence in float64, one element at a time, then
+    rounds to float32; these are the same float64 operations, elementwise over the models: 4 ns an
+    element instead of 130 (two models, one thread), where torch.var was 88% of sce's time."""
+    mean = deltas[0].to(torch.float64, copy=True)
+    m2 = torch.zeros_like(mean)
+    for k, d in enumerate(deltas[1:], 2):
+        x = d.to(torch.float64, copy=True)
+        delta = x - mean
+        mean += delta / k
+        m2 += delta * x.sub_(mean)
+    return (m2 / len(deltas)).to(torch.float32)
+
+
 def variance_keys(deltas: list[torch.Tensor]) -> torch.Tensor:
     """int32 keys ordered like the elementwise population variance across models (mergekit's torch.var)."""
-    return magnitude_keys(torch.var(torch.stack(deltas), dim=0, unbiased=False))
+    return magnitude_keys(variance(deltas))
 
 
 def _passes(shape: tuple[int, ...], params: Params) -> int:
@@ -110,7 +127,7 @@ def _passes(shape: tuple[int, ...], params: Params) -> int:
 
 
 def selected(chunk: Chunk, state: SceState | None, deltas: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The task vectors after the top-variance selection."""
+    """The task vectors after the top-variance selection (`deltas`, overwritten)."""
     topk = _topk(chunk.params)
     if topk >= 1:
         return deltas
@@ -118,8 +135,7 @@ def selected(chunk: Chunk, state: SceState | None, deltas: list[torch.Tensor]) -
         return [torch.zeros_like(d) for d in deltas]
     assert state is not None and state.window is not None
     keep = state.window.keep(variance_keys(deltas), chunk.offset, _row_elems(chunk.shape))
-    zero = torch.zeros((), dtype=deltas[0].dtype)
-    return [torch.where(keep, d, zero) for d in deltas]
+    return [d.mul_(keep) for d in deltas]  # a dropped negative delta is -0.0, which sums as +0.0
 
 
 def _stage(chunk: Chunk, state: SceState | None) -> Stage:
@@ -197,16 +213,20 @@ def blend(chunk: Chunk, state: SceState | None) -> torch.Tensor:
     total = deltas[0].clone()
     for d in deltas[1:]:
         total += d
-    positive = total >= 0
-    merged = torch.zeros_like(total)
-    divisor = torch.zeros_like(total)
-    zero = torch.zeros((), dtype=total.dtype)
+    # The sign election without comparisons or selects, as gta._consensus: S = +-1 the sign of the
+    # sum (+ where it is 0), relu(S d) is |d| where d agrees, and S times the sum of the agreeing
+    # |d| w is the sum of the agreeing d w, rounding for rounding; + 0.0 makes an empty sum +0.0.
+    sign = torch.ones_like(total).copysign_(total)
+    del total
+    merged = torch.zeros_like(sign)
+    divisor = torch.zeros_like(sign)
     for d, w in zip(deltas, state.weights, strict=True):
-        ew = torch.where(torch.where(positive, d > 0, d < 0), torch.tensor(w, dtype=d.dtype), zero)
-        merged += d * ew
-        divisor += ew
+        agreeing = d.mul_(sign).clamp_(min=0)
+        merged += agreeing * w
+        divisor.add_(agreeing.sign_(), alpha=w)  # 1 * w is exact: no rounding in the product
     assert base is not None
-    return base + merged / divisor.clamp_(min=WEIGHT_FLOOR)
+    merged.mul_(sign).add_(0.0)
+    return merged.div_(divisor.clamp_(min=WEIGHT_FLOOR)).add_(base)
 
 
 SCE = MergeMethod(
