@@ -39,6 +39,12 @@ WORKERS = 2
 
 def _model_params(method: str) -> list[dict]:
     """tools/bench_methods.py's per-model parameters (weights 0.6/0.4, densities 0.5/0.3)."""
+    from darwin_stream import methods
+
+    if method not in METHODS:  # another method, for comparison: its defaults, weights 0.6/0.4
+        m = methods.get(method)
+        n = 3 if m.base.value in ("input", "none") else 2
+        return [{"weight": w} if "weight" in m.model_param_defaults else {} for w in (0.6, 0.4, 0.2)[:n]]
     extra = {"epsilon": 0.1} if method.startswith("della") else {}
     if method.startswith("breadcrumbs"):
         extra = {"gamma": 0.01}
@@ -51,6 +57,7 @@ def _params(method: str) -> dict:
     from darwin_stream import methods
 
     params = {k: v for k, v in methods.get(method).param_defaults.items() if k != "int8_mask"}
+    params.update({k: 0.5 for k, v in params.items() if repr(v) == "REQUIRED"})  # slerp's, nearswap's t
     if method == "sce":
         params["select_topk"] = 0.3
     return params
@@ -91,8 +98,12 @@ def _chunks(method, raw: list, shape, params, model_params, dtype, rows: int, bu
         out = None
         if method.inplace:
             out = torch.empty((r1 - r0, shape[1]), dtype=dtype)
-        yield r0, r1, methods.Chunk(models=filled[1:], model_params=model_params, params=params, base=filled[0],
+        base, models = (filled[0], filled[1:]) if len(filled) > len(model_params) else (None, filled)
+        yield r0, r1, methods.Chunk(models=models, model_params=model_params, params=params, base=base,
                                     offset=r0 * shape[1], numel=numel, shape=shape, seed=1234, out=out)
+
+
+AGGREGATE = statistics.median  # --min: the fastest run, steadier on a machine shared with other jobs
 
 
 def time_method(name: str, shape: tuple[int, int], reps: int) -> dict:
@@ -104,17 +115,21 @@ def time_method(name: str, shape: tuple[int, int], reps: int) -> dict:
     method = methods.get(name)
     g = torch.Generator().manual_seed(0)
     mp = _model_params(name)
-    raw = [(torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16) for _ in range(1 + len(mp))]
+    n_inputs = len(mp) + int(method.base.value in ("required", "optional"))
+    raw = [(torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16) for _ in range(n_inputs)]
     params = _params(name)
     rows = _block_rows(method, shape, len(raw))
     stat = method.statistic
     buffers: dict = {}
+    stat_dtype = stat.dtype if stat is not None else torch.float32
 
     def statistic():
         state = None
+        if stat is None:
+            return None
         for _ in range(methods.pass_count(stat, shape, params)):
             acc = None
-            for _, _, chunk in _chunks(method, raw, shape, params, mp, stat.dtype, rows, buffers):
+            for _, _, chunk in _chunks(method, raw, shape, params, mp, stat_dtype, rows, buffers):
                 part = stat.partial(chunk, state)
                 acc = part if acc is None else stat.combine([acc, part])
             state = stat.finish(acc, state)
@@ -130,20 +145,30 @@ def time_method(name: str, shape: tuple[int, int], reps: int) -> dict:
     state = statistic()
     blend(state)  # warm: buffers allocated, code paths loaded
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         state = statistic()
-        t1 = time.perf_counter()
+        t1 = time.thread_time()
         blend(state)
-        t2 = time.perf_counter()
+        t2 = time.thread_time()
         st.append(t1 - t0)
         bl.append(t2 - t1)
     digest = hashlib.sha256(out.view(torch.int16).numpy().tobytes()).hexdigest()[:16]
-    return {"method": name, "shape": list(shape), "block_rows": rows, "statistic_s": statistics.median(st),
-            "blend_s": statistics.median(bl), "digest": digest}
+    return {"method": name, "shape": list(shape), "block_rows": rows, "statistic_s": AGGREGATE(st),
+            "blend_s": AGGREGATE(bl), "digest": digest}
 
 
 def measure(names: list[str], reps: int) -> list[dict]:
     return [time_method(n, s, reps) for n in names for s in SHAPES]
+
+
+def _as_in_a_merge(heap_block: int | None) -> None:
+    """The allocator as a merge sets it (engine.bound_allocator), for `heap_block` if given."""
+    from darwin_stream import engine
+
+    if heap_block:
+        engine.HEAP_BLOCK = heap_block
+        engine.MMAP_THRESHOLD = 16 * heap_block
+    engine.bound_allocator()
 
 
 def _extract(rev: str, into: Path) -> Path:
@@ -158,7 +183,8 @@ def _extract(rev: str, into: Path) -> Path:
 
 def _run_other(src: Path, name: str, reps: int) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": str(src)}
-    cmd = [sys.executable, __file__, "--json", "--reps", str(reps), "--methods", name]
+    cmd = [sys.executable, __file__, "--json", "--reps", str(reps), "--methods", name,
+           *(["--min"] if AGGREGATE is min else [])]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(res.stdout)
 
@@ -201,7 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--against", metavar="REV", help="also time this commit's darwin_stream, in the same run")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    ap.add_argument("--heap-block", type=int, help="try another engine.HEAP_BLOCK (elements)")
+    ap.add_argument("--min", action="store_true", help="the fastest of the reps instead of their median")
     args = ap.parse_args(argv)
+    global AGGREGATE
+    AGGREGATE = min if args.min else statistics.median
+    _as_in_a_merge(args.heap_block)
     names = [n for n in args.methods.split(",") if n]
     if args.against:
         new, old = compare(args.against, names, args.reps)
@@ -210,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(new))
         return 0
-    print(f"torch threads 1, budget {BUDGET >> 20} MiB, {WORKERS} workers, median of {args.reps}")
+    how = "fastest" if args.min else "median"
+    print(f"torch threads 1, budget {BUDGET >> 20} MiB, {WORKERS} workers, {how} of {args.reps}")
     print(_table(new, old, args.against))
     return 0
 

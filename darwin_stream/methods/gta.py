@@ -354,8 +354,8 @@ def gta_blend(
     # Only task_arithmetic is declared inplace, so only it is handed the engine's scratch.
     inplace = chunk.out is not None
     if consensus:
-        # Every model's weighted delta is kept for the second sweep (a heap block is 2^15 elements, so
-        # N of them are N x 128 KiB): sparsifying again, which before cost dare_ties half its blend
+        # Every model's weighted delta is kept for the second sweep (a heap block is 2^17 elements, so
+        # N of them are N x 512 KiB): sparsifying again, which before cost dare_ties half its blend
         # time (its hashed masks), gives the same bits.
         weighted = [sparsified_delta(chunk, state, i, sparsification).mul_(w) for i, w in enumerate(weights)]
         mixed = _consensus(weighted, weights, normalize)
