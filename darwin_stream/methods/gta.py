@@ -38,14 +38,20 @@ from darwin_stream.methods.masks import keep_mask
 from darwin_stream.methods.reduce import sum_tree
 from darwin_stream.methods.select import (
     Located,
+    Members,
     RadixSelect,
     RowCounts,
     Window,
+    bin_members,
+    combine_members,
     combine_rows,
+    gathers,
     hi_histogram,
     lo_histogram,
     magnitude_keys,
     make_window,
+    members_histograms,
+    members_prefixes,
     row_counts,
     window_ranks,
     with_prefixes,
@@ -120,14 +126,19 @@ class _Counted:
     pass 2's low histograms by bin, or pass 3's row counts."""
 
     rescale: bool
-    models: tuple[_Histogram | dict[int, torch.Tensor] | RowCounts | None, ...]
+    models: tuple[_Histogram | dict[int, torch.Tensor] | dict[int, Members] | RowCounts | None, ...]
 
 
 def _combine_counted(parts: Sequence[_Counted]) -> _Counted:
     models = []
     for i, first in enumerate(parts[0].models):
         xs = [p.models[i] for p in parts]
-        models.append(combine_rows(xs) if isinstance(first, RowCounts) else sum_tree(xs))  # type: ignore[arg-type]
+        if isinstance(first, RowCounts):
+            models.append(combine_rows(xs))  # type: ignore[arg-type]
+        elif isinstance(first, dict) and any(isinstance(v, Members) for v in first.values()):
+            models.append(combine_members(xs))  # type: ignore[arg-type]
+        else:
+            models.append(sum_tree(xs))
     return _Counted(parts[0].rescale, tuple(models))
 
 
@@ -140,6 +151,7 @@ class _Pending:
     counts: torch.Tensor
     located: tuple[Located | None, ...]
     sums: torch.Tensor | None = None
+    gather: bool = False  # pass 2 gathers the boundary bins' elements (select.Members)
 
 
 @dataclass(frozen=True)
@@ -181,18 +193,26 @@ def _magnitude_partial(chunk: Chunk, state: _Ranked | _Windowed | None, rescale_
         if density >= 1:
             out.append(None)
             continue
+        if isinstance(state, _Windowed):  # pass 3: only the windows whose ties are left to count
+            spec = state.models[i]
+            w = spec.window if spec is not None else None
+            if w is None or not w.split or w.ranked:
+                out.append(None)
+            else:
+                out.append(row_counts(magnitude_keys(_deltas(chunk, i)), w, chunk.offset, _row_elems(chunk.shape)))
+            continue
         keys = magnitude_keys(_deltas(chunk, i))
         if state is None:
             counts, sums = hi_histogram(keys, rescale)
             out.append(_Histogram(counts, sums, density, float(mp.get("gamma", 0.01))))
-        elif isinstance(state, _Ranked):
-            pending = state.models[i]
-            located = pending.located if pending is not None else ()
-            out.append({b: lo_histogram(keys, b) for b in RadixSelect.bins(located)})
         else:
-            spec = state.models[i]
-            w = spec.window if spec is not None else None
-            out.append(row_counts(keys, w, chunk.offset, _row_elems(chunk.shape)) if w is not None and w.split else None)
+            pending = state.models[i]
+            bins = RadixSelect.bins(pending.located if pending is not None else ())
+            if pending is not None and pending.gather:
+                row_elems = _row_elems(chunk.shape)
+                out.append(bin_members(keys, bins, chunk.offset, row_elems, max(chunk.numel, 1) // max(row_elems, 1)))
+            else:
+                out.append({b: lo_histogram(keys, b) for b in bins})
     return _Counted(rescale, tuple(out))
 
 
@@ -204,7 +224,8 @@ def _rank(combined: _Counted, kind: Sparsification) -> _Ranked:
             continue
         skip, take = magnitude_window(kind, m.density, m.gamma, int(m.counts.sum()))
         located = tuple(RadixSelect.first(m.counts, window_ranks(skip, take))) if take > 0 else ()
-        models.append(_Pending(skip, take, m.counts, located, m.sums))
+        gather = gathers(m.counts, RadixSelect.bins(located))
+        models.append(_Pending(skip, take, m.counts, located, m.sums, gather))
     return _Ranked(combined.rescale, tuple(models))
 
 
@@ -218,7 +239,12 @@ def _windows(combined: _Counted, state: _Ranked) -> _Windowed:
             specs.append(Bounds(None, 1.0))  # mergekit keeps an empty slice: the delta vanishes
             continue
         assert isinstance(lo, dict)
+        members = lo if m.gather else None
+        if members is not None:
+            lo = members_histograms(members)
         window = make_window(m.skip, m.take, m.counts, m.located, lo)
+        if members is not None:
+            window = members_prefixes(window, members)
         scale = 1.0
         if state.rescale:
             assert m.sums is not None
