@@ -34,14 +34,20 @@ from darwin_stream.methods.gta import INT8_MASK
 from darwin_stream.methods.reduce import sum_tree
 from darwin_stream.methods.select import (
     Located,
+    Members,
     RadixSelect,
     RowCounts,
     Window,
+    bin_members,
+    combine_members,
     combine_rows,
+    gathers,
     hi_histogram,
     lo_histogram,
     magnitude_keys,
     make_window,
+    members_histograms,
+    members_prefixes,
     row_counts,
     window_ranks,
     with_prefixes,
@@ -69,6 +75,7 @@ class _Counts:
 @dataclass(frozen=True)
 class _Low:
     lo: dict[int, torch.Tensor]
+    members: dict[int, Members] | None = None  # the bins' elements, where gathered (select.Members)
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,7 @@ class SceState:
     located: tuple[Located | None, ...] = ()
     window: Window | None = None
     weights: tuple[float, ...] | None = None
+    gather: bool = False  # the LOW pass gathers the threshold bin's elements: TIES then reads nothing
 
 
 def _topk(params: Params) -> float:
@@ -152,29 +160,35 @@ def _row_elems(shape: tuple[int, ...]) -> int:
 
 
 def _partial(chunk: Chunk, state: SceState | None) -> _Counts | _Low | RowCounts | _Squares | None:
-    deltas = _deltas(chunk)
     stage = _stage(chunk, state)
     if stage is Stage.COUNTS:
-        keys = variance_keys(deltas)
+        keys = variance_keys(_deltas(chunk))
         counts, _ = hi_histogram(keys, with_sums=False)
         return _Counts(counts, (keys == 0).sum(), _topk(chunk.params))
     if stage is Stage.LOW:
         assert state is not None
-        keys = variance_keys(deltas)
-        return _Low({b: lo_histogram(keys, b) for b in RadixSelect.bins(state.located)})
+        keys = variance_keys(_deltas(chunk))
+        bins = RadixSelect.bins(state.located)
+        if state.gather:
+            row_elems = _row_elems(chunk.shape)
+            total_rows = max(chunk.numel, 1) // max(row_elems, 1)
+            return _Low({}, bin_members(keys, bins, chunk.offset, row_elems, total_rows))
+        return _Low({b: lo_histogram(keys, b) for b in bins})
     if stage is Stage.TIES:
         assert state is not None
         w = state.window
-        if w is None or not w.split:
+        if w is None or not w.split or w.ranked:
             return None
-        return row_counts(variance_keys(deltas), w, chunk.offset, _row_elems(chunk.shape))
-    sq = torch.stack([(d.to(torch.float64) ** 2).sum() for d in selected(chunk, state, deltas)])
+        return row_counts(variance_keys(_deltas(chunk)), w, chunk.offset, _row_elems(chunk.shape))
+    sq = torch.stack([(d.to(torch.float64) ** 2).sum() for d in selected(chunk, state, _deltas(chunk))])
     return _Squares(sq, chunk.numel)
 
 
 def _combine(parts: list) -> _Counts | _Low | RowCounts | _Squares | None:
     if parts[0] is None:
         return None
+    if isinstance(parts[0], _Low) and parts[0].members is not None:
+        return _Low({}, combine_members([p.members for p in parts]))
     return combine_rows(parts) if isinstance(parts[0], RowCounts) else sum_tree(parts)
 
 
@@ -184,11 +198,15 @@ def _finish(combined: _Counts | _Low | RowCounts | _Squares | None, state: SceSt
         # mergekit: int(count_nonzero(var) * density), the product a float32 tensor
         k = int(torch.tensor(nonzero) * combined.topk)
         located = tuple(RadixSelect.first(combined.counts, window_ranks(0, k))) if k > 0 else ()
-        return SceState(Stage.LOW, take=k, counts=combined.counts, located=located)
+        gather = gathers(combined.counts, RadixSelect.bins(located))
+        return SceState(Stage.LOW, take=k, counts=combined.counts, located=located, gather=gather)
     assert state is not None or isinstance(combined, _Squares)
     if isinstance(combined, _Low):
         assert state is not None
-        window = make_window(0, state.take, state.counts, state.located, combined.lo) if state.take > 0 else None
+        lo = combined.lo if combined.members is None else members_histograms(combined.members)
+        window = make_window(0, state.take, state.counts, state.located, lo) if state.take > 0 else None
+        if window is not None and combined.members is not None:
+            window = members_prefixes(window, combined.members)
         return replace(state, next=Stage.TIES, window=window, counts=None)
     if state is not None and state.next is Stage.TIES:
         window = with_prefixes(state.window, combined) if isinstance(combined, RowCounts) and state.window else state.window
