@@ -154,9 +154,9 @@ def _partial(chunk: Chunk, state: MagPrune | None) -> _Part:
             models.append(_composite(magnitude_keys(delta), chunk.offset))
             continue
         sorted_keys = state.sorted[i] if state else None
-        mag = delta.abs().to(torch.float64)
         kept = keep(chunk, i, delta, sorted_keys)
-        models.append(torch.stack([mag.sum(), (mag * kept).sum()]))
+        mag = delta.abs_()  # float64 sums of the float32 magnitudes, without a float64 copy (the same bits)
+        models.append(torch.stack([mag.sum(dtype=torch.float64), mag.mul_(kept).sum(dtype=torch.float64)]))
     return _Part(gather, tuple(models))
 
 

@@ -293,10 +293,11 @@ def _random_partial(chunk: Chunk, state: Any, rescale_default: bool) -> tuple[_L
             continue
         before = after = None
         if rescale:
-            mag = _deltas(chunk, i).abs().to(torch.float64)
-            before = mag.sum()
-            mask = keep_mask(chunk.seed, i, chunk.offset, mag.shape, density)
-            after = (mag * mask).sum()
+            # float64 sums of the float32 magnitudes, without a float64 copy (the same bits)
+            mag = _deltas(chunk, i).abs_()
+            before = mag.sum(dtype=torch.float64)
+            mask = keep_mask(chunk.seed, i, chunk.offset, mag.shape, density).to(mag.device)
+            after = mag.mul_(mask).sum(dtype=torch.float64)
         out.append(_L1(density, before, after))
     return tuple(out)
 
