@@ -69,8 +69,9 @@ def test_della_parameter_checks_and_edges():
     assert torch.equal(same, run_blocks("ties", base, models, [{"weight": 1.0, "density": 1.0}]))
 
 
+@pytest.mark.parametrize("density,epsilon", [(0.4, 0.2), (0.05, 0.1)])  # the second: some p < 0
 @pytest.mark.parametrize("shape", [(40, 64), (7, 5, 6), (3, 1)])
-def test_keep_is_the_stable_rank_formula(shape):
+def test_keep_is_the_stable_rank_formula(shape, density, epsilon):
     """della.keep (ranks from one sort of key << 32 | position, thresholds per rank) keeps exactly what
     mergekit's float32 probabilities of stable ranks along dim 1 keep, quantised ties included."""
     from darwin_stream.methods.contract import Chunk
@@ -79,7 +80,6 @@ def test_keep_is_the_stable_rank_formula(shape):
 
     g = torch.Generator().manual_seed(5)
     delta = (torch.randn(shape, generator=g) * 8).round() / 64  # many equal magnitudes
-    density, epsilon = 0.4, 0.2
     chunk = Chunk(models=[delta], model_params=[{"density": density, "epsilon": epsilon}], params={},
                   offset=0, numel=delta.numel(), shape=shape, seed=11)
     m = shape[1]
