@@ -43,7 +43,7 @@ from darwin_stream.methods.gta import (
     normalize_param,
     rescale_param,
 )
-from darwin_stream.methods.masks import uniform_u32
+from darwin_stream.methods.masks import apply_mask, uniform_u32
 from darwin_stream.methods.select import magnitude_keys
 
 
@@ -170,7 +170,7 @@ def _partial(chunk: Chunk, state: MagPrune | None) -> _Part:
         sorted_keys = state.sorted[i] if state else None
         kept = keep(chunk, i, delta, sorted_keys)
         mag = delta.abs_()  # float64 sums of the float32 magnitudes, without a float64 copy (the same bits)
-        models.append(torch.stack([mag.sum(dtype=torch.float64), mag.mul_(kept).sum(dtype=torch.float64)]))
+        models.append(torch.stack([mag.sum(dtype=torch.float64), apply_mask(mag, kept).sum(dtype=torch.float64)]))
     return _Part(gather, tuple(models))
 
 
@@ -209,7 +209,7 @@ def sparsify(chunk: Chunk, state: MagPrune | None, i: int) -> torch.Tensor:
         return torch.zeros_like(delta)
     _check(density, float(mp.get("epsilon", 0.15)))
     kept = keep(chunk, i, delta, state.sorted[i] if state else None)
-    delta.mul_(kept)  # a product, as mergekit's: see gta.sparsified_delta
+    apply_mask(delta, kept)  # a product, as mergekit's: see gta.sparsified_delta
     scale = state.scale[i] if state and state.scale else 1.0
     return delta.mul_(scale) if scale != 1.0 else delta
 

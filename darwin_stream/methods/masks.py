@@ -114,3 +114,17 @@ def keep_mask(seed: int, model: int, offset: int, shape: Sequence[int], density:
         return torch.ones(tuple(shape), dtype=torch.bool)
     bits = uniform_u32(seed, model, offset, n)
     return torch.from_numpy(bits < np.uint32(threshold)).reshape(tuple(shape))
+
+
+def apply_mask(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """`x *= keep` (a bool mask shaped like x), in place, as mergekit applies its masks.
+
+    On the CPU through numpy, whose bool-to-float cast is vectorised: 0.15 ns an element against
+    0.52 for torch's `mul_` by a bool tensor (2^17 elements, one thread), which every sparsified
+    task vector pays once or twice."""
+    if (x.device.type == "cpu" and keep.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and x.is_contiguous() and keep.is_contiguous()):
+        xn = x.numpy()
+        np.multiply(xn, keep.numpy().reshape(xn.shape), out=xn)
+        return x
+    return x.mul_(keep.to(x.device))

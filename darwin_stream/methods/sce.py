@@ -31,6 +31,7 @@ from darwin_stream.methods.contract import (
     param,
 )
 from darwin_stream.methods.gta import INT8_MASK
+from darwin_stream.methods.masks import apply_mask
 from darwin_stream.methods.reduce import sum_tree
 from darwin_stream.methods.select import (
     Located,
@@ -143,7 +144,7 @@ def selected(chunk: Chunk, state: SceState | None, deltas: list[torch.Tensor]) -
         return [torch.zeros_like(d) for d in deltas]
     assert state is not None and state.window is not None
     keep = state.window.keep(variance_keys(deltas), chunk.offset, _row_elems(chunk.shape))
-    return [d.mul_(keep) for d in deltas]  # a dropped negative delta is -0.0, which sums as +0.0
+    return [apply_mask(d, keep) for d in deltas]  # a dropped negative delta is -0.0, which sums as +0.0
 
 
 def _stage(chunk: Chunk, state: SceState | None) -> Stage:
