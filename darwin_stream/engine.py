@@ -88,9 +88,13 @@ def get_parent_info(plan: Plan, ref: SourceRef):
 
 # Largest block of elements a blend works on at once. Methods that compute in place get big blocks
 # (few Python calls per tensor); the others allocate temporaries for every block, kept small enough
-# to be recycled by the heap instead of being mapped afresh (MMAP_THRESHOLD) each time.
+# to be recycled by the heap instead of being mapped afresh (MMAP_THRESHOLD) each time. 2^17, not
+# 2^15: at 2^15 a block's Python and dispatch costs and the statistics' per-block histograms (2^15
+# and 2^16 bins, folded block by block) outweighed its elements, and a 2^16-bin int64 histogram
+# (512 KiB) was mapped afresh each time; ties' kernels took 0.123 s per 3072x1024 tensor, 0.068 s at
+# 2^17, breadcrumbs_ties' 0.244 s and 0.108 s (tools/bench_kernels.py, CPU time).
 INPLACE_BLOCK = 2**18
-HEAP_BLOCK = 2**15
+HEAP_BLOCK = 2**17
 MMAP_THRESHOLD = 4 * HEAP_BLOCK * 4  # bytes: an int64/float64 temporary of a heap block stays below it
 CHUNK_CAP = 64 * 2**20  # raw input bytes per task: enough to amortise a task, small enough to balance
 

@@ -62,3 +62,35 @@ def test_merge_stays_within_its_budget(big_pair, tmp_path):
     assert rc == 0
     assert (tmp_path / "child" / "model.safetensors").exists()
     assert peak - baseline <= BUDGET, f"merge peak {peak / 2**20:.1f} MiB, plan {baseline / 2**20:.1f} MiB"
+
+
+SELECTIONS = {
+    "ties": "  - model: {b}\n    parameters: {{weight: 0.7, density: 0.4}}\n",
+    "della": "  - model: {b}\n    parameters: {{weight: 0.7, density: 0.4, epsilon: 0.1}}\n",
+    "sce": "  - model: {b}\n  - model: {a}\nparameters:\n  select_topk: 0.3\n",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(SELECTIONS))
+def test_selection_and_random_methods_stay_within_the_budget(big_pair, tmp_path, method):
+    """The methods that allocate temporaries per block, at full-size heap blocks (engine.HEAP_BLOCK,
+    2^17 elements: a 40 MiB budget leaves each of 2 workers more than such a block needs), with the
+    statistic passes that ties, della and sce make: their temporaries (`temp_bytes`) must be true."""
+    from darwin_stream import engine, methods
+
+    a, b = big_pair
+    budget = 40 * 2**20
+    n = 3 if method == "sce" else 2
+    manifest = tmp_path / f"{method}.yaml"
+    manifest.write_text(f"merge_method: {method}\nbase_model: {a}\nmodels:\n"
+                        + SELECTIONS[method].format(a=a, b=b) + "dtype: bfloat16\n")
+    share = engine._share(budget, 2) // 2
+    assert share >= engine.HEAP_BLOCK * (4 * n + 4 + methods.get(method).temp_bytes(n)), "blocks at full size"
+    cli = [sys.executable, "-m", "darwin_stream.cli"]
+    args = ["--memory-budget", str(budget)]
+    rc, baseline = peak_private_memory([*cli, "plan", str(manifest), *args])
+    assert rc == 0
+    rc, peak = peak_private_memory([*cli, "merge", str(manifest), str(tmp_path / "child"), "--quiet", *args])
+    assert rc == 0
+    assert peak - baseline <= budget, f"{method}: merge peak {peak / 2**20:.1f} MiB, plan {baseline / 2**20:.1f} MiB"

@@ -15,10 +15,12 @@ hash of (seed, model, flat index) as DARE's, so a child does not depend on chunk
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from darwin_stream.methods.breeding import TASK_VECTOR
@@ -41,7 +43,7 @@ from darwin_stream.methods.gta import (
     normalize_param,
     rescale_param,
 )
-from darwin_stream.methods.masks import uniform_bits
+from darwin_stream.methods.masks import apply_mask, uniform_u32
 from darwin_stream.methods.select import magnitude_keys
 
 
@@ -82,31 +84,71 @@ def _composite(keys: torch.Tensor, offset: int) -> torch.Tensor:
     return (keys.reshape(-1).to(torch.int64) << 32) | idx
 
 
-def _ranks(chunk: Chunk, delta: torch.Tensor, sorted_keys: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-    """1-based magnitude ranks of `delta`'s elements within their row, and the row length."""
-    keys = magnitude_keys(delta)
-    if len(chunk.shape) <= 1:
-        if sorted_keys is None:
-            raise ValueError("della needs its first pass for a 1-D tensor")
-        pos = torch.searchsorted(sorted_keys, _composite(keys, chunk.offset))
-        return (pos + 1).reshape(delta.shape), max(chunk.numel, 1)
-    order = torch.sort(keys, dim=1, stable=True).indices
-    ranks = torch.empty_like(order)
-    ar = torch.arange(1, keys.shape[1] + 1, dtype=order.dtype)
-    ranks.scatter_(1, order, ar.reshape(1, -1, *([1] * (keys.dim() - 2))).expand_as(order))
-    return ranks, keys.shape[1]
+@functools.lru_cache(maxsize=64)
+def rank_thresholds(m: int, density: float, epsilon: float) -> torch.Tensor:
+    """int64 `t[r - 1]` for ranks r = 1..m: a draw u (32 bits) keeps an element of rank r iff u < t.
+
+    mergekit's keep probability, in its float32 arithmetic: `((rank - min) / (max - min)).clamp(0, 1)
+    * 2 eps + (d - eps)`; the draw keeps where `u < p * 2^32`, which for an integer u is `u <
+    ceil(p * 2^32)` (p * 2^32 is exact in float64). One table per row length, instead of that
+    arithmetic per element."""
+    ranks = torch.arange(1, m + 1, dtype=torch.int64).to(torch.float32)
+    rank_norm = ((ranks - 1) / max(m - 1, 1)).clamp_(0, 1)
+    probs = (rank_norm * 2 * epsilon) + (density - epsilon)
+    return torch.ceil(probs.to(torch.float64) * 2.0**32).to(torch.int64)
+
+
+@functools.lru_cache(maxsize=64)
+def rank_bounds(m: int, density: float, epsilon: float) -> tuple[torch.Tensor, bool]:
+    """`rank_thresholds` as (table, inclusive): where every threshold t lies in [1, 2^32] (every
+    density and epsilon that della accepts), the int32 bit patterns of t - 1, which a uint32 draw
+    keeps at or below; halves the scatter's bytes and makes the comparison uint32 against uint32
+    (0.42 + 0.10 ns an element instead of 0.83 + 0.42). Otherwise the int64 thresholds."""
+    table = rank_thresholds(m, density, epsilon)
+    if int(table.min()) >= 1 and int(table.max()) <= 2**32:
+        return torch.from_numpy((table - 1).numpy().astype(np.uint32).view(np.int32)), True
+    return table, False
+
+
+def _row_thresholds(keys: torch.Tensor, table: torch.Tensor) -> np.ndarray:
+    """Each element's threshold, `table[rank - 1]` (in the table's dtype), its rank by magnitude key within its row (dim 1),
+    equal keys in position order (a stable sort's ranks).
+
+    The row is sorted as one int64 per element, key << 32 | position, which makes every value
+    distinct, so numpy's vectorised sort (not stable, and needing no indices) gives the stable
+    order: 3 ns an element against 38 ns for torch's stable sort of the keys (rows of 1024, one
+    thread); the positions come back in the low bits, and scatter each rank's threshold there."""
+    m = keys.shape[1]
+    moved = keys.movedim(1, -1) if keys.dim() > 2 else keys
+    comp = moved.reshape(-1, m).cpu().numpy().astype(np.int64)
+    comp <<= 32
+    comp |= np.arange(m, dtype=np.int64)
+    comp.sort(axis=1)
+    comp &= 0xFFFFFFFF
+    cols = torch.from_numpy(comp)
+    thr = torch.empty(cols.shape, dtype=table.dtype).scatter_(1, cols, table.expand(cols.shape[0], m))
+    if keys.dim() > 2:
+        thr = thr.reshape(moved.shape).movedim(-1, 1).contiguous()
+    return thr.reshape(-1).numpy()
 
 
 def keep(chunk: Chunk, i: int, delta: torch.Tensor, sorted_keys: torch.Tensor | None) -> torch.Tensor:
     """MagPrune's Bernoulli keep mask for model i on this chunk."""
     mp = chunk.model_params[i]
     density, epsilon = float(mp.get("density", 1.0)), float(mp.get("epsilon", 0.15))
-    ranks, m = _ranks(chunk, delta, sorted_keys)
-    # mergekit's float32 arithmetic: ((rank - min) / (max - min)).clamp(0, 1) * 2 * eps + (d - eps)
-    rank_norm = ((ranks.to(torch.float32) - 1) / max(m - 1, 1)).clamp_(0, 1)
-    probs = (rank_norm * 2 * epsilon) + (density - epsilon)
-    u = uniform_bits(chunk.seed, i, chunk.offset, delta.numel()).reshape(delta.shape)
-    return u.to(torch.float64) < probs.to(torch.float64) * 2.0**32
+    keys = magnitude_keys(delta)
+    if len(chunk.shape) <= 1:
+        if sorted_keys is None:
+            raise ValueError("della needs its first pass for a 1-D tensor")
+        table, inclusive = rank_bounds(max(chunk.numel, 1), density, epsilon)
+        pos = torch.searchsorted(sorted_keys, _composite(keys.cpu(), chunk.offset))
+        thr = table[pos].numpy()
+    else:
+        table, inclusive = rank_bounds(keys.shape[1], density, epsilon)
+        thr = _row_thresholds(keys, table)
+    u = uniform_u32(chunk.seed, i, chunk.offset, delta.numel())
+    kept = u <= thr.view(np.uint32) if inclusive else u < thr
+    return torch.from_numpy(kept).reshape(delta.shape).to(delta.device)
 
 
 def _passes(shape: tuple[int, ...], params: Params) -> int:
@@ -126,9 +168,9 @@ def _partial(chunk: Chunk, state: MagPrune | None) -> _Part:
             models.append(_composite(magnitude_keys(delta), chunk.offset))
             continue
         sorted_keys = state.sorted[i] if state else None
-        mag = delta.abs().to(torch.float64)
         kept = keep(chunk, i, delta, sorted_keys)
-        models.append(torch.stack([mag.sum(), (mag * kept).sum()]))
+        mag = delta.abs_()  # float64 sums of the float32 magnitudes, without a float64 copy (the same bits)
+        models.append(torch.stack([mag.sum(dtype=torch.float64), apply_mask(mag, kept).sum(dtype=torch.float64)]))
     return _Part(gather, tuple(models))
 
 
@@ -167,9 +209,9 @@ def sparsify(chunk: Chunk, state: MagPrune | None, i: int) -> torch.Tensor:
         return torch.zeros_like(delta)
     _check(density, float(mp.get("epsilon", 0.15)))
     kept = keep(chunk, i, delta, state.sorted[i] if state else None)
-    delta = torch.where(kept, delta, torch.zeros((), dtype=delta.dtype))
+    apply_mask(delta, kept)  # a product, as mergekit's: see gta.sparsified_delta
     scale = state.scale[i] if state and state.scale else 1.0
-    return delta * scale if scale != 1.0 else delta
+    return delta.mul_(scale) if scale != 1.0 else delta
 
 
 def _make(name: str, consensus: bool, normalize: bool) -> MergeMethod:

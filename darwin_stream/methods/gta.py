@@ -34,18 +34,24 @@ from darwin_stream.methods.contract import (
     param,
     required,
 )
-from darwin_stream.methods.masks import keep_mask
+from darwin_stream.methods.masks import apply_mask, keep_mask
 from darwin_stream.methods.reduce import sum_tree
 from darwin_stream.methods.select import (
     Located,
+    Members,
     RadixSelect,
     RowCounts,
     Window,
+    bin_members,
+    combine_members,
     combine_rows,
+    gathers,
     hi_histogram,
     lo_histogram,
     magnitude_keys,
     make_window,
+    members_histograms,
+    members_prefixes,
     row_counts,
     window_ranks,
     with_prefixes,
@@ -120,14 +126,19 @@ class _Counted:
     pass 2's low histograms by bin, or pass 3's row counts."""
 
     rescale: bool
-    models: tuple[_Histogram | dict[int, torch.Tensor] | RowCounts | None, ...]
+    models: tuple[_Histogram | dict[int, torch.Tensor] | dict[int, Members] | RowCounts | None, ...]
 
 
 def _combine_counted(parts: Sequence[_Counted]) -> _Counted:
     models = []
     for i, first in enumerate(parts[0].models):
         xs = [p.models[i] for p in parts]
-        models.append(combine_rows(xs) if isinstance(first, RowCounts) else sum_tree(xs))  # type: ignore[arg-type]
+        if isinstance(first, RowCounts):
+            models.append(combine_rows(xs))  # type: ignore[arg-type]
+        elif isinstance(first, dict) and any(isinstance(v, Members) for v in first.values()):
+            models.append(combine_members(xs))  # type: ignore[arg-type]
+        else:
+            models.append(sum_tree(xs))
     return _Counted(parts[0].rescale, tuple(models))
 
 
@@ -140,6 +151,7 @@ class _Pending:
     counts: torch.Tensor
     located: tuple[Located | None, ...]
     sums: torch.Tensor | None = None
+    gather: bool = False  # pass 2 gathers the boundary bins' elements (select.Members)
 
 
 @dataclass(frozen=True)
@@ -181,18 +193,26 @@ def _magnitude_partial(chunk: Chunk, state: _Ranked | _Windowed | None, rescale_
         if density >= 1:
             out.append(None)
             continue
+        if isinstance(state, _Windowed):  # pass 3: only the windows whose ties are left to count
+            spec = state.models[i]
+            w = spec.window if spec is not None else None
+            if w is None or not w.split or w.ranked:
+                out.append(None)
+            else:
+                out.append(row_counts(magnitude_keys(_deltas(chunk, i)), w, chunk.offset, _row_elems(chunk.shape)))
+            continue
         keys = magnitude_keys(_deltas(chunk, i))
         if state is None:
             counts, sums = hi_histogram(keys, rescale)
             out.append(_Histogram(counts, sums, density, float(mp.get("gamma", 0.01))))
-        elif isinstance(state, _Ranked):
-            pending = state.models[i]
-            located = pending.located if pending is not None else ()
-            out.append({b: lo_histogram(keys, b) for b in RadixSelect.bins(located)})
         else:
-            spec = state.models[i]
-            w = spec.window if spec is not None else None
-            out.append(row_counts(keys, w, chunk.offset, _row_elems(chunk.shape)) if w is not None and w.split else None)
+            pending = state.models[i]
+            bins = RadixSelect.bins(pending.located if pending is not None else ())
+            if pending is not None and pending.gather:
+                row_elems = _row_elems(chunk.shape)
+                out.append(bin_members(keys, bins, chunk.offset, row_elems, max(chunk.numel, 1) // max(row_elems, 1)))
+            else:
+                out.append({b: lo_histogram(keys, b) for b in bins})
     return _Counted(rescale, tuple(out))
 
 
@@ -204,7 +224,8 @@ def _rank(combined: _Counted, kind: Sparsification) -> _Ranked:
             continue
         skip, take = magnitude_window(kind, m.density, m.gamma, int(m.counts.sum()))
         located = tuple(RadixSelect.first(m.counts, window_ranks(skip, take))) if take > 0 else ()
-        models.append(_Pending(skip, take, m.counts, located, m.sums))
+        gather = gathers(m.counts, RadixSelect.bins(located))
+        models.append(_Pending(skip, take, m.counts, located, m.sums, gather))
     return _Ranked(combined.rescale, tuple(models))
 
 
@@ -218,7 +239,12 @@ def _windows(combined: _Counted, state: _Ranked) -> _Windowed:
             specs.append(Bounds(None, 1.0))  # mergekit keeps an empty slice: the delta vanishes
             continue
         assert isinstance(lo, dict)
+        members = lo if m.gather else None
+        if members is not None:
+            lo = members_histograms(members)
         window = make_window(m.skip, m.take, m.counts, m.located, lo)
+        if members is not None:
+            window = members_prefixes(window, members)
         scale = 1.0
         if state.rescale:
             assert m.sums is not None
@@ -267,10 +293,10 @@ def _random_partial(chunk: Chunk, state: Any, rescale_default: bool) -> tuple[_L
             continue
         before = after = None
         if rescale:
-            mag = _deltas(chunk, i).abs().to(torch.float64)
-            before = mag.sum()
-            mask = keep_mask(chunk.seed, i, chunk.offset, mag.shape, density)
-            after = (mag * mask).sum()
+            # float64 sums of the float32 magnitudes, without a float64 copy (the same bits)
+            mag = _deltas(chunk, i).abs_()
+            before = mag.sum(dtype=torch.float64)
+            after = apply_mask(mag, keep_mask(chunk.seed, i, chunk.offset, mag.shape, density)).sum(dtype=torch.float64)
         out.append(_L1(density, before, after))
     return tuple(out)
 
@@ -307,8 +333,37 @@ def sparsified_delta(chunk: Chunk, state: Any, i: int, sparsification: Sparsific
         return torch.zeros_like(delta)
     else:
         keep = spec.window.keep(magnitude_keys(delta), chunk.offset, _row_elems(chunk.shape))
-    delta = torch.where(keep, delta, torch.zeros((), dtype=delta.dtype))
-    return delta * spec.scale if spec.scale != 1.0 else delta
+    # A product, as mergekit masks (`tensor * mask`): 16x cheaper than torch.where (measured: 0.15
+    # against 2.4 ns an element); a dropped negative delta is -0.0, which adds as +0.0 does.
+    apply_mask(delta, keep)
+    return delta.mul_(spec.scale) if spec.scale != 1.0 else delta
+
+
+def _consensus(weighted: list[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
+    """Sum of the weighted deltas that agree with the sign of their sum ('sum' consensus), divided by
+    the agreeing weights when `normalize`; the weighted deltas are overwritten.
+
+    Bit for bit mergekit's `where(sign == majority, wd, 0)` sum, without its comparisons and selects
+    (the slowest elementwise ops on CPU): with S = +-1 the majority sign (+1 where the sum is 0),
+    `relu(S * wd)` is |wd| where wd agrees and 0 where not, and S times their running sum is the
+    running sum of the agreeing deltas, rounding for rounding (negation is exact)."""
+    total = weighted[0].clone()
+    for wd in weighted[1:]:
+        total += wd
+    sign = torch.ones_like(total).copysign_(total)  # a sum that is 0 is +0 here: the majority is +
+    del total
+    kept = torch.zeros_like(sign)
+    divisor = torch.zeros_like(sign) if normalize else None
+    for wd, w in zip(weighted, weights, strict=True):
+        agreeing = wd.mul_(sign).clamp_(min=0)
+        kept += agreeing
+        if divisor is not None:
+            divisor.add_(agreeing.sign_(), alpha=w)  # 1 * w is exact: no rounding in the product
+    mixed = kept.mul_(sign).add_(0.0)  # + 0.0: a sum with nothing agreeing is +0.0, as mergekit's
+    if divisor is not None:
+        divisor += divisor == 0
+        mixed /= divisor
+    return mixed
 
 
 def gta_blend(
@@ -324,39 +379,26 @@ def gta_blend(
     lam = float(chunk.params.get("lambda", 1.0))
     # Only task_arithmetic is declared inplace, so only it is handed the engine's scratch.
     inplace = chunk.out is not None
-    mixed = chunk.out.zero_() if inplace else torch.zeros_like(base)
     if consensus:
-        # Majority sign from the sum of weighted deltas ('sum' consensus), then a second sweep over the
-        # models keeps only agreeing deltas. The weighted deltas of the first sweep are kept for the
-        # second (a block is 2^15 elements, so N of them are N x 128 KiB): sparsifying again, which
-        # before cost dare_ties half its blend time (its hashed masks), gives the same bits.
-        sign_weight = torch.zeros_like(base)
-        weighted = []
-        for i, w in enumerate(weights):
-            weighted.append(sparsified_delta(chunk, state, i, sparsification) * w)
-            sign_weight += weighted[-1]
-        positive = sign_weight >= 0
-        del sign_weight
-        divisor = torch.zeros_like(base)
-        for wd, w in zip(weighted, weights, strict=True):
-            agree = torch.where(positive, wd > 0, wd < 0)
-            mixed += torch.where(agree, wd, torch.zeros((), dtype=wd.dtype))
-            divisor += agree.to(base.dtype) * w
-        divisor[divisor == 0] = 1
+        # Every model's weighted delta is kept for the second sweep (a heap block is 2^17 elements, so
+        # N of them are N x 512 KiB): sparsifying again, which before cost dare_ties half its blend
+        # time (its hashed masks), gives the same bits.
+        weighted = [sparsified_delta(chunk, state, i, sparsification).mul_(w) for i, w in enumerate(weights)]
+        mixed = _consensus(weighted, weights, normalize)
     else:
+        mixed = chunk.out.zero_() if inplace else torch.zeros_like(base)
         for i, w in enumerate(weights):
             if inplace:  # the same roundings as below, computed over the scratch inputs
                 mixed += chunk.models[i].sub_(base).mul_(w)
             else:
-                mixed += sparsified_delta(chunk, state, i, sparsification) * w
+                mixed += sparsified_delta(chunk, state, i, sparsification).mul_(w)
         # mergekit's |sum| < 1e-8 -> 1, tested in the dtype the division runs in (as linear does).
         total = float(torch.tensor(weights, dtype=mixed.dtype).sum())
-        divisor = total if abs(total) >= 1e-8 else 1.0
-    if normalize:
-        mixed /= divisor
+        if normalize:
+            mixed /= total if abs(total) >= 1e-8 else 1.0
     if lam != 1:
         mixed *= lam
-    return torch.add(base, mixed, out=mixed) if inplace else base + mixed
+    return mixed.add_(base)
 
 
 def _check_sparsity(name: str, sparsification: Sparsification, model_params: Sequence[Params], numel: int) -> str | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 _M32 = 0xFFFFFFFF
@@ -53,12 +54,54 @@ def lowbias32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def _key(seed: int, model: int) -> int:
+    return mix64(mix64(seed) ^ mix64(model + 0x9E3779B97F4A7C15))
+
+
 def uniform_bits(seed: int, model: int, offset: int, n: int) -> torch.Tensor:
-    """32 random bits (int64 in [0, 2**32)) for flat elements offset..offset+n of one model's tensor."""
-    key = mix64(mix64(seed) ^ mix64(model + 0x9E3779B97F4A7C15))
+    """32 random bits (int64 in [0, 2**32)) for flat elements offset..offset+n of one model's tensor.
+
+    The reference form of `uniform_u32`, which draws the same bits faster."""
+    key = _key(seed, model)
     idx = torch.arange(offset, offset + n, dtype=torch.int64)
     h = lowbias32((idx & _M32) ^ (key & _M32))
     return lowbias32(h ^ (idx >> 32) ^ (key >> 32))
+
+
+def _lowbias32_u32(x: np.ndarray, tmp: np.ndarray) -> None:
+    """lowbias32 in place over uint32 (numpy's uint32 multiply wraps, its shifts are logical)."""
+    np.right_shift(x, 16, out=tmp)
+    x ^= tmp
+    x *= np.uint32(0x7FEB352D)
+    np.right_shift(x, 15, out=tmp)
+    x ^= tmp
+    x *= np.uint32(0x846CA68B)
+    np.right_shift(x, 16, out=tmp)
+    x ^= tmp
+
+
+def uniform_u32(seed: int, model: int, offset: int, n: int) -> np.ndarray:
+    """`uniform_bits` as a uint32 array, the same bits.
+
+    Computed in numpy's uint32, where the 32-bit hash needs no masking and no 64-bit lanes:
+    1.4 ns an element against 8.7 ns for the int64 torch form (2^15 elements, one thread); the
+    masks were most of dare's time. Within a run of flat indices sharing their high 32 bits
+    (every tensor under 2^32 elements is one run) the hash's second input is the first's output
+    xor a constant."""
+    key = _key(seed, model)
+    out = np.empty(n, dtype=np.uint32)
+    tmp = np.empty(n, dtype=np.uint32)
+    start = offset
+    while start < offset + n:
+        stop = min(offset + n, (start >> 32) + 1 << 32)
+        x, t = out[start - offset : stop - offset], tmp[: stop - start]
+        np.copyto(x, np.arange(start & _M32, ((stop - 1) & _M32) + 1, dtype=np.uint32))
+        x ^= np.uint32(key & _M32)
+        _lowbias32_u32(x, t)
+        x ^= np.uint32(((start >> 32) ^ (key >> 32)) & _M32)
+        _lowbias32_u32(x, t)
+        start = stop
+    return out
 
 
 def keep_mask(seed: int, model: int, offset: int, shape: Sequence[int], density: float) -> torch.Tensor:
@@ -67,4 +110,21 @@ def keep_mask(seed: int, model: int, offset: int, shape: Sequence[int], density:
     for s in shape:
         n *= s
     threshold = round(min(max(density, 0.0), 1.0) * 2**32)
-    return (uniform_bits(seed, model, offset, n) < threshold).reshape(tuple(shape))
+    if threshold > _M32:
+        return torch.ones(tuple(shape), dtype=torch.bool)
+    bits = uniform_u32(seed, model, offset, n)
+    return torch.from_numpy(bits < np.uint32(threshold)).reshape(tuple(shape))
+
+
+def apply_mask(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """`x *= keep` (a bool mask shaped like x), in place, as mergekit applies its masks.
+
+    On the CPU through numpy, whose bool-to-float cast is vectorised: 0.15 ns an element against
+    0.52 for torch's `mul_` by a bool tensor (2^17 elements, one thread), which every sparsified
+    task vector pays once or twice."""
+    if (x.device.type == "cpu" and keep.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and x.is_contiguous() and keep.is_contiguous()):
+        xn = x.numpy()
+        np.multiply(xn, keep.numpy().reshape(xn.shape), out=xn)
+        return x
+    return x.mul_(keep.to(x.device))

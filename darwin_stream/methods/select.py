@@ -26,8 +26,11 @@ Located = tuple[int, int]  # (top bin, 1-based rank inside it)
 
 
 def magnitude_keys(x: torch.Tensor) -> torch.Tensor:
-    """int32 keys ordered like |x|: the float32 bit pattern with the sign bit cleared."""
-    return x.to(torch.float32).view(torch.int32) & 0x7FFFFFFF
+    """int32 keys ordered like |x|: the float32 bit pattern with the sign bit cleared.
+
+    Cleared by abs (which only clears the sign bit, NaN's too), 7x cheaper than an integer and
+    with the constant (measured: 0.08 against 0.58 ns an element)."""
+    return x.to(torch.float32).abs().view(torch.int32)
 
 
 def key_values(keys: torch.Tensor) -> torch.Tensor:
@@ -164,12 +167,24 @@ class TieGroup:
     def keeps_all(self) -> bool:
         return self.start <= 0 and self.stop >= self.count
 
-    def tie_rank(self, eq: torch.Tensor, offset: int, row_elems: int) -> torch.Tensor:
-        """0-based tie rank of every element of a chunk starting at flat `offset` (where `eq`)."""
+    def add_ranked(self, keep: torch.Tensor, keys: torch.Tensor, offset: int, row_elems: int) -> None:
+        """Set `keep` where a chunk starting at flat `offset` holds tied elements of rank [start, stop)."""
         assert self.prefix is not None, "a split tie group needs its row counts"
-        before = int(self.prefix[offset // max(row_elems, 1)])
-        return torch.cumsum(eq.reshape(-1), 0).reshape(eq.shape) - 1 + before
-
+        rows = max(1, keys.numel() // max(row_elems, 1))
+        r0 = offset // max(row_elems, 1)
+        before, after = self.prefix[r0 : r0 + rows], self.prefix[r0 + 1 : r0 + rows + 1]
+        held = after > before
+        whole = held & (before >= self.start) & (after <= self.stop)
+        some = held & (before < self.stop) & (after > self.start) & ~whole
+        flat_keep, flat_keys = keep.view(rows, -1), keys.reshape(rows, -1)
+        if bool(whole.any()):
+            idx = torch.nonzero(whole).reshape(-1)
+            a, b = int(idx[0]), int(idx[-1]) + 1  # rows between two whole rows are whole or hold none
+            flat_keep[a:b] |= flat_keys[a:b] == self.key
+        for r in torch.nonzero(some).reshape(-1).tolist():
+            eq = flat_keys[r] == self.key
+            j = torch.cumsum(eq, 0) - 1 + int(before[r])
+            flat_keep[r] |= eq & (j >= self.start) & (j < self.stop)
 
 @dataclass(frozen=True)
 class Window:
@@ -184,17 +199,26 @@ class Window:
     def split(self) -> bool:
         return any(g.split for g in self.groups)
 
+    @property
+    def ranked(self) -> bool:
+        """Whether every split group has its row counts (pass 3, or the gathered bin, gave them)."""
+        return all(g.prefix is not None for g in self.groups if g.split)
+
     def keep(self, keys: torch.Tensor, offset: int, row_elems: int) -> torch.Tensor:
-        keep = keys > self.lo
+        """Which elements of a chunk (its magnitude keys, from flat `offset`) the window keeps.
+
+        A boundary group kept whole widens a strict comparison to an inclusive one. A split group's
+        per-row prefix counts say which rows keep all their tied elements (a contiguous range,
+        compared row-slice by row-slice) and which keep some (at most two in the tensor, ranked by a
+        cumulative count of that row alone): before, every element was ranked, one int64 cumulative
+        count and four comparisons over each block, a third of ties' blend."""
+        whole = {g.key for g in self.groups if g.keeps_all()}
+        keep = keys >= self.lo if self.lo in whole else keys > self.lo
         if self.hi is not None:
-            keep &= keys < self.hi
+            keep &= keys <= self.hi if self.hi in whole else keys < self.hi
         for g in self.groups:
-            if g.keeps_all():
-                keep |= keys == g.key
-            elif g.split:
-                eq = keys == g.key
-                j = g.tie_rank(eq, offset, row_elems)
-                keep |= eq & (j >= g.start) & (j < g.stop)
+            if g.split:
+                g.add_ranked(keep, keys, offset, row_elems)
         return keep
 
     def kept_sum(self, hi_sums: torch.Tensor, lo_hists: dict[int, torch.Tensor]) -> float:
@@ -276,3 +300,69 @@ def with_prefixes(window: Window, rows: RowCounts) -> Window:
         out.append(TieGroup(key=g.key, start=g.start, stop=g.stop, count=g.count, prefix=prefix))
         i += 1
     return Window(lo=window.lo, hi=window.hi, groups=tuple(out))
+
+
+# --- small bins: pass 2 gathers the bin's elements, and pass 3 has nothing left to count ---------
+#
+# The window's boundary bins usually hold a small share of the tensor (a top bin is a bf16-sized
+# interval of magnitudes: 0.3% of a 3072x1024 task vector's elements for ties' threshold). Pass 2 then
+# gathers each element of the bin, its low 16 bits and its row, instead of a histogram: the low
+# histogram follows, and so do the per-row counts of the tied elements a window splits, so pass 3
+# reads nothing (it was a third of ties' statistic). A bin above MEMBER_LIMIT elements keeps the
+# histogram and the third pass, so that a partial stays as small as a histogram.
+
+MEMBER_LIMIT = 1 << 16  # elements of one bin gathered (12 bytes each), at most: 768 KiB, a histogram's size
+
+
+@dataclass(frozen=True)
+class Members:
+    """The elements of one top bin in a chunk (or the tensor): low 16 bits and rows, in flat order."""
+
+    lows: torch.Tensor  # int64
+    rows: torch.Tensor  # int64, rows of the whole tensor
+    total_rows: int
+
+
+def gathers(counts: torch.Tensor, bins: Sequence[int]) -> bool:
+    """Whether pass 2 gathers the elements of `bins` (each small enough) rather than histograms them."""
+    return all(int(counts[b]) <= MEMBER_LIMIT for b in bins)
+
+
+def bin_members(keys: torch.Tensor, bins: Sequence[int], offset: int, row_elems: int,
+                total_rows: int) -> dict[int, Members]:
+    """Pass 2 partial, gathering: the elements of each of `bins` in a chunk starting at flat `offset`."""
+    k = keys.reshape(-1)
+    hi = k >> 16
+    out = {}
+    for b in bins:
+        idx = torch.nonzero(hi == b).reshape(-1)
+        rows = (idx + offset) // max(row_elems, 1)
+        out[b] = Members((k[idx] & 0xFFFF).to(torch.int64), rows, total_rows)
+    return out
+
+
+def combine_members(parts: Sequence[dict[int, Members]]) -> dict[int, Members]:
+    """Members of several chunks (what is made of them counts them: their order does not matter)."""
+    out = {}
+    for b in parts[0]:
+        ms = [p[b] for p in parts]
+        out[b] = Members(torch.cat([m.lows for m in ms]), torch.cat([m.rows for m in ms]), ms[0].total_rows)
+    return out
+
+
+def members_histograms(members: dict[int, Members]) -> dict[int, torch.Tensor]:
+    """Pass 2's low histograms, from the gathered elements."""
+    return {b: torch.bincount(m.lows, minlength=LO_BINS) for b, m in members.items()}
+
+
+def members_prefixes(window: Window, members: dict[int, Members]) -> Window:
+    """The window with each split group's per-row prefix counts, from the gathered elements: what
+    pass 3's row counts give, without reading the tensor again."""
+    split = [g for g in window.groups if g.split]
+    if not split:
+        return window
+    cols = []
+    for g in split:
+        m = members[g.key >> 16]
+        cols.append(torch.bincount(m.rows[m.lows == (g.key & 0xFFFF)], minlength=m.total_rows))
+    return with_prefixes(window, RowCounts(0, torch.stack(cols, dim=1)))

@@ -121,3 +121,20 @@ def test_the_wrapping_hash_multiply_is_the_split_one():
     for c in (0x7FEB352D, 0x846CA68B):
         assert torch.equal(masks._mul32_wrapping(x, c), masks._mul32_split(x, c))
     assert masks._mul32 is masks._mul32_wrapping  # the fast path is the one taken on this build
+
+
+@pytest.mark.parametrize("offset,n", [(0, 5000), (12345, 77), (2**32 - 5, 10), (2**33 - 3, 9), (3 * 2**32 - 100, 300)])
+def test_the_uint32_draws_are_the_reference_bits(offset, n):
+    """uniform_u32 (numpy, uint32) draws uniform_bits' bits, across 2**32 boundaries of the flat index."""
+    from darwin_stream.methods.masks import uniform_u32
+
+    got = uniform_u32(7, 3, offset, n)
+    assert got.dtype.name == "uint32"
+    assert got.tolist() == uniform_bits(7, 3, offset, n).tolist()
+
+
+@pytest.mark.parametrize("density", [0.0, 1e-12, 0.3, 0.999999999999, 1.0])
+def test_keep_mask_thresholds_the_reference_bits(density):
+    bits = uniform_bits(4, 1, 100, 30 * 7)
+    expected = (bits < round(density * 2**32)).reshape(30, 7)
+    assert torch.equal(keep_mask(4, 1, 100, (30, 7), density), expected)

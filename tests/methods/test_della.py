@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from darwin_stream.methods.masks import uniform_bits
 from tests.methods.mergekit_reference import hashed_uniforms, magprune_mask, run_blocks
 from tests.methods.methods_reference import assert_bf16_close, make_inputs, ref_gta
 
@@ -66,3 +67,27 @@ def test_della_parameter_checks_and_edges():
         run_blocks("della", base, models, [{"weight": 1.0, "density": 0.8, "epsilon": 0.3}])
     same = run_blocks("della", base, models, [{"weight": 1.0, "density": 1.0}])
     assert torch.equal(same, run_blocks("ties", base, models, [{"weight": 1.0, "density": 1.0}]))
+
+
+@pytest.mark.parametrize("density,epsilon", [(0.4, 0.2), (0.05, 0.1)])  # the second: some p < 0
+@pytest.mark.parametrize("shape", [(40, 64), (7, 5, 6), (3, 1)])
+def test_keep_is_the_stable_rank_formula(shape, density, epsilon):
+    """della.keep (ranks from one sort of key << 32 | position, thresholds per rank) keeps exactly what
+    mergekit's float32 probabilities of stable ranks along dim 1 keep, quantised ties included."""
+    from darwin_stream.methods.contract import Chunk
+    from darwin_stream.methods.della import keep
+    from darwin_stream.methods.select import magnitude_keys
+
+    g = torch.Generator().manual_seed(5)
+    delta = (torch.randn(shape, generator=g) * 8).round() / 64  # many equal magnitudes
+    chunk = Chunk(models=[delta], model_params=[{"density": density, "epsilon": epsilon}], params={},
+                  offset=0, numel=delta.numel(), shape=shape, seed=11)
+    m = shape[1]
+    keys = magnitude_keys(delta)
+    order = torch.sort(keys, dim=1, stable=True).indices
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(1, m + 1).reshape(1, -1, *([1] * (len(shape) - 2))).expand_as(order))
+    rank_norm = ((ranks.to(torch.float32) - 1) / max(m - 1, 1)).clamp_(0, 1)
+    probs = (rank_norm * 2 * epsilon) + (density - epsilon)
+    u = uniform_bits(11, 0, 0, delta.numel()).reshape(shape)
+    expected = u.to(torch.float64) < probs.to(torch.float64) * 2.0**32
+    assert torch.equal(keep(chunk, 0, delta, None), expected)

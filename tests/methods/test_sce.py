@@ -45,3 +45,37 @@ def test_sce_edges():
     base, models = make_inputs((12, 8), 2, seed=95)
     assert torch.equal(run_blocks("sce", base, models, params={"select_topk": 0.0}), base)
     assert torch.equal(run_blocks("sce", base, [base.clone(), base.clone()], params={"select_topk": 0.5}), base)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+@pytest.mark.parametrize("scale", [1e-30, 0.02, 1e30])
+def test_the_variance_is_torch_var_bit_for_bit(n, scale):
+    """sce.variance replaces torch.var (its selection must see mergekit's float32 variances)."""
+    from darwin_stream.methods.sce import variance
+
+    g = torch.Generator().manual_seed(n)
+    ds = [torch.randn(20000, generator=g) * scale for _ in range(n)]
+    ds[0][:100] = 0
+    if n > 1:
+        ds[1][100:200] = ds[0][100:200]
+    ds[0][200:210] = 3e38  # a float64 variance beyond float32's range: inf in both
+    expected = torch.var(torch.stack(ds), dim=0, unbiased=False)
+    assert torch.equal(variance(ds).view(torch.int32), expected.view(torch.int32))
+
+
+def test_gathered_threshold_bin_selects_what_the_histograms_select(monkeypatch):
+    """sce's LOW pass gathers a small threshold bin (select.Members) and its TIES pass then counts
+    nothing; above MEMBER_LIMIT the histograms and the TIES pass select the same elements."""
+    from darwin_stream.methods import sce, select
+
+    base, models = make_inputs((80, 30), 2, seed=95, delta_std=0.02)
+    models = [base + ((m - base) * 200).round() / 200 for m in models]  # quantised: tied variances
+    counted = []
+    real = sce.row_counts
+    monkeypatch.setattr(sce, "row_counts", lambda *a: counted.append(1) or real(*a))
+    gathered = run_blocks("sce", base, models, params={"select_topk": 0.3}, rows=9)
+    assert not counted
+    monkeypatch.setattr(select, "MEMBER_LIMIT", 0)
+    histogrammed = run_blocks("sce", base, models, params={"select_topk": 0.3}, rows=9)
+    assert counted, "the quantised variances split the threshold's ties"
+    assert torch.equal(gathered, histogrammed)

@@ -139,3 +139,24 @@ def test_ties_keeps_exactly_k_where_magnitudes_tie():
     want = torch.tensor([[0.5, 0.25, 0.25], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
     for rows in (None, 1, 2, 3):
         assert torch.equal(run_method("ties", base, [model], mps, {"normalize": True}, rows), want), rows
+
+
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs_ties"])
+def test_gathered_bins_give_the_histograms_windows_without_a_third_read(name, monkeypatch):
+    """Pass 2 gathers a small boundary bin's elements (select.Members), from which the window and its
+    tie counts follow, so pass 3 counts nothing; a bin above MEMBER_LIMIT takes the histograms and
+    pass 3's row counts instead. Both keep the same elements."""
+    from darwin_stream.methods import gta, select
+
+    base, models = make_inputs((90, 40), 2, seed=21)
+    models = [base + ((m - base) * 300).round() / 300 for m in models]  # quantised: split ties
+    mps = [{"weight": 0.6, "density": 0.5, "gamma": 0.05}, {"weight": 0.4, "density": 0.3, "gamma": 0.02}]
+    counted = []
+    real = gta.row_counts
+    monkeypatch.setattr(gta, "row_counts", lambda *a: counted.append(1) or real(*a))
+    gathered = run_method(name, base, models, mps, rows=7)
+    assert not counted
+    monkeypatch.setattr(select, "MEMBER_LIMIT", 0)
+    histogrammed = run_method(name, base, models, mps, rows=7)
+    assert counted, "the quantised task vectors split a tie group"
+    assert torch.equal(gathered, histogrammed)
