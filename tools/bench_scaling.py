@@ -207,15 +207,22 @@ def delete_prefix(server: s3_server.S3Server, prefix: str) -> None:
 
 def one_run(server: s3_server.S3Server, opts: dict, counter: Counter, manifest: Path, workers: int, budget: int,
             tag: str) -> dict:
-    real = engine.worker_count
+    real, real_run = engine.worker_count, engine.run
     engine.worker_count = lambda client=None: workers  # type: ignore[assignment]
+    stats: list[engine.RunStats] = []
+
+    def run_and_keep(*args: Any, **kwargs: Any) -> engine.RunStats:
+        stats.append(real_run(*args, **kwargs))  # the spill's stats (reread.py) are not in the report
+        return stats[-1]
+
+    engine.run = run_and_keep  # type: ignore[assignment]
     counter.reset()
     t0 = time.perf_counter()
     try:
         report = merge(manifest, f"s3://{s3_server.BUCKET}/{CHILD}/{tag}", memory_budget=budget,
                        storage_options=opts)
     finally:
-        engine.worker_count = real  # type: ignore[assignment]
+        engine.worker_count, engine.run = real, real_run  # type: ignore[assignment]
     wall = time.perf_counter() - t0
     wire = counter.snapshot()
     child = sum(server.client.head_object(Bucket=s3_server.BUCKET, Key=k)["ContentLength"]
@@ -230,7 +237,8 @@ def one_run(server: s3_server.S3Server, opts: dict, counter: Counter, manifest: 
             "bytes_needed": report.bytes_read, "bytes_fetched": fetched, "range_bytes_fetched": tensor_fetched,
             "fetch_ratio": round(fetched / report.bytes_read, 5), "bytes_uploaded_wire": uploaded,
             "upload_ratio": round(uploaded / child, 5), "requests": requests, "wire": wire,
-            "sink": report.uploads, "peak_anon_bytes": report.peak_anon_bytes,
+            "sink": report.uploads, "spill": stats[-1].spill if stats else {},
+            "peak_anon_bytes": report.peak_anon_bytes,
             "load_avg": os.getloadavg()}
 
 
@@ -297,14 +305,16 @@ SHARD = 5 * 10**9  # bytes per child shard, the default (--shard-size)
 
 
 def count_requests(geom: bench.Geometry, budget: int, workers: int, parents: int = 2,
-                   stat_passes: int = 0) -> dict[str, int]:
+                   stat_passes: int = 0, spill: bool = True) -> dict[str, int]:
     """Requests a merge of `parents` bf16 parents of `geom` makes, from engine's own sizing rules.
 
     A task reads its rows of each parent in one ranged GET (engine.chunk_rows: half a worker's
     share of the budget, CHUNK_CAP raw bytes at most, across all inputs); a 1-D tensor is one task.
     Each child shard is one multipart upload of object_sink.part_bytes parts. A method with a
-    statistic (slerp: 1 pass) reads a tensor of more than one task once more per pass
-    (engine.build_graph's partial tasks), which `bytes_read_factor` counts.
+    statistic (slerp: 1 pass) reads a tensor of more than one task once per pass (engine.build_graph's
+    partial tasks) and once to blend it; the spill (reread.py) keeps the first fetch for the others,
+    so with `spill` each byte is fetched once. Without it (no spill, or on a cluster every later read
+    landing on another worker than the first) `bytes_read_factor` counts the re-reads.
     """
     share = budget // workers - engine.stage_bytes(budget, workers)
     gets = reread = 0
@@ -314,8 +324,9 @@ def count_requests(geom: bench.Geometry, budget: int, workers: int, parents: int
             raw_row = parents * 2 * shape[1]
             per_task = max(1, min(rows, min(share // 2, engine.CHUNK_CAP) // raw_row))
             tasks = -(-rows // per_task)
-            gets += parents * tasks * (1 + (stat_passes if tasks > 1 else 0))
-            reread += 2 * rows * shape[1] * (stat_passes if tasks > 1 else 0)
+            again = stat_passes if tasks > 1 and not spill else 0
+            gets += parents * tasks * (1 + again)
+            reread += 2 * rows * shape[1] * again
         else:
             gets += parents
     child = geom.nbytes()
@@ -334,7 +345,9 @@ def project(measured: dict, net_MBps: float, cpu_MBps: float, workers: list[int]
     Time per worker count W: the child's bytes over W workers. A worker reads, blends and writes
     a task in turn (no overlap), so its rate is 1 / (1/cpu + 1/net), where cpu is the child
     bytes/s one core blends and net the child bytes/s its bandwidth carries: net_MBps over the
-    bytes fetched per child byte (2x for linear, 4x for slerp on 70B) plus the one uploaded.
+    bytes fetched per child byte (2x, slerp's statistic included, with the spill of reread.py)
+    plus the one uploaded. `no_spill` is slerp without the spill's help: a dask.distributed cluster
+    whose blends all run on other workers than their chunks' partial tasks (its upper bound).
     """
     child = G70B.nbytes()
     passes = 1 if measured["method"] == "slerp" else 0
@@ -343,6 +356,9 @@ def project(measured: dict, net_MBps: float, cpu_MBps: float, workers: list[int]
     small = count_requests(bench.GEOMETRIES["0.6b"], budget, 1, stat_passes=passes)["bytes_read_factor"]
     fetch = max(r["fetch_ratio"] for r in measured["runs"]) - small + reqs["bytes_read_factor"]
     upload = max(r["upload_ratio"] for r in measured["runs"])
+    worst = count_requests(G70B, budget, 1, stat_passes=passes, spill=False)
+    no_spill = {"bytes_fetched": round(2 * child * (fetch - reqs["bytes_read_factor"] + worst["bytes_read_factor"])),
+                "get_range": worst["get_range"]}
     net = net_MBps / (2 * fetch + upload)
     rate = 1e6 / (1 / cpu_MBps + 1 / net)
     rows = [{"workers": w, "hours": round(child / (w * rate) / 3600, 2),
@@ -350,7 +366,7 @@ def project(measured: dict, net_MBps: float, cpu_MBps: float, workers: list[int]
     return {"geometry": G70B.name, "child_bytes": child, "bytes_needed": 2 * child,
             "bytes_fetched": round(2 * child * fetch), "bytes_uploaded": round(child * upload),
             "requests": reqs, "per_worker_child_MBps": round(rate / 1e6, 1), "net_child_MBps": round(net, 1), "net_MBps": net_MBps,
-            "cpu_MBps": cpu_MBps, "time": rows}
+            "cpu_MBps": cpu_MBps, "time": rows, "no_spill": no_spill}
 
 
 def main() -> None:
