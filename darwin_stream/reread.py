@@ -21,16 +21,23 @@ tensor name never becomes a path), removed when the run ends, failed or not (eng
 
 Disk: the spill holds the rows of the split tensors whose statistic has started and whose blends
 have not run. dask's ordering finishes a tensor's partial -> state -> blend chain before it starts
-many others, so that is a few tensors at a time: on the 0.6B pair its embedding, 622 MB at the
-peak; on 70B shapes an MLP matrix of two parents is 0.94 GB and the embedding 4.2 GB. The spill
+many others, so that is about one tensor of both parents at a time: measured, 622 MB at the peak
+on the 0.6B pair (its embedding, the one tensor split there), and in dask's order of a slerp of two
+70B-shaped parents (the graph run with its tasks replaced by recorders) 4.2 GB with one worker and
+4.5 GB with four (an embedding or lm_head, 128256 x 8192 of both parents, is 4.2 GB). The spill
 never exceeds `limit_bytes` (16 GiB, or half the free space of its filesystem when the run starts,
-if less); a task whose rows would not fit simply does not keep them, and its rows are fetched
-again (correct, only more bytes), as they are when a write fails (ENOSPC).
+if less); a task whose rows would not fit simply does not keep them, and they are fetched again
+(correct, only more bytes), as they are when a write fails (ENOSPC). A file lives from its
+tensor's first pass to its blend, seconds, so with memory to spare the kernel drops most of it
+before writing it back (30 s of dirty age by default). A run killed outright leaves its directory
+behind; the next run on the machine removes the ones whose process is gone.
 
 On a dask.distributed cluster each worker process keeps its own spill: a later pass or a blend that
-runs on another worker than the task that fetched the rows finds nothing and fetches them again,
-and what the first worker kept is removed at the end of the run (`engine.run` calls `close_run` on
-every worker, as it releases their parents).
+runs on another worker than the task that fetched the rows finds nothing and fetches them again
+(correct, only more bytes: if the scheduler places a blend independently of where its rows were
+kept, about 1 - 1/W of a split tensor's bytes are fetched twice on W workers; not measured), and
+what the first worker kept stays on its disk, up to its limit, until the end of the run
+(`engine.run` calls `close_run` on every worker, as it releases their parents).
 """
 
 from __future__ import annotations
@@ -246,6 +253,27 @@ def limit_for(directory: str) -> int:
     return min(SPILL_CAP, st.f_bavail * st.f_frsize // 2)
 
 
+def _sweep(root: str) -> None:
+    """Remove the spills of this user's processes that are gone: a run killed outright (SIGKILL, a
+    lost node) cannot remove its own. One in another pid namespace may look gone; removing it
+    costs that run only fetches (its reads find nothing, its writes fail)."""
+    try:
+        names = [n for n in os.listdir(root) if n.startswith(PREFIX)]
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(PREFIX):].split("-", 1)[0]
+        path = os.path.join(root, name)
+        try:
+            if not pid.isdigit() or os.lstat(path).st_uid != os.getuid() or not os.path.isdir(path):
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            continue  # alive under another user (EPERM), or unreadable
+
+
 def spill(run: str) -> Spill | None:
     """This process's spill of `run`, made on first use; None once the run is closed here, or
     where no directory will take it."""
@@ -259,6 +287,7 @@ def spill(run: str) -> Spill | None:
             if root is None:
                 _closed.add(run)
                 return None
+            _sweep(root)
             try:
                 directory = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=root)
             except OSError:

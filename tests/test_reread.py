@@ -226,3 +226,22 @@ def test_a_resumed_merge_keeps_only_the_rows_its_blends_read(s3_server, tiny_par
         assert torch.equal(got[name].view(torch.uint8), expected[name].view(torch.uint8)), name
         assert torch.equal(uninterrupted[name].view(torch.uint8), expected[name].view(torch.uint8)), name
     assert _spill_dirs(tmp_path) == []
+
+
+def test_the_spill_of_a_killed_run_is_removed_by_the_next_one(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f"{reread.PREFIX}{int(gone.stdout)}-abc"
+    alive = tmp_path / f"{reread.PREFIX}{os.getppid()}-abc"  # a live process (pytest's parent)
+    other = tmp_path / "darwin-stream-something-else"
+    for d in (dead, alive, other):
+        d.mkdir()
+        (d / "f").write_bytes(b"x")
+    s = reread.spill("run-sweep")
+    try:
+        assert s is not None and not dead.exists() and alive.exists() and other.exists()
+    finally:
+        reread.close_run("run-sweep")
