@@ -13,7 +13,7 @@ darwin-stream's own bookkeeping, and they include the parents' metadata reads (c
 safetensors headers), which the plan does not count as needed.
 
     .venv/bin/python tools/bench_scaling.py --geometry tiny --workers 1 2 --reps 1
-    .venv/bin/python tools/bench_scaling.py --geometry 0.6b --workers 1 2 4 --reps 3
+    .venv/bin/python tools/bench_scaling.py --geometry 0.6b --method linear slerp --workers 1 2 4 --reps 3
 
 The worker count is forced by replacing engine.worker_count for the run (it is os.cpu_count()
 otherwise): the budget split, the bucket sink's part reserve and dask's num_workers all follow it.
@@ -244,6 +244,14 @@ def one_run(server: s3_server.S3Server, opts: dict, counter: Counter, manifest: 
 
 def run(geometry: str, workers: list[int], reps: int, budget: int, method: str,
         partial: Path | None = None) -> dict:
+    """One method's runs (see `run_methods`)."""
+    return run_methods(geometry, workers, reps, budget, [method], partial)[method]
+
+
+def run_methods(geometry: str, workers: list[int], reps: int, budget: int, methods: list[str],
+                partial: Path | None = None) -> dict[str, dict]:
+    """Each method's runs against one server, interleaved rep by rep, worker count by worker
+    count, method by method, so that a burst of load on the machine hits every cell alike."""
     import fsspec.config
     import moto.s3.models
 
@@ -261,26 +269,34 @@ def run(geometry: str, workers: list[int], reps: int, budget: int, method: str,
     fsspec.config.conf["s3"] = opts  # URL parents take fsspec's configuration
     scratch = bench.BENCH / "scaling"
     scratch.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
+    rows: dict[str, list[dict]] = {m: [] for m in methods}
     try:
         t0 = time.perf_counter()
         urls = upload_parents(server, parents)
         upload_s = time.perf_counter() - t0
         print(f"[scaling] parents uploaded in {upload_s:.1f} s", file=sys.stderr, flush=True)
-        manifest = scratch / f"{geom.name}-{method}.yml"
-        manifest.write_text(bench.manifest_text(method, urls))  # type: ignore[arg-type]
+        manifests = {m: scratch / f"{geom.name}-{m}.yml" for m in methods}
+        for m, path in manifests.items():
+            path.write_text(bench.manifest_text(m, urls))  # type: ignore[arg-type]
         for rep in range(reps):
-            for w in workers:  # interleaved, so that a burst of load on the machine hits every count
-                rows.append(one_run(server, opts, counter, manifest, w, budget, f"{geom.name}-w{w}-r{rep}"))
-                r = rows[-1]
-                print(f"[scaling] workers={w} rep={rep} wall={r['wall_s']}s {r['throughput_MBps']} MB/s "
-                      f"fetched/needed={r['fetch_ratio']} requests={r['requests']}", file=sys.stderr, flush=True)
-                if partial:  # each run as it ends: a long benchmark cut short keeps what it measured
-                    with partial.open("a") as f:
-                        f.write(json.dumps(r) + "\n")
+            for w in workers:
+                for m in methods:
+                    r = one_run(server, opts, counter, manifests[m], w, budget, f"{geom.name}-{m}-w{w}-r{rep}")
+                    r["method"] = m
+                    rows[m].append(r)
+                    print(f"[scaling] {m} workers={w} rep={rep} wall={r['wall_s']}s {r['throughput_MBps']} MB/s "
+                          f"fetched/needed={r['fetch_ratio']} requests={r['requests']} "
+                          f"load={r['load_avg'][0]:.1f}", file=sys.stderr, flush=True)
+                    if partial:  # each run as it ends: a long benchmark cut short keeps what it measured
+                        with partial.open("a") as f:
+                            f.write(json.dumps(r) + "\n")
     finally:
         server.server.stop()
         fsspec.config.conf.pop("s3", None)
+    return {m: _summary(geom.name, m, budget, workers, rows[m], upload_s) for m in methods}
+
+
+def _summary(geometry: str, method: str, budget: int, workers: list[int], rows: list[dict], upload_s: float) -> dict:
     summary = []
     for w in workers:
         mine = [r for r in rows if r["workers"] == w]
@@ -290,7 +306,7 @@ def run(geometry: str, workers: list[int], reps: int, budget: int, method: str,
                         "throughput_MBps_median": round(mine[0]["child_bytes"] / med / 1e6, 2),
                         "fetch_ratio": max(r["fetch_ratio"] for r in mine),
                         "requests": [r["requests"] for r in mine]})
-    return {"geometry": geom.name, "method": method, "memory_budget": budget, "cpus": os.cpu_count(),
+    return {"geometry": geometry, "method": method, "memory_budget": budget, "cpus": os.cpu_count(),
             "part_bytes": object_sink.DEFAULT_PART, "parents_upload_s": round(upload_s, 2),
             "summary": summary, "runs": rows}
 
@@ -374,7 +390,8 @@ def main() -> None:
     p.add_argument("--geometry", default="tiny", choices=list(bench.GEOMETRIES))
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--reps", type=int, default=1)
-    p.add_argument("--method", default="slerp", choices=["linear", "slerp"])
+    p.add_argument("--method", nargs="+", default=["slerp"], choices=["linear", "slerp"],
+                   help="one or more; several run interleaved against one server, and --out holds {method: doc}")
     p.add_argument("--memory-budget", type=parse_size, default=2**30)
     p.add_argument("--out", type=Path, help="also write the JSON here")
     p.add_argument("--project", type=Path, metavar="JSON",
@@ -385,11 +402,13 @@ def main() -> None:
     a = p.parse_args()
     if a.project:
         doc = json.loads(a.project.read_text())
-        print(json.dumps(project(doc, a.net_MBps, a.cpu_MBps, [1, 4, 8, 16, 32, 64], a.memory_budget), indent=2))
+        docs = [doc] if "runs" in doc else list(doc.values())  # one method's --out, or several's
+        out = {d["method"]: project(d, a.net_MBps, a.cpu_MBps, [1, 4, 8, 16, 32, 64], a.memory_budget) for d in docs}
+        print(json.dumps(out if len(out) > 1 else out.popitem()[1], indent=2))
         return
     partial = a.out.with_suffix(".runs.jsonl") if a.out else None
-    doc = run(a.geometry, a.workers, a.reps, a.memory_budget, a.method, partial)
-    text = json.dumps(doc, indent=2)
+    docs = run_methods(a.geometry, a.workers, a.reps, a.memory_budget, a.method, partial)
+    text = json.dumps(docs if len(docs) > 1 else docs[a.method[0]], indent=2)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(text + "\n")
