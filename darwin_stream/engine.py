@@ -670,7 +670,7 @@ def build_graph(plan: Plan, writer: ChildSink, *, budget: int, workers: int, dev
         total = _rows(tp.shape)
         rows = chunk_rows(plan, tp, budget, workers)
         stat = methods.get(tp.method).statistic
-        split = total > rows and stat is not None and not _is_copy(plan, tp)
+        split = total > rows and methods.pass_count(stat, tp.shape, tp.params) > 0 and not _is_copy(plan, tp)
         tasks = [make_task(plan, tp, s, min(s + rows, total), device, budget, workers, shared, spill if split else None)
                  for s in range(0, total, rows)]
         todo = [t for t in tasks if not writer.is_done(tp.name, t.start, t.stop)]

@@ -87,9 +87,9 @@ def waiting_bytes(part: int, workers: int, *, distributed: bool = False) -> int:
     before 147456), and whose boundaries with the layers close last. So one own part per worker is
     always allowed, and shared parts up to `workers + 6`; past that their pieces are spilled
     (`ObjectSink.put`). The total is a bound, and `stats.peak_waiting` what a run held. Measured on
-    the 0.6B pair with 8 MiB parts and the reserve out of the way (docs/benchmarks.md, "Scaling"):
-    7.1, 8.1 and 11.1 parts waited at the peak with 1, 2 and 4 workers (linear), 4, 5 and 12
-    (slerp), where `2 x workers + 4` set aside 6, 8 and 12, and a 1-worker merge spilled a part.
+    the 0.6B pair with 8 MiB parts (docs/benchmarks.md, "Scaling"): up to 7.1, 8.1 and 11.1 parts
+    waited at the peak with 1, 2 and 4 workers (linear; slerp 6, 6 and 10), where the old
+    `2 x workers + 4` set aside 6, 8 and 12, and every 1-worker linear merge spilled a part.
 
     On a dask.distributed cluster (`distributed`), shared parts never wait: a worker process holds
     one own part per thread, and the copy of a piece on its way out as a fragment.
