@@ -24,6 +24,7 @@ import mmap
 import os
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,7 @@ from typing import Any
 import dask.threaded
 import torch
 
-from darwin_stream import dtypes, methods, pool, row_gather
+from darwin_stream import dtypes, methods, pool, reread, row_gather
 from darwin_stream.child_writer import PAGE, STAGE_BYTES, staging_buffer
 from darwin_stream.errors import BudgetError, DarwinError, OptionError, PlanError, SourceError
 from darwin_stream.plan import Plan, SourceRef, TensorPlan, human_bytes
@@ -264,6 +265,12 @@ def read_rows(plan: Plan, ref: SourceRef, start: int, stop: int) -> Rows:
     return Rows(data, tuple(info.shape), start)
 
 
+def _remote_input(plan: Plan, ref: SourceRef) -> bool:
+    """Whether reading this input's rows again costs a fetch (reread.is_remote of its parents)."""
+    keys = {p for g in ref.rows for p, _, _ in g.terms} if ref.rows is not None else {ref.parent}
+    return any(reread.is_remote(get_parent(plan.parents[k])) for k in keys)
+
+
 def _gathered_rows(plan: Plan, ref: SourceRef, start: int, stop: int) -> Rows:
     """Rows [start, stop) of an input re-indexed by the plan (a child vocabulary), assembled run by run."""
     assert ref.rows is not None
@@ -389,10 +396,31 @@ class Task:
     # Storage options for URL parents (pool.url_options), which a worker process must read them with;
     # kept out of the plan, which is printed and written.
     storage_options: dict = field(default_factory=dict, repr=False, compare=False)
+    # The run whose spill (reread.py) keeps remote rows that a statistic's passes and the blend read
+    # again; None: every read fetches (a tensor that is one task, breeding in place).
+    spill: str | None = field(default=None, repr=False, compare=False)
 
-    def read(self) -> Inputs:
-        base = read_rows(self.plan, self.tp.base, self.start, self.stop) if self.tp.base else None
-        return base, [read_rows(self.plan, m, self.start, self.stop) for m in self.tp.models]
+    def read(self, *, keep: bool = False, last: bool = False) -> Inputs:
+        """The task's rows of every input. `keep`: a later task reads them again, so rows fetched
+        from a remote parent are kept in the run's spill; `last`: this is their last reader, which
+        takes them from the spill (fetching what is not there) and deletes them."""
+        base = self._input("base", self.tp.base, keep, last) if self.tp.base else None
+        return base, [self._input(f"in{i}", m, keep, last) for i, m in enumerate(self.tp.models)]
+
+    def _input(self, slot: str, ref: SourceRef, keep: bool, last: bool) -> Rows:
+        if not (self.spill and (keep or last)) or not _remote_input(self.plan, ref):
+            return read_rows(self.plan, ref, self.start, self.stop)  # local: a re-read is the page cache
+        spill = reread.spill(self.spill)
+        if spill is None:
+            return read_rows(self.plan, ref, self.start, self.stop)
+        key = (self.tp.name, slot, self.plan.parents[ref.parent], ref.tensor, self.start, self.stop)
+        got = spill.get(key, drop=last)
+        if got is not None:
+            return Rows(got[0], got[1], self.start)
+        rows = read_rows(self.plan, ref, self.start, self.stop)
+        if keep and not last and rows.data is not None:
+            spill.put(key, rows.data, rows.shape)
+        return rows
 
     def blocks(self, inputs: Inputs, dtype: torch.dtype, with_out: bool) -> Iterator[tuple[int, int, methods.Chunk]]:
         """(r0, r1, chunk) over the task's rows; the chunk's tensors are this thread's scratch.
@@ -432,12 +460,13 @@ class Task:
                 out=buf.take("out", shape, dtype, self.device) if with_out else None,
             )
 
-    def partial(self, state: Any, inputs: Inputs | None = None) -> Any:
-        """This task's share of one pass of the method's statistic, folded over its blocks."""
+    def partial(self, state: Any, inputs: Inputs | None = None, *, keep: bool = False) -> Any:
+        """This task's share of one pass of the method's statistic, folded over its blocks; `keep`:
+        its blend runs later and reads the same rows (see `read`)."""
         stat = methods.get(self.tp.method).statistic
         assert stat is not None
         acc = None
-        for _, _, chunk in self.blocks(inputs or self.read(), stat.dtype, with_out=False):
+        for _, _, chunk in self.blocks(inputs or self.read(keep=keep), stat.dtype, with_out=False):
             part = stat.partial(chunk, state)
             acc = part if acc is None else stat.combine([acc, part])
         return acc
@@ -453,7 +482,7 @@ class Task:
     def blend(self, state: Any, sink: Callable[[int, int, torch.Tensor], None]) -> None:
         """Blend block by block, handing each block of child rows (float32, scratch) to `sink`."""
         method = methods.get(self.tp.method)
-        inputs = self.read()  # once: for URLs and stores a read is a download
+        inputs = self.read(last=True)  # once: for URLs and stores a read is a download (or the spill's copy)
         if state is None and methods.pass_count(method.statistic, self.tp.shape, self.tp.params):
             # The whole tensor is this one task: its statistic walks the same rows first.
             assert self.start == 0 and self.stop == _rows(self.tp.shape)
@@ -495,9 +524,9 @@ def task_plan(plan: Plan, tp: TensorPlan, shared: dict | None = None) -> Plan:
 
 
 def make_task(plan: Plan, tp: TensorPlan, start: int, stop: int, device: str, budget: int, workers: int,
-              shared: dict | None = None) -> Task:
+              shared: dict | None = None, spill: str | None = None) -> Task:
     return Task(task_plan(plan, tp, shared), tp, start, stop, block_rows(plan, tp, budget, workers), device,
-                stage_bytes(budget, workers), pool.current_url_options())
+                stage_bytes(budget, workers), pool.current_url_options(), spill)
 
 
 def iter_tensors(plan: Plan, *, device: str = "cpu", workers: int | None = None,
@@ -613,10 +642,10 @@ def _write_task(task: Task, state: Any, writer: ChildSink, progress) -> int:
     return written
 
 
-def _partial_task(task: Task, state: Any) -> Any:
+def _partial_task(task: Task, state: Any, keep: bool) -> Any:
     pool.set_url_options(task.storage_options)
     with _naming(task.tp):
-        return task.partial(state)
+        return task.partial(state, keep=keep)
 
 
 def _finish_task(tp: TensorPlan, state: Any, parts: list) -> Any:
@@ -629,11 +658,14 @@ def _finish_task(tp: TensorPlan, state: Any, parts: list) -> Any:
 WRITER = "child-writer"  # the graph key of the writer, which every blend task depends on
 
 
-def build_graph(plan: Plan, writer: ChildSink, *, budget: int, workers: int, device: str, progress=None) -> tuple[dict, list]:
+def build_graph(plan: Plan, writer: ChildSink, *, budget: int, workers: int, device: str, progress=None,
+                spill: str | None = None) -> tuple[dict, list]:
     """A dask task graph: per layer, per tensor, per row chunk, one read-blend-write task.
 
     A tensor split into several chunks whose method needs a statistic gets, per pass, one partial
-    task per chunk (run in parallel) and a task that folds them into the next state.
+    task per chunk (run in parallel) and a task that folds them into the next state. With `spill`
+    (a run id), the rows those tasks fetch from remote parents are kept for the next passes and the
+    blend of the same chunk (reread.py), except a chunk already written, which no blend reads.
     """
     graph: dict = {WRITER: writer}  # one key: shipped once per worker, not inside every task
     outputs: list = []
@@ -643,7 +675,9 @@ def build_graph(plan: Plan, writer: ChildSink, *, budget: int, workers: int, dev
             continue  # nothing to read or write: its header entry is the whole tensor
         total = _rows(tp.shape)
         rows = chunk_rows(plan, tp, budget, workers)
-        tasks = [make_task(plan, tp, s, min(s + rows, total), device, budget, workers, shared)
+        stat = methods.get(tp.method).statistic
+        split = total > rows and methods.pass_count(stat, tp.shape, tp.params) > 0 and not _is_copy(plan, tp)
+        tasks = [make_task(plan, tp, s, min(s + rows, total), device, budget, workers, shared, spill if split else None)
                  for s in range(0, total, rows)]
         todo = [t for t in tasks if not writer.is_done(tp.name, t.start, t.stop)]
         if not todo:
@@ -652,14 +686,14 @@ def build_graph(plan: Plan, writer: ChildSink, *, budget: int, workers: int, dev
         # bucket child's parts waiting for tasks far away in the shard (24 layers, 2 workers, 64 KiB
         # parts: 6 parts waited at once, 170 KiB spilled; padded, 5 and none; object_sink).
         layer = "other" if tp.layer is None else f"layer-{tp.layer:05d}"
-        stat = methods.get(tp.method).statistic
         state_key = None
-        if len(tasks) > 1 and stat is not None and not _is_copy(plan, tp):
+        if split:
+            blended = {t.start for t in todo}
             for p in range(methods.pass_count(stat, tp.shape, tp.params)):
                 parts = []
                 for t in tasks:
                     key = (f"stat-{layer}", tp.name, p, t.start)
-                    graph[key] = (_partial_task, t, state_key)
+                    graph[key] = (_partial_task, t, state_key, t.start in blended)
                     parts.append(key)
                 graph[(f"state-{layer}", tp.name, p)] = (_finish_task, tp, state_key, parts)
                 state_key = (f"state-{layer}", tp.name, p)
@@ -676,6 +710,7 @@ class RunStats:
     bytes_written: int
     chunks: int
     skipped_chunks: int
+    spill: dict = field(default_factory=dict)  # reread.SpillStats of the run (summed over workers; peak: the largest)
 
 
 def worker_count(client=None) -> int:
@@ -705,11 +740,13 @@ def run(plan: Plan, writer: ChildSink, *, budget: int = DEFAULT_BUDGET, client=N
         for ref in tp.sources():
             get_parent_info(plan, ref)  # fail fast, by name, before any task runs
     workers = worker_count(client)
+    spill = uuid.uuid4().hex  # this run's spill of remote rows read again (reread.py), one per process
+    spills = []
     if client is not None:
         # Workers live in other processes: progress is reported here, as their chunks complete.
         from distributed import as_completed
 
-        graph, outputs = build_graph(plan, writer, budget=budget, workers=workers, device=device)
+        graph, outputs = build_graph(plan, writer, budget=budget, workers=workers, device=device, spill=spill)
         results = []
         try:
             for future in as_completed(client.get(graph, outputs, sync=False)):
@@ -719,18 +756,29 @@ def run(plan: Plan, writer: ChildSink, *, budget: int = DEFAULT_BUDGET, client=N
                     progress(n)
         finally:
             # Workers outlive the merge: a parent replaced before the next one must not be read
-            # through this merge's maps of the old file.
+            # through this merge's maps of the old file; and each removes its spill directory.
             client.run(pool.release_default)
+            spills = list(client.run(reread.close_run, spill).values())
     else:
-        graph, outputs = build_graph(plan, writer, budget=budget, workers=workers, device=device, progress=progress)
+        graph, outputs = build_graph(plan, writer, budget=budget, workers=workers, device=device, progress=progress,
+                                     spill=spill)
         try:
             with torch_threads(1):
                 results = dask.threaded.get(graph, outputs, num_workers=workers)
         finally:
             release_scratch()
+            spills = [reread.close_run(spill)]
     written = sum(results)
     # Counted once the graph is built: a sink may learn what is done only when asked (ObjectSink).
-    return RunStats(bytes_to_read(plan), written, len(outputs), len(writer.done))
+    return RunStats(bytes_to_read(plan), written, len(outputs), len(writer.done), _sum_spills(spills))
+
+
+def _sum_spills(spills: list[dict]) -> dict:
+    total: dict = {}
+    for s in spills:
+        for k, v in s.items():
+            total[k] = max(total.get(k, 0), v) if k == "peak_bytes" else total.get(k, 0) + v
+    return total
 
 
 _M_TRIM_THRESHOLD = -1

@@ -6,7 +6,7 @@ and part `i` is uploaded as part number `i + 1` of the shard's multipart upload 
 bytes have been produced. Tasks fill their byte ranges in any order, so a part that straddles two
 tasks waits in memory for the second one. Those buffers are bounded (`waiting_bytes`, which
 `api.merge` sets aside from the memory budget): one part of its own per worker, and shared parts up
-to `workers + 4`. dask runs ready tasks in key order, which follows the layout only roughly (a
+to `workers + 6`. dask runs ready tasks in key order, which follows the layout only roughly (a
 statistic's passes make a tensor's blends ready late, and under a small budget a tensor is many
 chunks: the test parents under 1 MiB spill 0.4 of 1.3 MiB, under 2 MiB nothing). So once the
 shared reserve is full, a part's next bytes are put as a fragment object beside the child instead,
@@ -82,17 +82,21 @@ def waiting_bytes(part: int, workers: int, *, distributed: bool = False) -> int:
 
     A task's own whole parts go out as it writes them; what waits are the parts it shares with the
     tasks before and after it: one boundary per task in flight as they walk the shard, plus a few
-    left open by a jump in the order tasks run in (dask starts with the embeddings, the final norm
-    and lm_head, whose boundaries with the layers close last). So one own part per worker is
-    always allowed, and shared parts up to `workers + 4`; past that their pieces are spilled
-    (`ObjectSink.put`). The total is a bound, and `stats.peak_waiting` what a run held.
+    left open by a jump in the order tasks run in. dask starts with the final norm and the
+    embedding, whose row chunks it runs in the string order of their keys (98304 before 16384
+    before 147456), and whose boundaries with the layers close last. So one own part per worker is
+    always allowed, and shared parts up to `workers + 6`; past that their pieces are spilled
+    (`ObjectSink.put`). The total is a bound, and `stats.peak_waiting` what a run held. Measured on
+    the 0.6B pair with 8 MiB parts (docs/benchmarks.md, "Scaling"): up to 7.1, 8.1 and 11.1 parts
+    waited at the peak with 1, 2 and 4 workers (linear; slerp 6, 6 and 10), where the old
+    `2 x workers + 4` set aside 6, 8 and 12, and every 1-worker linear merge spilled a part.
 
     On a dask.distributed cluster (`distributed`), shared parts never wait: a worker process holds
     one own part per thread, and the copy of a piece on its way out as a fragment.
     """
     if distributed:
         return 2 * max(workers, 1) * part
-    return (2 * max(workers, 1) + 4) * part
+    return (2 * max(workers, 1) + 6) * part
 
 
 def is_url(out: str | os.PathLike) -> bool:

@@ -160,6 +160,36 @@ def test_workers_read_url_parents_with_the_merge_s_storage_options(client, s3_se
     assert _shards(tmp_path / "cluster") == _shards(tmp_path / "threads")
 
 
+def _worker_spills() -> list[str]:
+    import tempfile
+
+    from darwin_stream import reread
+
+    root = tempfile.gettempdir()
+    return [n for n in os.listdir(root) if n.startswith(f"{reread.PREFIX}{os.getpid()}-")]
+
+
+@pytest.mark.s3
+def test_workers_spill_remote_rows_and_remove_them_when_the_merge_ends(client, s3_server, tiny_parents, tmp_path,
+                                                                        monkeypatch):
+    """Each worker keeps the bucket rows its partial tasks fetched (reread.py); a blend on another
+    worker fetches them again. Whatever a worker kept is gone when the merge ends."""
+    from tests.test_object_sink import put_parents
+
+    a, b = put_parents(s3_server, tiny_parents, "dist-spill")
+    local = _merge_yaml(tmp_path, *tiny_parents)
+    remote = tmp_path / "remote.yaml"
+    remote.write_text(local.read_text().replace(str(tiny_parents[0]), a).replace(str(tiny_parents[1]), b))
+    runs: list[engine.RunStats] = []
+    real = engine.run
+    monkeypatch.setattr(engine, "run", lambda *args, **kw: runs.append(real(*args, **kw)) or runs[-1])
+    api.merge(str(remote), tmp_path / "cluster", client=client, memory_budget=BUDGET, storage_options=s3_server.opts)
+    api.merge(str(local), tmp_path / "threads", memory_budget=BUDGET)
+    assert _shards(tmp_path / "cluster") == _shards(tmp_path / "threads")
+    assert runs[0].spill["kept"] > 0  # the workers did keep rows
+    assert all(not dirs for dirs in client.run(_worker_spills).values())
+
+
 
 @pytest.mark.s3
 def test_a_failed_cluster_merge_into_a_bucket_resumes(client, s3_server, tiny_parents, tmp_path, monkeypatch):

@@ -221,3 +221,74 @@ def test_shared_parts_past_the_reserve_go_through_the_bucket_and_the_budget_hold
     assert not [k for k in s3.objects if "/fragments/" in k]  # read back and deleted
     sink.finish()
     assert s3.objects["child/" + shard] == bytes(want)
+
+
+def _headers_only_parents(root: Path, geometry: str) -> list[Path]:
+    """The benchmark's parents of `geometry` as their headers over sparse files: what planning and
+    the shard layout read, with no tensor bytes on disk."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import bench
+
+    geom, out = bench.GEOMETRIES[geometry], []
+    for name in "ab":
+        d = root / name
+        d.mkdir(parents=True)
+        weight_map = {}
+        for i, entries in enumerate(bench.shard_plan(geom)):
+            f = d / f"model-{i + 1:05d}.safetensors"
+            head = bench.safetensors_header(entries)
+            with open(f, "wb") as fh:
+                fh.write(head)
+                fh.truncate(len(head) + sum(2 * engine._numel(shape) for _, shape in entries))
+            weight_map.update({n: f.name for n, _ in entries})
+        (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        (d / "config.json").write_text(json.dumps(geom.config()))
+        out.append(d)
+    (root / "merge.yaml").write_text(bench.manifest_text("linear", out))
+    return out
+
+
+def test_the_reserve_holds_what_a_one_worker_merge_of_the_0_6b_pair_leaves_waiting(tmp_path, monkeypatch):
+    """Measured in the scaling benchmark (docs/benchmarks.md): a 1-worker linear merge of the 0.6B
+    pair into a bucket held 7.1 parts of 8 MiB waiting at once, over the 6 that `2 x workers + 4`
+    set aside, and spilled one. Replayed here: the merge's blends in the order dask runs them (one
+    worker: always the same), each writing zeros for its rows through the sink's spans. With the old
+    reserve the replay holds 51.3 MB at the peak and spills 8.35 MB, as the benchmark's run did."""
+    import dask.threaded
+    import fsspec.core
+
+    from darwin_stream import api
+    from darwin_stream.child_writer import staging_buffer
+    from darwin_stream.object_sink import DEFAULT_PART
+
+    _headers_only_parents(tmp_path, "0.6b")
+    plan = api.load_plan(str(tmp_path / "merge.yaml"))
+    s3 = FakeS3()
+    upload = s3.call_s3
+
+    def bodiless(method, Bucket, **kw):  # the part's size is all this test needs of it
+        if method == "upload_part":
+            kw["Body"] = b""
+        return upload(method, Bucket, **kw)
+
+    s3.call_s3 = bodiless
+    monkeypatch.setattr(fsspec.core, "url_to_fs", lambda url, **kw: (s3, url[len("s3://"):]))
+    sink = ObjectSink("s3://bucket/child", plan, 5 * 10**9, part_size=DEFAULT_PART, workers=1,
+                      identities={k: "x" for k in plan.parents})
+    zeros, stage = memoryview(bytes(engine.CHUNK_CAP)), staging_buffer(4 * 2**20)
+
+    def blend(task, state, writer, progress):
+        with writer.span(task.tp.name, task.start, stage) as span:
+            span.write(zeros[: (task.stop - task.start) * writer.layout.slots[task.tp.name].row_bytes])
+        return 0
+
+    budget = 2**30 - waiting_bytes(DEFAULT_PART, 1)
+    graph, outputs = engine.build_graph(plan, sink, budget=budget, workers=1, device="cpu")
+    graph = {k: (blend, *v[1:]) if isinstance(v, tuple) and v and v[0] is engine._write_task else v
+             for k, v in graph.items()}
+    dask.threaded.get(graph, outputs, num_workers=1)
+    assert sink.stats.peak_waiting > (2 * 1 + 4) * DEFAULT_PART  # what the old reserve did not hold
+    assert sink.stats.spilled_bytes == 0 and sink.stats.peak_waiting <= waiting_bytes(DEFAULT_PART, 1)

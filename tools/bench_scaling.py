@@ -13,7 +13,7 @@ darwin-stream's own bookkeeping, and they include the parents' metadata reads (c
 safetensors headers), which the plan does not count as needed.
 
     .venv/bin/python tools/bench_scaling.py --geometry tiny --workers 1 2 --reps 1
-    .venv/bin/python tools/bench_scaling.py --geometry 0.6b --workers 1 2 4 --reps 3
+    .venv/bin/python tools/bench_scaling.py --geometry 0.6b --method linear slerp --workers 1 2 4 --reps 3
 
 The worker count is forced by replacing engine.worker_count for the run (it is os.cpu_count()
 otherwise): the budget split, the bucket sink's part reserve and dask's num_workers all follow it.
@@ -207,15 +207,22 @@ def delete_prefix(server: s3_server.S3Server, prefix: str) -> None:
 
 def one_run(server: s3_server.S3Server, opts: dict, counter: Counter, manifest: Path, workers: int, budget: int,
             tag: str) -> dict:
-    real = engine.worker_count
+    real, real_run = engine.worker_count, engine.run
     engine.worker_count = lambda client=None: workers  # type: ignore[assignment]
+    stats: list[engine.RunStats] = []
+
+    def run_and_keep(*args: Any, **kwargs: Any) -> engine.RunStats:
+        stats.append(real_run(*args, **kwargs))  # the spill's stats (reread.py) are not in the report
+        return stats[-1]
+
+    engine.run = run_and_keep  # type: ignore[assignment]
     counter.reset()
     t0 = time.perf_counter()
     try:
         report = merge(manifest, f"s3://{s3_server.BUCKET}/{CHILD}/{tag}", memory_budget=budget,
                        storage_options=opts)
     finally:
-        engine.worker_count = real  # type: ignore[assignment]
+        engine.worker_count, engine.run = real, real_run  # type: ignore[assignment]
     wall = time.perf_counter() - t0
     wire = counter.snapshot()
     child = sum(server.client.head_object(Bucket=s3_server.BUCKET, Key=k)["ContentLength"]
@@ -230,12 +237,21 @@ def one_run(server: s3_server.S3Server, opts: dict, counter: Counter, manifest: 
             "bytes_needed": report.bytes_read, "bytes_fetched": fetched, "range_bytes_fetched": tensor_fetched,
             "fetch_ratio": round(fetched / report.bytes_read, 5), "bytes_uploaded_wire": uploaded,
             "upload_ratio": round(uploaded / child, 5), "requests": requests, "wire": wire,
-            "sink": report.uploads, "peak_anon_bytes": report.peak_anon_bytes,
+            "sink": report.uploads, "spill": stats[-1].spill if stats else {},
+            "peak_anon_bytes": report.peak_anon_bytes,
             "load_avg": os.getloadavg()}
 
 
 def run(geometry: str, workers: list[int], reps: int, budget: int, method: str,
         partial: Path | None = None) -> dict:
+    """One method's runs (see `run_methods`)."""
+    return run_methods(geometry, workers, reps, budget, [method], partial)[method]
+
+
+def run_methods(geometry: str, workers: list[int], reps: int, budget: int, methods: list[str],
+                partial: Path | None = None) -> dict[str, dict]:
+    """Each method's runs against one server, interleaved rep by rep, worker count by worker
+    count, method by method, so that a burst of load on the machine hits every cell alike."""
     import fsspec.config
     import moto.s3.models
 
@@ -253,26 +269,34 @@ def run(geometry: str, workers: list[int], reps: int, budget: int, method: str,
     fsspec.config.conf["s3"] = opts  # URL parents take fsspec's configuration
     scratch = bench.BENCH / "scaling"
     scratch.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
+    rows: dict[str, list[dict]] = {m: [] for m in methods}
     try:
         t0 = time.perf_counter()
         urls = upload_parents(server, parents)
         upload_s = time.perf_counter() - t0
         print(f"[scaling] parents uploaded in {upload_s:.1f} s", file=sys.stderr, flush=True)
-        manifest = scratch / f"{geom.name}-{method}.yml"
-        manifest.write_text(bench.manifest_text(method, urls))  # type: ignore[arg-type]
+        manifests = {m: scratch / f"{geom.name}-{m}.yml" for m in methods}
+        for m, path in manifests.items():
+            path.write_text(bench.manifest_text(m, urls))  # type: ignore[arg-type]
         for rep in range(reps):
-            for w in workers:  # interleaved, so that a burst of load on the machine hits every count
-                rows.append(one_run(server, opts, counter, manifest, w, budget, f"{geom.name}-w{w}-r{rep}"))
-                r = rows[-1]
-                print(f"[scaling] workers={w} rep={rep} wall={r['wall_s']}s {r['throughput_MBps']} MB/s "
-                      f"fetched/needed={r['fetch_ratio']} requests={r['requests']}", file=sys.stderr, flush=True)
-                if partial:  # each run as it ends: a long benchmark cut short keeps what it measured
-                    with partial.open("a") as f:
-                        f.write(json.dumps(r) + "\n")
+            for w in workers:
+                for m in methods:
+                    r = one_run(server, opts, counter, manifests[m], w, budget, f"{geom.name}-{m}-w{w}-r{rep}")
+                    r["method"] = m
+                    rows[m].append(r)
+                    print(f"[scaling] {m} workers={w} rep={rep} wall={r['wall_s']}s {r['throughput_MBps']} MB/s "
+                          f"fetched/needed={r['fetch_ratio']} requests={r['requests']} "
+                          f"load={r['load_avg'][0]:.1f}", file=sys.stderr, flush=True)
+                    if partial:  # each run as it ends: a long benchmark cut short keeps what it measured
+                        with partial.open("a") as f:
+                            f.write(json.dumps(r) + "\n")
     finally:
         server.server.stop()
         fsspec.config.conf.pop("s3", None)
+    return {m: _summary(geom.name, m, budget, workers, rows[m], upload_s) for m in methods}
+
+
+def _summary(geometry: str, method: str, budget: int, workers: list[int], rows: list[dict], upload_s: float) -> dict:
     summary = []
     for w in workers:
         mine = [r for r in rows if r["workers"] == w]
@@ -282,7 +306,7 @@ def run(geometry: str, workers: list[int], reps: int, budget: int, method: str,
                         "throughput_MBps_median": round(mine[0]["child_bytes"] / med / 1e6, 2),
                         "fetch_ratio": max(r["fetch_ratio"] for r in mine),
                         "requests": [r["requests"] for r in mine]})
-    return {"geometry": geom.name, "method": method, "memory_budget": budget, "cpus": os.cpu_count(),
+    return {"geometry": geometry, "method": method, "memory_budget": budget, "cpus": os.cpu_count(),
             "part_bytes": object_sink.DEFAULT_PART, "parents_upload_s": round(upload_s, 2),
             "summary": summary, "runs": rows}
 
@@ -297,14 +321,16 @@ SHARD = 5 * 10**9  # bytes per child shard, the default (--shard-size)
 
 
 def count_requests(geom: bench.Geometry, budget: int, workers: int, parents: int = 2,
-                   stat_passes: int = 0) -> dict[str, int]:
+                   stat_passes: int = 0, spill: bool = True) -> dict[str, int]:
     """Requests a merge of `parents` bf16 parents of `geom` makes, from engine's own sizing rules.
 
     A task reads its rows of each parent in one ranged GET (engine.chunk_rows: half a worker's
     share of the budget, CHUNK_CAP raw bytes at most, across all inputs); a 1-D tensor is one task.
     Each child shard is one multipart upload of object_sink.part_bytes parts. A method with a
-    statistic (slerp: 1 pass) reads a tensor of more than one task once more per pass
-    (engine.build_graph's partial tasks), which `bytes_read_factor` counts.
+    statistic (slerp: 1 pass) reads a tensor of more than one task once per pass (engine.build_graph's
+    partial tasks) and once to blend it; the spill (reread.py) keeps the first fetch for the others,
+    so with `spill` each byte is fetched once. Without it (no spill, or on a cluster every later read
+    landing on another worker than the first) `bytes_read_factor` counts the re-reads.
     """
     share = budget // workers - engine.stage_bytes(budget, workers)
     gets = reread = 0
@@ -314,8 +340,9 @@ def count_requests(geom: bench.Geometry, budget: int, workers: int, parents: int
             raw_row = parents * 2 * shape[1]
             per_task = max(1, min(rows, min(share // 2, engine.CHUNK_CAP) // raw_row))
             tasks = -(-rows // per_task)
-            gets += parents * tasks * (1 + (stat_passes if tasks > 1 else 0))
-            reread += 2 * rows * shape[1] * (stat_passes if tasks > 1 else 0)
+            again = stat_passes if tasks > 1 and not spill else 0
+            gets += parents * tasks * (1 + again)
+            reread += 2 * rows * shape[1] * again
         else:
             gets += parents
     child = geom.nbytes()
@@ -334,7 +361,9 @@ def project(measured: dict, net_MBps: float, cpu_MBps: float, workers: list[int]
     Time per worker count W: the child's bytes over W workers. A worker reads, blends and writes
     a task in turn (no overlap), so its rate is 1 / (1/cpu + 1/net), where cpu is the child
     bytes/s one core blends and net the child bytes/s its bandwidth carries: net_MBps over the
-    bytes fetched per child byte (2x for linear, 4x for slerp on 70B) plus the one uploaded.
+    bytes fetched per child byte (2x, slerp's statistic included, with the spill of reread.py)
+    plus the one uploaded. `no_spill` is slerp without the spill's help: a dask.distributed cluster
+    whose blends all run on other workers than their chunks' partial tasks (its upper bound).
     """
     child = G70B.nbytes()
     passes = 1 if measured["method"] == "slerp" else 0
@@ -343,6 +372,9 @@ def project(measured: dict, net_MBps: float, cpu_MBps: float, workers: list[int]
     small = count_requests(bench.GEOMETRIES["0.6b"], budget, 1, stat_passes=passes)["bytes_read_factor"]
     fetch = max(r["fetch_ratio"] for r in measured["runs"]) - small + reqs["bytes_read_factor"]
     upload = max(r["upload_ratio"] for r in measured["runs"])
+    worst = count_requests(G70B, budget, 1, stat_passes=passes, spill=False)
+    no_spill = {"bytes_fetched": round(2 * child * (fetch - reqs["bytes_read_factor"] + worst["bytes_read_factor"])),
+                "get_range": worst["get_range"]}
     net = net_MBps / (2 * fetch + upload)
     rate = 1e6 / (1 / cpu_MBps + 1 / net)
     rows = [{"workers": w, "hours": round(child / (w * rate) / 3600, 2),
@@ -350,7 +382,7 @@ def project(measured: dict, net_MBps: float, cpu_MBps: float, workers: list[int]
     return {"geometry": G70B.name, "child_bytes": child, "bytes_needed": 2 * child,
             "bytes_fetched": round(2 * child * fetch), "bytes_uploaded": round(child * upload),
             "requests": reqs, "per_worker_child_MBps": round(rate / 1e6, 1), "net_child_MBps": round(net, 1), "net_MBps": net_MBps,
-            "cpu_MBps": cpu_MBps, "time": rows}
+            "cpu_MBps": cpu_MBps, "time": rows, "no_spill": no_spill}
 
 
 def main() -> None:
@@ -358,7 +390,8 @@ def main() -> None:
     p.add_argument("--geometry", default="tiny", choices=list(bench.GEOMETRIES))
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--reps", type=int, default=1)
-    p.add_argument("--method", default="slerp", choices=["linear", "slerp"])
+    p.add_argument("--method", nargs="+", default=["slerp"], choices=["linear", "slerp"],
+                   help="one or more; several run interleaved against one server, and --out holds {method: doc}")
     p.add_argument("--memory-budget", type=parse_size, default=2**30)
     p.add_argument("--out", type=Path, help="also write the JSON here")
     p.add_argument("--project", type=Path, metavar="JSON",
@@ -369,11 +402,13 @@ def main() -> None:
     a = p.parse_args()
     if a.project:
         doc = json.loads(a.project.read_text())
-        print(json.dumps(project(doc, a.net_MBps, a.cpu_MBps, [1, 4, 8, 16, 32, 64], a.memory_budget), indent=2))
+        docs = [doc] if "runs" in doc else list(doc.values())  # one method's --out, or several's
+        out = {d["method"]: project(d, a.net_MBps, a.cpu_MBps, [1, 4, 8, 16, 32, 64], a.memory_budget) for d in docs}
+        print(json.dumps(out if len(out) > 1 else out.popitem()[1], indent=2))
         return
     partial = a.out.with_suffix(".runs.jsonl") if a.out else None
-    doc = run(a.geometry, a.workers, a.reps, a.memory_budget, a.method, partial)
-    text = json.dumps(doc, indent=2)
+    docs = run_methods(a.geometry, a.workers, a.reps, a.memory_budget, a.method, partial)
+    text = json.dumps(docs if len(docs) > 1 else docs[a.method[0]], indent=2)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(text + "\n")
