@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from darwin_stream import engine, identity, object_sink, outputs, pool, storage
 from darwin_stream.child_writer import ChildWriter, layout
 from darwin_stream.edge import at_edge
-from darwin_stream.errors import DarwinError, OptionError, OutputError
+from darwin_stream.errors import OptionError, OutputError
 from darwin_stream.manifest import parse_size
 from darwin_stream.plan import Plan, human_bytes
 from darwin_stream.tokenizer import child_tokenizer_files
@@ -417,8 +417,8 @@ def export(
 
 @dataclass
 class _BucketRun:
-    """A merge whose child goes into a bucket: `object_sink.ObjectSink`, or for --format zarr a copy
-    store written by `store.ingest` (its chunks put as objects, its root marked complete last)."""
+    """A merge whose child goes into a bucket: `object_sink.ObjectSink`, or for --format zarr
+    `zarr_sink.ZarrSink` (one chunk object per task, the store's root written last)."""
 
     plan: Plan
     out: str
@@ -435,8 +435,7 @@ class _BucketRun:
         plan, workers = self.plan, engine.worker_count(self.client)
         outputs.check_not_input([self.out, partial_prefix(self.out)], identity.plan_locations(plan, engine.get_parent))
         if out_format == "zarr":
-            return self._to_store(overwrite=overwrite, direct_io=direct_io, progress=progress, on_plan=on_plan,
-                                  start=start, mem=mem)
+            return self._to_zarr(overwrite=overwrite, progress=progress, on_plan=on_plan, start=start, mem=mem)
         part = object_sink.part_bytes(layout(plan, self.shard_size))
         cluster = self.client is not None  # workers upload their own parts, shared ones go as fragments
         reserve = object_sink.waiting_bytes(part, workers, distributed=cluster)
@@ -477,42 +476,34 @@ class _BucketRun:
                 f"give --memory-budget {-(-need // 1024)}KiB or more")
         return self.budget - reserve
 
-    def _to_store(self, *, overwrite: bool, direct_io: bool | None, progress: Callable[[int], None] | None,
-                  on_plan: Callable[[Plan, int], None] | None, start: float, mem: engine.PeakMemory) -> MergeReport:
-        """--format zarr into a bucket: the safetensors child staged in a local temporary directory
-        (as a local --format zarr child is), then copied into the store by `store.ingest`, which
-        writes its chunks as objects and sets the root's `complete` attribute last."""
-        import shutil
-        import tempfile
-
-        from darwin_stream import store
+    def _to_zarr(self, *, overwrite: bool, progress: Callable[[int], None] | None,
+                 on_plan: Callable[[Plan, int], None] | None, start: float, mem: engine.PeakMemory) -> MergeReport:
+        """--format zarr into a bucket: `zarr_sink.ZarrSink` puts each task's rows as one chunk
+        object (no local copy of the child), the metadata after the last chunk, the root last."""
+        from darwin_stream import zarr_sink  # zarr's store layout: only for a zarr child
 
         plan, workers = self.plan, engine.worker_count(self.client)
-        engine.check_budget(plan, self.budget, workers)
-        if store.is_store(self.out, storage_options=self.storage_options) and not overwrite:
-            raise OutputError(f"output {self.out} already exists (use --overwrite to replace it)")
-        tmp = Path(tempfile.mkdtemp(prefix="darwin-stream-zarr-"))
+        part = zarr_sink.part_bytes(plan)
+        reserve = object_sink.waiting_bytes(part, workers, distributed=True)  # a part filling, one going out
+        budget = self._merge_budget(reserve, part, workers)
+        cluster = self.client is not None
+        sink = zarr_sink.ZarrSink(self.out, plan, zarr_sink.task_rows(plan, budget, workers), overwrite=overwrite,
+                                  identities=identity.plan_identities(plan, engine.get_parent), part_size=part,
+                                  storage_options=self.storage_options, distributed=cluster)
+        if on_plan:
+            on_plan(plan, plan.nbytes)
         try:
-            writer = ChildWriter(tmp / "child", plan, self.shard_size, direct=direct_io is not False,
-                                 identities=identity.plan_identities(plan, engine.get_parent))
-            if on_plan:
-                on_plan(plan, plan.nbytes)
-            stats = engine.run(plan, writer, budget=self.budget, client=self.client, device=self.device,
-                               progress=progress)
-            for name, data in child_files(plan).items():
-                writer.write_file(name, data)
-            staged = writer.finish()
-            try:
-                store.ingest(str(staged), self.out, mode="copy", storage_options=self.storage_options)
-            except DarwinError:
-                raise
-            except Exception as e:  # s3fs, botocore, aiohttp: all mean the bucket cannot be written
-                first = (str(e).strip().splitlines() or [""])[0][:200]
-                raise OutputError(f"output {self.out}: cannot write ({type(e).__name__}: {first})") from None
+            stats = engine.run(plan, sink, budget=budget, client=self.client, device=self.device, progress=progress)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return self._report(self.out, stats, writer.layout.nbytes, start=start, mem=mem, fmt="zarr",
-                            predicted=engine.predicted_peak(plan, self.budget, workers), notes=[], uploads=None)
+            if cluster:  # what each worker's copy of the sink uploaded, and its chunks' digests
+                sink.absorb(self.client.run(object_sink.take_stats, sink.run_id).values(),
+                            self.client.run(zarr_sink.take_digests, sink.run_id).values())
+        for name, data in child_files(plan).items():
+            sink.write_file(name, data)
+        final = sink.finish()
+        return self._report(final, stats, plan.nbytes, start=start, mem=mem, fmt="zarr",
+                            predicted=engine.predicted_peak(plan, budget, workers) + reserve,
+                            notes=[sink.restarted] if sink.restarted else [], uploads=sink.stats.to_dict())
 
     def _report(self, final: str, stats: engine.RunStats, nbytes: int, *, start: float, mem: engine.PeakMemory,
                 fmt: str, predicted: int, notes: list[str], uploads: dict | None) -> MergeReport:
