@@ -257,7 +257,9 @@ class ZarrSink(BucketPrefix):
                 self.partial[key] = (upload, self._list_parts(full, upload, self.where[key][0].chunk_bytes))
             else:  # a duplicate, or a chunk that was completed after all
                 self._call("abort_multipart_upload", Key=full, UploadId=upload, missing_ok=True)
-        self.stats.resumed_parts = len(self.chunks_in) + sum(len(p) for _, p in self.partial.values())
+        # Counted in parts, as `stats.parts` counts them: a chunk of one part is one PUT.
+        whole = sum(-(-self.where[k][0].chunk_bytes // self.part) for k in self.chunks_in)
+        self.stats.resumed_parts = whole + sum(len(p) for _, p in self.partial.values())
 
     def _list_parts(self, full: str, upload: str, size: int) -> dict[int, str]:
         """The parts of a chunk's open upload that are in at their planned sizes."""

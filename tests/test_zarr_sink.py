@@ -1,9 +1,9 @@
 """A zarr child written straight into a bucket (zarr_sink.ZarrSink), against a real moto S3 server.
 
-Parts are `s3_server.PART` (64 KiB) through the sink's internal knob, with moto's minimum part
-lowered to match, so chunks of more than one part go up as real multipart uploads. A 512 KiB
-budget splits the larger tensors of the tiny parents into several tasks: several chunks, a padded
-last chunk, and `sha256-chunks` checksums.
+Parts are 8 KiB through the sink's internal knob, with moto's minimum part lowered to match, so
+chunks of more than one part go up as real multipart uploads. A 280 KiB budget (and 2 workers,
+whatever the machine) splits the larger tensors of the tiny parents into several tasks: several
+chunks, padded last chunks, and `sha256-chunks` checksums.
 """
 
 from __future__ import annotations
@@ -23,17 +23,27 @@ from darwin_stream import child_writer, engine, merge, object_sink, zarr_sink
 from darwin_stream.cli import main
 from darwin_stream.errors import DarwinError, OutputError
 from tests import s3_server as moto_s3
-from tests.s3_server import PART, S3Server
+from tests.s3_server import S3Server
 
 pytestmark = pytest.mark.s3
 
 MANIFEST = "merge_method: slerp\nbase_model: {a}\nmodels:\n  - model: {a}\n  - model: {b}\nparameters:\n  t: 0.3\ndtype: bfloat16\n"
-BUDGET = 2**19
+BUDGET = 280 * 1024  # with 2 workers: 22 tensors split, 14 of them ending in a short chunk
+WORKERS = 2
+PART = 8 * 1024
 
 
-@pytest.fixture(autouse=True)
-def small_parts(monkeypatch):
-    monkeypatch.setenv(object_sink.PART_ENV, str(PART))
+@pytest.fixture(scope="module", autouse=True)
+def small_parts(s3_server):
+    """8 KiB parts (the server's minimum lowered to match, for this module only): the tiny parents'
+    chunks (up to 27 KiB under this budget) go up as multipart uploads of several parts."""
+    import moto.s3.models
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(object_sink.PART_ENV, str(PART))
+        mp.setattr(moto.s3.models, "S3_UPLOAD_PART_MIN_SIZE", PART)
+        mp.setattr(engine, "worker_count", lambda client=None: WORKERS)  # the chunks follow the workers
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +90,6 @@ def bucket_child(s3_server, local_child):
     """One complete zarr child in the bucket, merged with no local staging at all."""
     manifest, _ = local_child
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(object_sink.PART_ENV, str(PART))
         no_local_staging(mp)
         report = merge(manifest, "s3://darwin/z/child.zarr", memory_budget=BUDGET, out_format="zarr",
                        storage_options=s3_server.opts)
@@ -103,6 +112,9 @@ def test_the_bucket_child_exports_to_the_local_child_bit_for_bit(s3_server, loca
     assert report.uploads["bytes_uploaded"] < sum(chunks.values()) + sum(map(len, want.values())) - len(
         want["model.safetensors"]) + 200_000
     assert report.uploads["spilled_bytes"] == 0 and report.uploads["resumed_parts"] == 0
+    big = [k for k, size in chunks.items() if size > PART]
+    assert big and report.uploads["parts"] > report.chunks  # chunks of several parts: multipart uploads
+    assert report.uploads["peak_waiting"] <= object_sink.waiting_bytes(PART, engine.worker_count(), distributed=True)
     assert not s3_server.uploads("z/child.zarr/") and not s3_server.keys("z/.child.zarr.partial/")
 
 
@@ -177,8 +189,10 @@ def test_the_bucket_child_is_a_merge_parent(s3_server, local_child, bucket_child
 
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    from darwin_stream import zarr_sink
+    from darwin_stream import engine, zarr_sink
     from darwin_stream.cli import main
+
+    engine.worker_count = lambda client=None: 2  # as in the test process: the same chunks
 
     after = int(os.environ["KILL_AFTER_PARTS"])
     send = zarr_sink.ChunkObject._send
@@ -301,8 +315,7 @@ def test_a_missing_bucket_is_one_line(s3_server, local_child, capsys):
 def test_chunks_are_the_engine_tasks(local_child):
     """Each task writes one whole chunk: the sink's rows per chunk are the graph's rows per task."""
     plan = report_plan(local_child)
-    workers = engine.worker_count()
-    rows = zarr_sink.task_rows(plan, BUDGET, workers)
+    rows = zarr_sink.task_rows(plan, BUDGET, WORKERS)
     for tp in plan.tensors:
         total = tp.shape[0] if tp.shape else 1
         n = -(-total // rows[tp.name])
