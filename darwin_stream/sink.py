@@ -1,7 +1,8 @@
 """What the engine needs of the place a child is written: the child sink protocol.
 
-Two sinks implement it: `child_writer.ChildWriter` (local files, O_DIRECT, atomic rename) and
-`object_sink.ObjectSink` (an S3 bucket: one multipart upload per shard, a completion marker last).
+Three sinks implement it: `child_writer.ChildWriter` (local files, O_DIRECT, atomic rename),
+`object_sink.ObjectSink` (an S3 bucket: one multipart upload per shard, a completion marker last)
+and `zarr_sink.ZarrSink` (a zarr store in a bucket: one chunk object per task, its root last).
 The engine and `api.merge` type against these Protocols only, so a test can drive the engine with a
 fake and a new destination is one new class.
 

@@ -321,3 +321,22 @@ def test_chunks_are_the_engine_tasks(local_child):
         n = -(-total // rows[tp.name])
         assert n * rows[tp.name] - total < n, tp.name  # even tasks: padding under one row per task
     assert any(rows[tp.name] < (tp.shape[0] if tp.shape else 1) for tp in plan.tensors)
+
+
+@pytest.mark.slow  # a LocalCluster of 2 worker processes: ~10 s to start
+def test_a_cluster_writes_the_threaded_zarr_child(s3_server, local_child, bucket_child, tmp_path):
+    """Workers upload their own chunks and send their digests back: the same objects, bit for bit."""
+    from distributed import Client, LocalCluster
+
+    manifest, local = local_child
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        report = merge(manifest, "s3://darwin/z/cluster.zarr", client=client, memory_budget=BUDGET, out_format="zarr",
+                       storage_options=s3_server.opts)
+    threaded, clustered = chunk_objects(s3_server, "z/child.zarr"), chunk_objects(s3_server, "z/cluster.zarr")
+    assert clustered == threaded
+    for key in threaded:
+        assert s3_server.get(f"z/cluster.zarr/{key}") == s3_server.get(f"z/child.zarr/{key}"), key
+    assert report.uploads["parts"] == bucket_child.uploads["parts"]  # the workers' counts, folded in
+    assert report.uploads["read_back_bytes"] == 0  # and their chunks' digests: nothing read back
+    assert exported("s3://darwin/z/cluster.zarr", s3_server.opts, tmp_path / "out") == files(local)
