@@ -340,3 +340,39 @@ def test_a_cluster_writes_the_threaded_zarr_child(s3_server, local_child, bucket
     assert report.uploads["parts"] == bucket_child.uploads["parts"]  # the workers' counts, folded in
     assert report.uploads["read_back_bytes"] == 0  # and their chunks' digests: nothing read back
     assert exported("s3://darwin/z/cluster.zarr", s3_server.opts, tmp_path / "out") == files(local)
+
+
+def test_an_open_chunk_upload_keeps_its_parts(s3_server, local_child, bucket_child, tmp_path, monkeypatch):
+    """A failure inside a chunk of several parts leaves its multipart upload open; the re-run lists
+    its parts (ListParts) and uploads only the others."""
+    manifest, local = local_child
+    send = zarr_sink.ChunkObject._send
+
+    def failing(self):
+        if not self.single and self.index == 1:
+            raise OutputError("injected: connection lost after a chunk's first part")
+        return send(self)
+
+    monkeypatch.setattr(zarr_sink.ChunkObject, "_send", failing)
+    url = "s3://darwin/z/open.zarr"
+    with pytest.raises(OutputError, match="injected"):
+        merge(manifest, url, memory_budget=BUDGET, out_format="zarr", storage_options=s3_server.opts)
+    open_uploads = s3_server.uploads("z/open.zarr/")
+    assert open_uploads  # the chunk's upload, with its first part in
+    monkeypatch.setattr(zarr_sink.ChunkObject, "_send", send)
+    sent: list[tuple[str, int]] = []
+    call = zarr_sink.ZarrSink._call
+
+    def recording(self, method, **kw):
+        if method == "upload_part":
+            sent.append((kw["Key"], kw["PartNumber"]))
+        return call(self, method, **kw)
+
+    monkeypatch.setattr(zarr_sink.ZarrSink, "_call", recording)
+    report = merge(manifest, url, memory_budget=BUDGET, out_format="zarr", storage_options=s3_server.opts)
+    for u in open_uploads:  # the open chunk's first part is not sent again, its second is
+        assert (u["Key"], 1) not in sent and (u["Key"], 2) in sent, (u["Key"], sent)
+    up = report.uploads
+    assert up["resumed_parts"] >= len(open_uploads) and up["parts"] + up["resumed_parts"] == bucket_child.uploads["parts"]
+    assert not s3_server.uploads("z/open.zarr/")  # completed (or aborted), none left open
+    assert exported(url, s3_server.opts, tmp_path / "out") == files(local)
