@@ -723,8 +723,12 @@ def run(plan: Plan, writer: ChildSink, *, budget: int = DEFAULT_BUDGET, client=N
     else:
         graph, outputs = build_graph(plan, writer, budget=budget, workers=workers, device=device, progress=progress)
         try:
-            with torch_threads(1):
-                results = dask.threaded.get(graph, outputs, num_workers=workers)
+            # A pool of this merge's own, shut down (waiting) before an error leaves: dask raises a
+            # task's exception at once, while the other running tasks go on writing into the sink,
+            # and a re-run in the same process raced them (a zarr child's chunk upload completed
+            # by the failed run's task under the re-run that had listed it open).
+            with torch_threads(1), dask.threaded.ContextAwareThreadPoolExecutor(workers) as threads:
+                results = dask.threaded.get(graph, outputs, num_workers=workers, pool=threads)
         finally:
             release_scratch()
     written = sum(results)
