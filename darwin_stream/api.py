@@ -12,15 +12,15 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from darwin_stream import engine, identity, object_sink, outputs, pool, storage
 from darwin_stream.child_writer import ChildWriter, layout
 from darwin_stream.edge import at_edge
-from darwin_stream.errors import DarwinError, OptionError, OutputError
+from darwin_stream.errors import OptionError, OutputError
 from darwin_stream.manifest import parse_size
 from darwin_stream.plan import Plan, human_bytes
+from darwin_stream.sink import ChildSink
 from darwin_stream.tokenizer import child_tokenizer_files
 from darwin_stream.tokenizer.load import TOKENIZER_FILES
 
@@ -205,31 +205,26 @@ def merge(
                              storage_options=storage_options)
             return run.merge(out_format, overwrite=overwrite, direct_io=direct_io, progress=progress,
                              on_plan=on_plan, start=start, mem=mem)
-        engine.check_budget(plan, budget, engine.worker_count(client))
+        workers = engine.worker_count(client)
+        engine.check_budget(plan, budget, workers)
         paths = outputs.output_paths(out)
-        target = paths.final if out_format == "safetensors" else paths.final.parent / f".{paths.final.name}.safetensors"
-        _check_outputs(manifest, plan, paths, target)
-        if out_format == "zarr" and paths.final.exists() and not overwrite:
-            raise OutputError(f"output {paths.final} already exists (use --overwrite to replace it)")
+        _check_outputs(manifest, plan, paths)
         direct_io = opts.get("direct_io", True) if direct_io is None else direct_io
         with outputs.lock(paths, out):
-            writer = ChildWriter(target, plan, shard_size, overwrite=overwrite or out_format == "zarr",
-                                 direct=direct_io, identities=identity.plan_identities(plan, engine.get_parent),
-                                 extra_bytes=plan.nbytes if out_format == "zarr" else 0)
+            writer = _local_sink(plan, out, out_format, workers, budget=budget, shard_size=shard_size,
+                                 overwrite=overwrite, direct_io=direct_io)
             if on_plan:
                 on_plan(plan, plan.nbytes)
             stats = engine.run(plan, writer, budget=budget, client=client, device=device, progress=progress)
             for name, data in child_files(plan).items():
                 writer.write_file(name, data)
             final = writer.finish()
-            if out_format == "zarr":
-                final = _to_store(final, paths, overwrite=overwrite)
         predicted = engine.predicted_peak(plan, budget, engine.worker_count(client))  # reads parents' dtypes
     return MergeReport(
         out=str(final),
         wall_s=round(engine.now() - start, 3),
         bytes_read=stats.bytes_read,
-        bytes_written=writer.layout.nbytes,
+        bytes_written=writer.layout.nbytes if out_format == "safetensors" else plan.nbytes,
         peak_anon_bytes=mem.peak,
         baseline_anon_bytes=mem.baseline,
         memory_budget=budget,
@@ -251,42 +246,25 @@ def _size(name: str, v: int | str) -> int:
         raise OptionError(f"{name}: {e}") from None
 
 
-def _check_outputs(manifest: str | os.PathLike | Plan, plan: Plan, paths: outputs.OutputPaths, target: Path) -> None:
+def _check_outputs(manifest: str | os.PathLike | Plan, plan: Plan, paths: outputs.OutputPaths) -> None:
     """Refuse, before anything is written, a merge that would write any path over one it reads."""
-    writes = paths.all() + (outputs.output_paths(target).all() if target != paths.final else [])
     inputs = identity.plan_locations(plan, engine.get_parent)
     if isinstance(manifest, os.PathLike) or (isinstance(manifest, str) and "\n" not in manifest and os.path.isfile(manifest)):
         inputs.add(os.fspath(manifest))  # `merge m.yaml m.yaml --overwrite` would delete the manifest
-    outputs.check_not_input(writes, inputs)
+    outputs.check_not_input(paths.all(), inputs)
 
 
-def _to_store(child_dir: Path, out: outputs.OutputPaths, *, overwrite: bool) -> Path:
-    """A --format zarr child: the safetensors child, copied into a zarr store, then removed.
+def _local_sink(plan: Plan, out: str | os.PathLike, out_format: str, workers: int, *, budget: int, shard_size: int,
+                overwrite: bool, direct_io: bool) -> ChildSink:
+    """The writer of a local child: `ChildWriter` (safetensors), or `zarr_sink.LocalZarrSink`, whose
+    chunks are the tasks' rows written in place (no safetensors copy staged first)."""
+    ids = identity.plan_identities(plan, engine.get_parent)
+    if out_format == "safetensors":
+        return ChildWriter(out, plan, shard_size, overwrite=overwrite, direct=direct_io, identities=ids)
+    from darwin_stream import zarr_sink  # zarr's store layout: only for a zarr child
 
-    The store is built in `.OUT.partial`; one left there by a killed run (of this manifest or
-    another) is removed first, so that none of its arrays can survive into this child.
-    """
-    import shutil
-
-    from darwin_stream import store
-
-    tmp = out.tmp
-    if store.is_store(tmp):
-        outputs.remove(tmp)
-    else:
-        outputs.clear_temporary(tmp)  # refuses a directory that is not ours
-    store.ingest(str(child_dir), str(tmp), mode="copy")
-    if out.final.exists() or out.final.is_symlink():
-        if not overwrite:
-            raise OutputError(f"output {out.final} already exists (use --overwrite to replace it)")
-        outputs.remove(out.old)
-        out.final.rename(out.old)
-        tmp.rename(out.final)
-        outputs.remove(out.old)
-    else:
-        tmp.rename(out.final)
-    shutil.rmtree(child_dir)
-    return out.final
+    return zarr_sink.LocalZarrSink(out, plan, zarr_sink.task_rows(plan, budget, workers), overwrite=overwrite,
+                                   identities=ids)
 
 
 @dataclass
@@ -417,8 +395,8 @@ def export(
 
 @dataclass
 class _BucketRun:
-    """A merge whose child goes into a bucket: `object_sink.ObjectSink`, or for --format zarr a copy
-    store written by `store.ingest` (its chunks put as objects, its root marked complete last)."""
+    """A merge whose child goes into a bucket: `object_sink.ObjectSink`, or for --format zarr
+    `zarr_sink.ZarrSink` (one chunk object per task, the store's root written last)."""
 
     plan: Plan
     out: str
@@ -435,8 +413,7 @@ class _BucketRun:
         plan, workers = self.plan, engine.worker_count(self.client)
         outputs.check_not_input([self.out, partial_prefix(self.out)], identity.plan_locations(plan, engine.get_parent))
         if out_format == "zarr":
-            return self._to_store(overwrite=overwrite, direct_io=direct_io, progress=progress, on_plan=on_plan,
-                                  start=start, mem=mem)
+            return self._to_zarr(overwrite=overwrite, progress=progress, on_plan=on_plan, start=start, mem=mem)
         part = object_sink.part_bytes(layout(plan, self.shard_size))
         cluster = self.client is not None  # workers upload their own parts, shared ones go as fragments
         reserve = object_sink.waiting_bytes(part, workers, distributed=cluster)
@@ -477,42 +454,34 @@ class _BucketRun:
                 f"give --memory-budget {-(-need // 1024)}KiB or more")
         return self.budget - reserve
 
-    def _to_store(self, *, overwrite: bool, direct_io: bool | None, progress: Callable[[int], None] | None,
-                  on_plan: Callable[[Plan, int], None] | None, start: float, mem: engine.PeakMemory) -> MergeReport:
-        """--format zarr into a bucket: the safetensors child staged in a local temporary directory
-        (as a local --format zarr child is), then copied into the store by `store.ingest`, which
-        writes its chunks as objects and sets the root's `complete` attribute last."""
-        import shutil
-        import tempfile
-
-        from darwin_stream import store
+    def _to_zarr(self, *, overwrite: bool, progress: Callable[[int], None] | None,
+                 on_plan: Callable[[Plan, int], None] | None, start: float, mem: engine.PeakMemory) -> MergeReport:
+        """--format zarr into a bucket: `zarr_sink.ZarrSink` puts each task's rows as one chunk
+        object (no local copy of the child), the metadata after the last chunk, the root last."""
+        from darwin_stream import zarr_sink  # zarr's store layout: only for a zarr child
 
         plan, workers = self.plan, engine.worker_count(self.client)
-        engine.check_budget(plan, self.budget, workers)
-        if store.is_store(self.out, storage_options=self.storage_options) and not overwrite:
-            raise OutputError(f"output {self.out} already exists (use --overwrite to replace it)")
-        tmp = Path(tempfile.mkdtemp(prefix="darwin-stream-zarr-"))
+        part = zarr_sink.part_bytes(plan)
+        reserve = object_sink.waiting_bytes(part, workers, distributed=True)  # a part filling, one going out
+        budget = self._merge_budget(reserve, part, workers)
+        cluster = self.client is not None
+        sink = zarr_sink.ZarrSink(self.out, plan, zarr_sink.task_rows(plan, budget, workers), overwrite=overwrite,
+                                  identities=identity.plan_identities(plan, engine.get_parent), part_size=part,
+                                  storage_options=self.storage_options, distributed=cluster)
+        if on_plan:
+            on_plan(plan, plan.nbytes)
         try:
-            writer = ChildWriter(tmp / "child", plan, self.shard_size, direct=direct_io is not False,
-                                 identities=identity.plan_identities(plan, engine.get_parent))
-            if on_plan:
-                on_plan(plan, plan.nbytes)
-            stats = engine.run(plan, writer, budget=self.budget, client=self.client, device=self.device,
-                               progress=progress)
-            for name, data in child_files(plan).items():
-                writer.write_file(name, data)
-            staged = writer.finish()
-            try:
-                store.ingest(str(staged), self.out, mode="copy", storage_options=self.storage_options)
-            except DarwinError:
-                raise
-            except Exception as e:  # s3fs, botocore, aiohttp: all mean the bucket cannot be written
-                first = (str(e).strip().splitlines() or [""])[0][:200]
-                raise OutputError(f"output {self.out}: cannot write ({type(e).__name__}: {first})") from None
+            stats = engine.run(plan, sink, budget=budget, client=self.client, device=self.device, progress=progress)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return self._report(self.out, stats, writer.layout.nbytes, start=start, mem=mem, fmt="zarr",
-                            predicted=engine.predicted_peak(plan, self.budget, workers), notes=[], uploads=None)
+            if cluster:  # what each worker's copy of the sink uploaded, and its chunks' digests
+                sink.absorb(self.client.run(object_sink.take_stats, sink.run_id).values(),
+                            self.client.run(zarr_sink.take_digests, sink.run_id).values())
+        for name, data in child_files(plan).items():
+            sink.write_file(name, data)
+        final = sink.finish()
+        return self._report(final, stats, plan.nbytes, start=start, mem=mem, fmt="zarr",
+                            predicted=engine.predicted_peak(plan, budget, workers) + reserve,
+                            notes=[sink.restarted] if sink.restarted else [], uploads=sink.stats.to_dict())
 
     def _report(self, final: str, stats: engine.RunStats, nbytes: int, *, start: float, mem: engine.PeakMemory,
                 fmt: str, predicted: int, notes: list[str], uploads: dict | None) -> MergeReport:

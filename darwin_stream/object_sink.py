@@ -38,12 +38,13 @@ import json
 import mmap
 import os
 import threading
-import uuid
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
 from typing import Any
 
 from darwin_stream import child_marker, pool
+
+# UploadStats and take_stats are re-exported: api.merge folds a cluster's counts in through them.
+from darwin_stream.bucket import JOURNAL_LIMIT, BucketPrefix, UploadStats, _stats_for, _why, take_stats  # noqa: F401
 from darwin_stream.child_writer import (
     INDEX_NAME,
     STAGE_BYTES,
@@ -65,14 +66,17 @@ DEFAULT_PART = 8 * 2**20
 # Internal knob, for tests against a local server whose minimum part is lowered (moto's
 # S3_UPLOAD_PART_MIN_SIZE): real S3 refuses parts under MIN_PART with EntityTooSmall.
 PART_ENV = "DARWIN_STREAM_S3_PART_BYTES"
-JOURNAL_LIMIT = 16 * 2**20  # bytes: a journal holds a fingerprint and one upload id per shard
 
 
 def part_bytes(lay: Layout) -> int:
     """The part size for this layout: 8 MiB, or more when a shard would need over 10,000 parts."""
+    return part_size_for(max((size for _, size in lay.shards.values()), default=0))
+
+
+def part_size_for(biggest: int) -> int:
+    """The part size for objects of at most `biggest` bytes (see `part_bytes`)."""
     knob = os.environ.get(PART_ENV)
     base = int(knob) if knob else DEFAULT_PART
-    biggest = max((size for _, size in lay.shards.values()), default=0)
     need = -(-biggest // MAX_PARTS)
     return base if need <= base else -(-need // 2**20) * 2**20  # whole MiB, 10,000 parts at most
 
@@ -105,48 +109,7 @@ def is_url(out: str | os.PathLike) -> bool:
     return "://" in s and not s.startswith("file://")
 
 
-@dataclass
-class UploadStats:
-    requests: int = 0  # S3 requests this run made (uploads, listings, the journal, the marker)
-    parts: int = 0  # parts uploaded by this run
-    bytes_uploaded: int = 0  # bytes of all objects this run put (parts, files, index, marker, journal)
-    resumed_parts: int = 0  # parts an interrupted run had uploaded, not uploaded again
-    peak_waiting: int = 0  # most bytes held at once in parts waiting for their other bytes
-    spilled_bytes: int = 0  # bytes put as fragments (then read back) because waiting parts filled the reserve
-
-    def to_dict(self) -> dict[str, int]:
-        return asdict(self)
-
-    def add(self, other: dict[str, int]) -> None:
-        """Fold in a worker process's counts (`take_stats`): sums, and the larger peak."""
-        for k, v in other.items():
-            setattr(self, k, max(self.peak_waiting, v) if k == "peak_waiting" else getattr(self, k) + v)
-
-
-# What the sinks unpickled in this process (a dask.distributed worker) counted, per run id: each
-# worker's copy of the sink is its own object, and the client folds them in after the graph ran.
-_worker_stats: dict[str, UploadStats] = {}
-_worker_stats_lock = threading.Lock()
-
-
-def _stats_for(run_id: str) -> UploadStats:
-    with _worker_stats_lock:
-        return _worker_stats.setdefault(run_id, UploadStats())
-
-
-def take_stats(run_id: str) -> dict[str, int]:
-    """This process's counts for run `run_id`, forgotten once taken (run on every worker)."""
-    with _worker_stats_lock:
-        stats = _worker_stats.pop(run_id, None)
-    return stats.to_dict() if stats is not None else {}
-
-
-def _why(e: BaseException) -> str:
-    text = (str(e).strip().splitlines() or [""])[0][:200]
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
-class ObjectSink:
+class ObjectSink(BucketPrefix):
     """A child under construction at `s3://bucket/prefix`; implements `sink.ChildSink`."""
 
     direct = False  # nothing here goes through a page cache
@@ -154,33 +117,17 @@ class ObjectSink:
     def __init__(self, url: str, plan: Plan, shard_size: int, *, overwrite: bool = False,
                  identities: dict[str, str] | None = None, storage_options: dict | None = None,
                  part_size: int | None = None, workers: int | None = None, distributed: bool = False):
-        import fsspec  # the fsspec/s3fs stack: only for a URL child
-
-        self.url = url.rstrip("/")
+        super().__init__(url, storage_options)
         self.distributed = distributed  # tasks run in other processes (dask.distributed): see __getstate__
-        self.run_id = uuid.uuid4().hex
-        self.storage_options = dict(storage_options or {})
-        if not self.url.startswith("s3://"):
-            raise OutputError(f"output {self.url}: only s3:// URLs (and S3-compatible stores) can hold a child")
         self.layout = layout(plan, shard_size)
         self.part = part_size or part_bytes(self.layout)
         ids = identities if identities is not None else plan_identities(plan, pool.get_parent)
         self.fingerprint = plan_fingerprint(plan, self.layout, ids)
-        try:
-            self._fs, path = fsspec.core.url_to_fs(self.url, **self.storage_options)
-        except (ImportError, ValueError, TypeError) as e:
-            raise OutputError(f"output {self.url}: cannot open ({_why(e)})") from None
-        self.bucket, _, self.key = path.rstrip("/").partition("/")
-        if not self.key:
-            raise OutputError(f"output {self.url}: give a prefix inside the bucket, e.g. {self.url}/child")
-        self.journal_key = child_marker.journal_path(self.key)
         self.done: set[tuple[str, int, int]] = set()
         self.restarted: str | None = None
-        self.stats = UploadStats()
         self.files: dict[str, bytes] = {}
         self.uploads: dict[str, str] = {}  # shard -> upload id
         self.etags: dict[str, dict[int, str]] = {s: {} for s in self.layout.shards}  # shard -> part number -> ETag
-        self._lock = threading.Lock()
         self._buffers: dict[tuple[str, int], bytearray] = {}
         self._filled: dict[tuple[str, int], int] = {}
         self._waiting = 0
@@ -222,46 +169,6 @@ class ObjectSink:
         self.done, self.restarted, self.files = set(), None, {}
         self._waiting = 0
 
-    @property
-    def fs(self) -> Any:
-        """The s3fs filesystem; on a worker, opened on first use from the storage options."""
-        if self._fs is None:
-            import fsspec  # as in __init__
-
-            self._fs, _ = fsspec.core.url_to_fs(self.url, **self.storage_options)
-        return self._fs
-
-    # --- requests ---------------------------------------------------------------------------------
-
-    def _call(self, method: str, *, missing_ok: bool = False, **kwargs: Any) -> Any:
-        """One S3 request through s3fs; any failure is one line naming the URL."""
-        with self._lock:
-            self.stats.requests += 1
-        try:
-            return self.fs.call_s3(method, Bucket=self.bucket, **kwargs)
-        except FileNotFoundError:
-            if missing_ok:
-                return None
-            raise OutputError(f"output {self.url}: cannot write ({method}: no such bucket or key; "
-                              f"check that bucket {self.bucket!r} exists)") from None
-        except Exception as e:  # botocore, aiohttp and s3fs raise many types; all mean "cannot write"
-            raise OutputError(f"output {self.url}: cannot write ({method}: {_why(e)})") from None
-
-    def _put_object(self, key: str, data: bytes) -> None:
-        self._call("put_object", Key=key, Body=data)
-        with self._lock:
-            self.stats.bytes_uploaded += len(data)
-
-    def _keys(self, prefix: str) -> list[str]:
-        keys, token = [], None
-        while True:
-            kw = {"ContinuationToken": token} if token else {}
-            r = self._call("list_objects_v2", Prefix=prefix, **kw)
-            keys += [o["Key"] for o in r.get("Contents", [])]
-            token = r.get("NextContinuationToken")
-            if not r.get("IsTruncated") or not token:
-                return keys
-
     # --- preparing and resuming -------------------------------------------------------------------
 
     def _prepare(self, plan: Plan, overwrite: bool) -> None:
@@ -299,21 +206,6 @@ class ObjectSink:
                 self.flush_pending(pending)
             else:
                 self.put(shard, 0, memoryview(head))
-
-    def _read_journal(self) -> dict | None:
-        """The journal of an earlier run, {} when it is not one, None when there is none."""
-        self.stats.requests += 1
-        try:
-            raw = self.fs.cat_file(f"{self.bucket}/{self.journal_key}", start=0, end=JOURNAL_LIMIT + 1)
-        except FileNotFoundError:
-            return None
-        except Exception as e:  # as in _call
-            raise OutputError(f"output {self.url}: cannot read its journal ({_why(e)})") from None
-        try:
-            journal = json.loads(raw) if len(raw) <= JOURNAL_LIMIT else None
-        except ValueError:
-            journal = None
-        return journal if isinstance(journal, dict) else {}
 
     def _resumable(self, journal: dict) -> bool:
         uploads = journal.get("uploads")
@@ -529,9 +421,7 @@ class ObjectSink:
                 covered = max(covered, lo + len(got)) if lo <= covered else covered
             if covered == length:
                 self._upload(shard, n - 1, buf)
-        for start in range(0, len(keys), 1000):  # DeleteObjects takes 1,000 keys a request
-            self._call("delete_objects", Delete={"Objects": [{"Key": k} for k in keys[start : start + 1000]],
-                                                 "Quiet": True})
+        self._delete_keys(keys)
 
     def _read_fragment(self, fkey: str, most: int) -> bytes:
         with self._lock:

@@ -1,7 +1,9 @@
 """What the engine needs of the place a child is written: the child sink protocol.
 
-Two sinks implement it: `child_writer.ChildWriter` (local files, O_DIRECT, atomic rename) and
-`object_sink.ObjectSink` (an S3 bucket: one multipart upload per shard, a completion marker last).
+Four sinks implement it: `child_writer.ChildWriter` (local files, O_DIRECT, atomic rename),
+`object_sink.ObjectSink` (an S3 bucket: one multipart upload per shard, a completion marker last),
+and for a zarr child `zarr_sink.ZarrSink` (one chunk object per task in a bucket, its root last)
+and `zarr_sink.LocalZarrSink` (one chunk file per task, renamed into place).
 The engine and `api.merge` type against these Protocols only, so a test can drive the engine with a
 fake and a new destination is one new class.
 

@@ -271,3 +271,36 @@ def test_a_nan_in_one_chunk_of_a_slerp_is_blamed_on_its_parent(pair, tmp_path):
     assert engine.chunk_rows(plan, plan.tensors[0], 40_000, workers=2) < 500
     with pytest.raises(engine.DarwinError, match=r"parent .*poisoned: tensor 'big.weight' holds NaN or Inf"):
         _merge(plan, tmp_path / "c", budget=40_000)
+
+
+def test_a_failed_merge_raises_only_once_its_running_tasks_are_done(pair, tmp_path, monkeypatch):
+    """dask raises a task's error at once while the other running tasks go on writing: a re-run in
+    the same process raced them (a zarr child's chunk upload completed under it)."""
+    import threading
+    import time
+
+    dirs, shapes = pair
+    plan = _plan(dirs, shapes, "slerp", {"t": 0.3})
+    write = engine._write_task
+    state, lock = {"running": 0, "calls": 0}, threading.Lock()
+
+    def slow_or_failing(task, st, writer, progress):
+        with lock:
+            state["calls"] += 1
+            first = state["calls"] == 1
+            state["running"] += 1
+        try:
+            if first:
+                time.sleep(0.05)  # the other worker has started its task
+                raise engine.PlanError("injected")
+            time.sleep(0.3)
+            return write(task, st, writer, progress)
+        finally:
+            with lock:
+                state["running"] -= 1
+
+    monkeypatch.setattr(engine, "_write_task", slow_or_failing)
+    monkeypatch.setattr(engine, "worker_count", lambda client=None: 2)
+    with pytest.raises(engine.PlanError, match="injected"):
+        _merge(plan, tmp_path / "c", budget=40_000)
+    assert state["calls"] > 1 and state["running"] == 0

@@ -7,6 +7,11 @@ request, not S3's); parents are bench.py's (under .bench/, generated when missin
 
     .venv/bin/python tools/bench_bucket.py --geometry tiny --reps 3
     .venv/bin/python tools/bench_bucket.py --geometry 0.6b --reps 1 --part-bytes 8MiB
+    .venv/bin/python tools/bench_bucket.py --geometry tiny --format zarr   # zarr_sink: a chunk object per task
+
+With `--format zarr` both children are zarr stores (the local one staged as safetensors and copied,
+the bucket one written by zarr_sink with nothing local), and `child_bytes` is the child's tensor
+bytes: the store adds padding of short last chunks and metadata, which the ratio shows.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from darwin_stream.manifest import parse_size
 from tests import s3_server
 
 
-def run(geometry: str, reps: int, part: int, budget: int) -> dict:
+def run(geometry: str, reps: int, part: int, budget: int, fmt: str = "safetensors") -> dict:
     geom = bench.GEOMETRIES[geometry]
     parents = bench.ensure_parents(geom)
     os.environ[object_sink.PART_ENV] = str(part)
@@ -43,24 +48,33 @@ def run(geometry: str, reps: int, part: int, budget: int) -> dict:
     rows = []
     try:
         for rep in range(reps):
-            local = merge(manifest, scratch / f"local-{rep}", memory_budget=budget)
-            child = sum(f.stat().st_size for f in Path(local.out).iterdir())
+            local = merge(manifest, scratch / f"local-{rep}", memory_budget=budget, out_format=fmt)
+            child = (sum(f.stat().st_size for f in Path(local.out).iterdir()) if fmt == "safetensors"
+                     else bench_plan_bytes(manifest))
             bucket = merge(manifest, f"s3://{s3_server.BUCKET}/bench-{rep}", memory_budget=budget,
-                           storage_options=server.opts)
+                           storage_options=server.opts, out_format=fmt)
             rows.append({"local_s": local.wall_s, "bucket_s": bucket.wall_s, "child_bytes": child,
-                         **bucket.uploads, "predicted_peak": bucket.predicted_peak_bytes})
+                         **bucket.uploads, "predicted_peak": bucket.predicted_peak_bytes, "chunks": bucket.chunks})
             shutil.rmtree(local.out)
     finally:
         server.server.stop()
         shutil.rmtree(scratch, ignore_errors=True)
     last = rows[-1]
-    return {"geometry": geom.name, "part_bytes": part, "memory_budget": budget, "reps": reps,
+    return {"geometry": geom.name, "format": fmt, "part_bytes": part, "memory_budget": budget, "reps": reps,
             "local_s": statistics.median(r["local_s"] for r in rows),
             "bucket_s": statistics.median(r["bucket_s"] for r in rows),
             "child_bytes": last["child_bytes"], "bytes_uploaded": last["bytes_uploaded"],
             "upload_ratio": round(last["bytes_uploaded"] / last["child_bytes"], 5),
             "requests": last["requests"], "parts": last["parts"], "peak_waiting": last["peak_waiting"],
-            "reserved_waiting": object_sink.waiting_bytes(part, os.cpu_count() or 1)}
+            "reserved_waiting": object_sink.waiting_bytes(part, os.cpu_count() or 1, distributed=fmt == "zarr"),
+            "resumed_parts": last["resumed_parts"], "chunks": last["chunks"]}
+
+
+def bench_plan_bytes(manifest: Path) -> int:
+    """The child's tensor bytes (what a zarr child holds before padding and metadata)."""
+    from darwin_stream import load_plan
+
+    return load_plan(manifest).nbytes
 
 
 def main() -> None:
@@ -69,8 +83,9 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--part-bytes", type=parse_size, default=object_sink.DEFAULT_PART)
     p.add_argument("--memory-budget", type=parse_size, default=2**30)
+    p.add_argument("--format", default="safetensors", choices=["safetensors", "zarr"])
     a = p.parse_args()
-    print(json.dumps(run(a.geometry, a.reps, a.part_bytes, a.memory_budget), indent=2))
+    print(json.dumps(run(a.geometry, a.reps, a.part_bytes, a.memory_budget, a.format), indent=2))
 
 
 if __name__ == "__main__":

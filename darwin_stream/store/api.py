@@ -22,10 +22,11 @@ import fsspec
 import numpy as np
 import zarr
 
+from darwin_stream import child_marker
 from darwin_stream.errors import DependencyError, SourceError, StoreError
 from darwin_stream.hints import missing_dependency
 from darwin_stream.store import bfloat16
-from darwin_stream.store.layout import AUX_PREFIX, ROOT_ATTR, name_problem
+from darwin_stream.store.layout import AUX_PREFIX, CHUNKED_ALGO, ROOT_ATTR, TensorHash, name_problem
 
 bfloat16.register()
 
@@ -270,6 +271,16 @@ def check_root(meta: object, path: str, *, allow_incomplete: bool = False) -> di
     return meta
 
 
+def refuse_unfinished(path: str, storage_options: dict | None = None) -> None:
+    """Refuse a URL store that a merge is still writing, or left unfinished (zarr_sink): its
+    journal is there and its completion marker is not (child_marker)."""
+    fs, p = _url_to_fs(path, storage_options)
+    if child_marker.is_incomplete(fs, p):
+        raise StoreError(f"store {path}: an incomplete darwin-stream child (its completion marker "
+                         f"{child_marker.MARKER} is missing: a merge into it was interrupted or is still running); "
+                         "run that merge again to finish it")
+
+
 def open_store(path: str | os.PathLike, *, storage_options: dict | None = None, allow_incomplete: bool = False) -> zarr.Group:
     """Open a store of either kind read-only, as its root zarr group.
 
@@ -278,6 +289,8 @@ def open_store(path: str | os.PathLike, *, storage_options: dict | None = None, 
     references outside the parent the store was made from (see `check_targets`).
     """
     path = os.fspath(path)
+    if "://" in path and not path.startswith("file://"):
+        refuse_unfinished(path, storage_options)
     if _refs_file(path, storage_options):
         refs = _load_refs(path, storage_options)
         check_targets(refs, path)
@@ -342,11 +355,16 @@ def verify_checksum(data: np.ndarray, want: str | None, what: str) -> None:
     if not want or not isinstance(want, str) or ":" not in want:
         return
     algo = want.split(":", 1)[0]
-    if algo not in hashlib.algorithms_available:
+    raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    if algo == CHUNKED_ALGO:  # a zarr child a merge wrote into a bucket, chunk by chunk
+        h = TensorHash(want)
+        h.update(raw)
+        got = h.checksum()
+    elif algo in hashlib.algorithms_available:
+        got = f"{algo}:{hashlib.new(algo, raw).hexdigest()}"
+    else:
         return
-    h = hashlib.new(algo)
-    h.update(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
-    if f"{algo}:{h.hexdigest()}" != want:
+    if got != want:
         raise SourceError(f"{what} does not match its checksum (store corrupt or its parent changed)")
 
 

@@ -136,7 +136,8 @@ def _write_tensor(f, group, name: str, entry: dict, store, progress) -> None:  #
     except KeyError:
         raise StoreError(f"store {store}: no array {entry['path']!r} for tensor {name!r}") from None
     shape = tuple(entry["shape"])
-    h = layout.new_hash()
+    want = entry.get("checksum")
+    h = layout.TensorHash(want)
     what = f"store {store}: tensor {name!r}"
     if not shape:
         blocks = [read_array(arr, (), what)]
@@ -153,6 +154,5 @@ def _write_tensor(f, group, name: str, entry: dict, store, progress) -> None:  #
         f.write(raw.data)
         if progress:
             progress(raw.nbytes)
-    want = entry.get("checksum")
-    if want and layout.checksum_string(h) != want:
+    if want and h.checksum() != want:
         raise StoreError(f"store {store}: tensor {name!r} does not match its checksum (store corrupt or parent changed)")

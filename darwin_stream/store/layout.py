@@ -138,3 +138,55 @@ def new_hash() -> Any:
 
 def checksum_string(h: Any) -> str:
     return f"{CHECKSUM_ALGO}:{h.hexdigest()}"
+
+
+# A tensor whose chunks were written by tasks in any order (zarr_sink: a merge into a bucket as
+# zarr), none of which sees the tensor's bytes in order: `sha256-chunks:<n>:<hex>`, see TensorHash.
+CHUNKED_ALGO = f"{CHECKSUM_ALGO}-chunks"
+
+
+def chunked_checksum(digests: list[bytes], piece_bytes: int) -> str:
+    """The `sha256-chunks` checksum from the sha256 digests of a tensor's consecutive pieces."""
+    h = new_hash()
+    for d in digests:
+        h.update(d)
+    return f"{CHUNKED_ALGO}:{piece_bytes}:{h.hexdigest()}"
+
+
+class TensorHash:
+    """The checksum of a tensor's raw bytes, fed in order, in the form `want` records.
+
+    `sha256:<hex>` (what ingest records) hashes every byte. `sha256-chunks:<n>:<hex>` is the sha256
+    of the concatenated sha256 digests of consecutive n-byte pieces, the last one shorter: what a
+    merge writing a zarr child into a bucket records for a tensor of several chunks, each hashed
+    by the task that wrote it (tasks run in any order, so none sees the whole tensor in order).
+    Readers (export, a store parent) feed any blocks; pieces are cut here.
+    """
+
+    def __init__(self, want: str | None = None):
+        self.piece = 0
+        if isinstance(want, str) and want.startswith(CHUNKED_ALGO + ":"):
+            size = want.split(":")[1]
+            self.piece = int(size) if size.isdigit() else 0
+        self.h = new_hash()
+        self.digests: list[bytes] = []
+        self.left = self.piece
+
+    def update(self, raw: Any) -> None:
+        view = memoryview(raw).cast("B")
+        if not self.piece:
+            self.h.update(view)
+            return
+        while len(view):
+            take = min(self.left, len(view))
+            self.h.update(view[:take])
+            view, self.left = view[take:], self.left - take
+            if not self.left:
+                self.digests.append(self.h.digest())
+                self.h, self.left = new_hash(), self.piece
+
+    def checksum(self) -> str:
+        if not self.piece:
+            return checksum_string(self.h)
+        tail = [self.h.digest()] if self.left < self.piece else []
+        return chunked_checksum(self.digests + tail, self.piece)
