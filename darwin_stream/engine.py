@@ -718,6 +718,12 @@ class RunStats:
     spill: dict = field(default_factory=dict)  # reread.SpillStats of the run (summed over workers; peak: the largest)
 
 
+def _merge_pool(workers: int) -> ThreadPoolExecutor:
+    """A merge's own thread pool: dask's context-aware executor (dask >= 2024.12), else a plain one,
+    which dask's threaded scheduler also takes (the pyproject allows dask 2024.8)."""
+    return getattr(dask.threaded, "ContextAwareThreadPoolExecutor", ThreadPoolExecutor)(workers)
+
+
 def worker_count(client=None) -> int:
     """Tasks in flight at once in one process, which share its memory budget: one per core, or on a
     dask.distributed cluster the threads of its largest worker. The budget applies per worker
@@ -772,7 +778,7 @@ def run(plan: Plan, writer: ChildSink, *, budget: int = DEFAULT_BUDGET, client=N
             # task's exception at once, while the other running tasks go on writing into the sink,
             # and a re-run in the same process raced them (a zarr child's chunk upload completed
             # by the failed run's task under the re-run that had listed it open).
-            with torch_threads(1), dask.threaded.ContextAwareThreadPoolExecutor(workers) as threads:
+            with torch_threads(1), _merge_pool(workers) as threads:
                 results = dask.threaded.get(graph, outputs, num_workers=workers, pool=threads)
         finally:
             release_scratch()
