@@ -719,8 +719,8 @@ class RunStats:
 
 
 def _merge_pool(workers: int) -> ThreadPoolExecutor:
-    """A merge's own thread pool: dask's context-aware executor (dask >= 2024.12), else a plain one,
-    which dask's threaded scheduler also takes (the pyproject allows dask 2024.8)."""
+    """A merge's own thread pool: dask's context-aware executor where the installed dask has one
+    (2026.8 does), else a plain one, which dask's threaded scheduler also takes."""
     return getattr(dask.threaded, "ContextAwareThreadPoolExecutor", ThreadPoolExecutor)(workers)
 
 
