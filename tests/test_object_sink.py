@@ -274,7 +274,6 @@ def test_a_budget_without_room_for_waiting_parts_is_refused(s3_server, local_chi
     assert not s3_server.keys("tight/") and not s3_server.keys(".tight.partial/")
 
 
-@pytest.mark.slow  # ~15 s: the copy store is a few hundred small objects, tens of ms each on moto
 def test_zarr_into_a_bucket(s3_server, local_child):
     from darwin_stream.pool import open_parent
     from darwin_stream.store import is_store
