@@ -246,6 +246,7 @@ def release_scratch() -> None:
     """Drop every thread's buffers (dask keeps its pool threads alive between merges)."""
     with _scratch_lock:
         _scratch.clear()
+    methods.masks.forget_masks()
 
 
 # --- reading and blending ------------------------------------------------------------------------

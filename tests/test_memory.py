@@ -66,6 +66,7 @@ def test_merge_stays_within_its_budget(big_pair, tmp_path):
 
 SELECTIONS = {
     "ties": "  - model: {b}\n    parameters: {{weight: 0.7, density: 0.4}}\n",
+    "dare_linear": "  - model: {b}\n    parameters: {{weight: 0.7, density: 0.4}}\n",
     "della": "  - model: {b}\n    parameters: {{weight: 0.7, density: 0.4, epsilon: 0.1}}\n",
     "sce": "  - model: {b}\n  - model: {a}\nparameters:\n  select_topk: 0.3\n",
 }
@@ -76,7 +77,8 @@ SELECTIONS = {
 def test_selection_and_random_methods_stay_within_the_budget(big_pair, tmp_path, method):
     """The methods that allocate temporaries per block, at full-size heap blocks (engine.HEAP_BLOCK,
     2^17 elements: a 40 MiB budget leaves each of 2 workers more than such a block needs), with the
-    statistic passes that ties, della and sce make: their temporaries (`temp_bytes`) must be true."""
+    statistic passes that ties, della and sce make and the masks dare keeps: their temporaries
+    (`temp_bytes`) must be true."""
     from darwin_stream import engine, methods
 
     a, b = big_pair

@@ -84,7 +84,6 @@ def _composite(keys: torch.Tensor, offset: int) -> torch.Tensor:
     return (keys.reshape(-1).to(torch.int64) << 32) | idx
 
 
-@functools.lru_cache(maxsize=64)
 def rank_thresholds(m: int, density: float, epsilon: float) -> torch.Tensor:
     """int64 `t[r - 1]` for ranks r = 1..m: a draw u (32 bits) keeps an element of rank r iff u < t.
 
@@ -98,8 +97,12 @@ def rank_thresholds(m: int, density: float, epsilon: float) -> torch.Tensor:
     return torch.ceil(probs.to(torch.float64) * 2.0**32).to(torch.int64)
 
 
-@functools.lru_cache(maxsize=64)
 def rank_bounds(m: int, density: float, epsilon: float) -> tuple[torch.Tensor, bool]:
+    """`_rank_bounds`, kept for the row lengths of 2-D tensors (a 1-D tensor's is its whole length)."""
+    return _cached_bounds(m, density, epsilon) if m <= 1 << 16 else _rank_bounds(m, density, epsilon)
+
+
+def _rank_bounds(m: int, density: float, epsilon: float) -> tuple[torch.Tensor, bool]:
     """`rank_thresholds` as (table, inclusive): where every threshold t lies in [1, 2^32] (every
     density and epsilon that della accepts), the int32 bit patterns of t - 1, which a uint32 draw
     keeps at or below; halves the scatter's bytes and makes the comparison uint32 against uint32
@@ -110,9 +113,14 @@ def rank_bounds(m: int, density: float, epsilon: float) -> tuple[torch.Tensor, b
     return table, False
 
 
+@functools.lru_cache(maxsize=32)
+def _cached_bounds(m: int, density: float, epsilon: float) -> tuple[torch.Tensor, bool]:
+    return _rank_bounds(m, density, epsilon)
+
+
 def _row_thresholds(keys: torch.Tensor, table: torch.Tensor) -> np.ndarray:
-    """Each element's threshold, `table[rank - 1]` (in the table's dtype), its rank by magnitude key within its row (dim 1),
-    equal keys in position order (a stable sort's ranks).
+    """Each element's threshold, `table[rank - 1]` (in the table's dtype), its rank by magnitude key
+    within its row (dim 1), equal keys in position order (a stable sort's ranks).
 
     The row is sorted as one int64 per element, key << 32 | position, which makes every value
     distinct, so numpy's vectorised sort (not stable, and needing no indices) gives the stable

@@ -34,7 +34,7 @@ from darwin_stream.methods.contract import (
     param,
     required,
 )
-from darwin_stream.methods.masks import apply_mask, keep_mask
+from darwin_stream.methods.masks import MASK_CACHE_PER_ELEM, apply_mask, keep_mask
 from darwin_stream.methods.reduce import sum_tree
 from darwin_stream.methods.select import (
     Located,
@@ -296,7 +296,8 @@ def _random_partial(chunk: Chunk, state: Any, rescale_default: bool) -> tuple[_L
             # float64 sums of the float32 magnitudes, without a float64 copy (the same bits)
             mag = _deltas(chunk, i).abs_()
             before = mag.sum(dtype=torch.float64)
-            after = apply_mask(mag, keep_mask(chunk.seed, i, chunk.offset, mag.shape, density)).sum(dtype=torch.float64)
+            mask = keep_mask(chunk.seed, i, chunk.offset, mag.shape, density, remember=True)
+            after = apply_mask(mag, mask).sum(dtype=torch.float64)
         out.append(_L1(density, before, after))
     return tuple(out)
 
@@ -328,7 +329,7 @@ def sparsified_delta(chunk: Chunk, state: Any, i: int, sparsification: Sparsific
     if spec is None:
         return delta
     if isinstance(spec, Drop):
-        keep = keep_mask(chunk.seed, i, chunk.offset, delta.shape, spec.density)
+        keep = keep_mask(chunk.seed, i, chunk.offset, delta.shape, spec.density, recall=True)
     elif spec.window is None:
         return torch.zeros_like(delta)
     else:
@@ -474,5 +475,7 @@ def make_gta(
         model_parameters=model_params,
         parameters=(INT8_MASK, normalize_param(default_normalize), rescale_param(default_rescale), LAMBDA),
         check=check if sparsification is not Sparsification.NONE else None,
+        # dare's statistic keeps its packed masks for the blend (masks.MASK_CACHE_PER_ELEM)
+        temporaries=(lambda n: 8 * (n + 3) + MASK_CACHE_PER_ELEM) if sparsification is Sparsification.RANDOM else None,
         breed=TASK_VECTOR,
     )

@@ -138,3 +138,33 @@ def test_keep_mask_thresholds_the_reference_bits(density):
     bits = uniform_bits(4, 1, 100, 30 * 7)
     expected = (bits < round(density * 2**32)).reshape(30, 7)
     assert torch.equal(keep_mask(4, 1, 100, (30, 7), density), expected)
+
+
+def test_a_remembered_mask_is_recalled_once_and_the_cache_is_bounded():
+    """dare's statistic keeps its packed masks for the blend (masks._Kept): the recalled mask is the
+    drawn one, taken once; a thread keeps at most MASK_CACHE_PER_ELEM bytes per element asking."""
+    from darwin_stream.methods import masks
+
+    masks.forget_masks()
+    drawn = keep_mask(5, 1, 64, (40, 9), 0.3, remember=True)
+    assert masks._kept().bytes == (40 * 9 + 7) // 8
+    assert torch.equal(keep_mask(5, 1, 64, (40, 9), 0.3, recall=True), drawn)
+    assert masks._kept().bytes == 0  # taken back: a recall draws afresh, the same bits
+    assert torch.equal(keep_mask(5, 1, 64, (40, 9), 0.3, recall=True), drawn)
+    n = 64
+    for offset in range(0, 1000 * n, n):  # each n/8 bytes, under a cap of 16 n bytes: 128 at most
+        keep_mask(6, 0, offset, (n,), 0.5, remember=True)
+    assert masks._kept().bytes <= masks.MASK_CACHE_PER_ELEM * n
+    assert len(masks._kept().masks) == masks.MASK_CACHE_PER_ELEM * 8
+    masks.forget_masks()
+    assert masks._kept().bytes == 0
+
+
+def test_dare_blends_the_same_with_and_without_kept_masks(monkeypatch):
+    from darwin_stream.methods import masks
+
+    base, models = make_inputs((64, 48), 2, seed=36)
+    mps = [{"weight": 0.6, "density": 0.5}, {"weight": 0.4, "density": 0.3}]
+    kept = run_method("dare_ties", base, models, mps, rows=8, seed=4)
+    monkeypatch.setattr(masks, "MASK_CACHE_PER_ELEM", 0)  # nothing kept: every mask drawn twice
+    assert torch.equal(run_method("dare_ties", base, models, mps, rows=8, seed=4), kept)
