@@ -51,12 +51,16 @@ def _gram(chunk: Chunk, dim: int | None) -> torch.Tensor:
     """Gram matrix of the task vectors on this chunk, summed over `dim` (None: all elements), float64."""
     base = _check(chunk)
     k = len(chunk.models)
+    # Each task vector made and widened once (it was once per pair: k(k+1)/2 float64 copies), and
+    # the whole-tensor sums as BLAS dot products with no product tensor.
+    deltas = [(m - base).to(torch.float64) for m in chunk.models]
+    if dim is None:
+        deltas = [d.reshape(-1) for d in deltas]
     gram: list[list[torch.Tensor | None]] = [[None] * k for _ in range(k)]
     for i in range(k):
-        di = (chunk.models[i] - base).to(torch.float64)
         for j in range(i, k):
-            dj = di if j == i else (chunk.models[j] - base).to(torch.float64)
-            s = (di * dj).sum() if dim is None else (di * dj).sum(dim=dim)
+            di, dj = deltas[i], deltas[j]
+            s = di @ dj if dim is None else (di * dj).sum(dim=dim)
             gram[i][j] = gram[j][i] = s
     return torch.stack([torch.stack(row, dim=-1) for row in gram], dim=-2)  # type: ignore[arg-type]
 
