@@ -135,6 +135,49 @@ def staging_buffer(nbytes: int) -> mmap.mmap:
     return mmap.mmap(-1, max(2 * PAGE, -(-nbytes // PAGE) * PAGE))
 
 
+class StagedSpan:
+    """Rows that arrive in order, staged in a page-aligned buffer and handed on by `_flush` when it
+    is full (and at the end). The bucket sinks' spans (object_sink.PartSpan, zarr_sink.ChunkSpan)
+    differ in where they hand the bytes, not in how they stage them; `Span` below keeps partial
+    pages for O_DIRECT and stages its own way."""
+
+    buf: mmap.mmap
+    view: memoryview
+    fill: int
+
+    def _left(self) -> int:
+        """Bytes the span may still take."""
+        raise NotImplementedError
+
+    def _label(self) -> str:
+        raise NotImplementedError
+
+    def _flush(self) -> None:
+        raise NotImplementedError
+
+    def reserve(self, nbytes: int) -> memoryview:
+        """The next `nbytes` of the span, to fill before the next call to `reserve` or the end."""
+        if nbytes > self._left():
+            raise AssertionError(f"{self._label()}: write past the end of the span")
+        if self.fill + nbytes > len(self.buf):
+            self._flush()
+        if nbytes > len(self.buf):
+            self.view.release()
+            self.buf = staging_buffer(nbytes)
+            self.view = memoryview(self.buf)
+        view = self.view[self.fill : self.fill + nbytes]
+        self.fill += nbytes
+        return view
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append bytes already in the child's dtype (a passthrough copy)."""
+        data = memoryview(data).cast("B")
+        step = max(4096, len(self.buf) // 2)
+        for i in range(0, len(data), step):
+            piece = data[i : i + step]
+            self.reserve(len(piece))[:] = piece
+
+
 class Span:
     """One task's rows of one tensor, which arrive in order, on their way to the shard.
 

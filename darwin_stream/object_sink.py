@@ -49,6 +49,7 @@ from darwin_stream.child_writer import (
     INDEX_NAME,
     STAGE_BYTES,
     Layout,
+    StagedSpan,
     _changed,
     layout,
     plan_fingerprint,
@@ -507,7 +508,7 @@ class ObjectSink(BucketPrefix):
         return self.url
 
 
-class PartSpan:
+class PartSpan(StagedSpan):
     """One task's rows of one tensor, staged in the thread's buffer and handed to the sink's parts.
 
     Rows arrive in order (`reserve`, `write`), like `export.Span`; when the staging buffer is full
@@ -526,25 +527,11 @@ class PartSpan:
     def written(self) -> int:
         return self.base + self.fill - self.start
 
-    def reserve(self, nbytes: int) -> memoryview:
-        if self.base + self.fill + nbytes > self.end:
-            raise AssertionError(f"{self.shard}: write past the end of the tensor")
-        if self.fill + nbytes > len(self.buf):
-            self._flush()
-        if nbytes > len(self.buf):
-            self.view.release()
-            self.buf = staging_buffer(nbytes)
-            self.view = memoryview(self.buf)
-        view = self.view[self.fill : self.fill + nbytes]
-        self.fill += nbytes
-        return view
+    def _left(self) -> int:
+        return self.end - self.base - self.fill
 
-    def write(self, data: bytes | memoryview) -> None:
-        data = memoryview(data).cast("B")
-        step = max(4096, len(self.buf) // 2)
-        for i in range(0, len(data), step):
-            piece = data[i : i + step]
-            self.reserve(len(piece))[:] = piece
+    def _label(self) -> str:
+        return self.shard
 
     def _flush(self) -> None:
         if self.fill:

@@ -57,6 +57,7 @@ from darwin_stream.child_writer import (
     INDEX_NAME,
     STAGE_BYTES,
     Layout,
+    StagedSpan,
     _changed,
     _digest,
     layout,
@@ -491,7 +492,7 @@ class ChunkObject:
             self.buf = None
 
 
-class ChunkSpan:
+class ChunkSpan(StagedSpan):
     """One task's rows: one chunk, staged in the thread's buffer, then into the chunk's parts.
 
     Rows arrive in order (`reserve`, `write`), as in `object_sink.PartSpan`; leaving the span
@@ -509,25 +510,11 @@ class ChunkSpan:
     def written(self) -> int:
         return self.sent + self.fill
 
-    def reserve(self, nbytes: int) -> memoryview:
-        if self.written + nbytes > self.nbytes:
-            raise AssertionError(f"{self.chunk.key}: write past the end of the chunk")
-        if self.fill + nbytes > len(self.buf):
-            self._flush()
-        if nbytes > len(self.buf):
-            self.view.release()
-            self.buf = staging_buffer(nbytes)
-            self.view = memoryview(self.buf)
-        view = self.view[self.fill : self.fill + nbytes]
-        self.fill += nbytes
-        return view
+    def _left(self) -> int:
+        return self.nbytes - self.written
 
-    def write(self, data: bytes | memoryview) -> None:
-        data = memoryview(data).cast("B")
-        step = max(4096, len(self.buf) // 2)
-        for i in range(0, len(data), step):
-            piece = data[i : i + step]
-            self.reserve(len(piece))[:] = piece
+    def _label(self) -> str:
+        return self.chunk.key
 
     def _flush(self) -> None:
         if self.fill:
