@@ -40,7 +40,7 @@ from darwin_stream.errors import BudgetError, DarwinError, OptionError, PlanErro
 from darwin_stream.plan import Plan, SourceRef, TensorPlan, human_bytes
 from darwin_stream.sink import ChildSink
 from darwin_stream.sources import Parent
-from darwin_stream.threads import torch_threads
+from darwin_stream.threads import PerThread, torch_threads
 
 DEFAULT_BUDGET = 2**30
 
@@ -229,23 +229,16 @@ class Scratch:
         return self.staging
 
 
-_scratch: dict[int, Scratch] = {}
-_scratch_lock = threading.Lock()
+_scratch: PerThread[Scratch] = PerThread(Scratch)
 
 
 def scratch() -> Scratch:
-    key = threading.get_ident()
-    s = _scratch.get(key)
-    if s is None:
-        with _scratch_lock:
-            s = _scratch[key] = Scratch()
-    return s
+    return _scratch.get()
 
 
 def release_scratch() -> None:
     """Drop every thread's buffers (dask keeps its pool threads alive between merges)."""
-    with _scratch_lock:
-        _scratch.clear()
+    _scratch.clear()
     methods.masks.forget_masks()
 
 

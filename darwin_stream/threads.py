@@ -9,7 +9,36 @@ average 7-11); and a disk merge runs one dask task per core already.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class PerThread(Generic[T]):
+    """One object per thread, made on first use, which any thread can drop for all of them.
+
+    Not `threading.local`: a merge's end (engine.release_scratch) must drop the buffers of dask's
+    pool threads, which stay alive between merges, from the thread that ran the merge.
+    """
+
+    def __init__(self, make: Callable[[], T]):
+        self._make = make
+        self._by_thread: dict[int, T] = {}
+        self._lock = threading.Lock()
+
+    def get(self) -> T:
+        key = threading.get_ident()
+        got = self._by_thread.get(key)
+        if got is None:
+            with self._lock:
+                got = self._by_thread[key] = self._make()
+        return got
+
+    def clear(self) -> None:
+        with self._lock:
+            self._by_thread.clear()
 
 
 @contextlib.contextmanager

@@ -7,12 +7,13 @@ Used by dare_* (Bernoulli keep masks) and della (MagPrune's rank-dependent keep 
 
 from __future__ import annotations
 
-import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+from darwin_stream.threads import PerThread
 
 _M32 = 0xFFFFFFFF
 _M64 = 0xFFFFFFFFFFFFFFFF
@@ -137,23 +138,16 @@ class _Kept:
         return packed
 
 
-_kept_by_thread: dict[int, _Kept] = {}
-_kept_lock = threading.Lock()
+_kept_by_thread: PerThread[_Kept] = PerThread(_Kept)
 
 
 def _kept() -> _Kept:
-    key = threading.get_ident()
-    kept = _kept_by_thread.get(key)
-    if kept is None:
-        with _kept_lock:
-            kept = _kept_by_thread[key] = _Kept()
-    return kept
+    return _kept_by_thread.get()
 
 
 def forget_masks() -> None:
     """Drop every thread's kept masks (a merge's end: dask keeps its pool threads alive)."""
-    with _kept_lock:
-        _kept_by_thread.clear()
+    _kept_by_thread.clear()
 
 
 def keep_mask(seed: int, model: int, offset: int, shape: Sequence[int], density: float, *,
