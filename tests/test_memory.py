@@ -54,14 +54,20 @@ def test_merge_stays_within_its_budget(big_pair, tmp_path):
     manifest.write_text(SLERP.format(a=a, b=b))
     parent_bytes = sum(f.stat().st_size for f in a.glob("*.safetensors"))
     assert parent_bytes > 4 * BUDGET, "the point is a model larger than the budget"
-    cli = [sys.executable, "-m", "darwin_stream.cli"]
-    budget = ["--memory-budget", str(BUDGET)]
-    rc, baseline = peak_private_memory([*cli, "plan", str(manifest), *budget])
-    assert rc == 0
-    rc, peak = peak_private_memory([*cli, "merge", str(manifest), str(tmp_path / "child"), "--quiet", *budget])
-    assert rc == 0
+    peak, baseline = _merge_and_plan_peaks(manifest, tmp_path / "child", BUDGET)
     assert (tmp_path / "child" / "model.safetensors").exists()
     assert peak - baseline <= BUDGET, f"merge peak {peak / 2**20:.1f} MiB, plan {baseline / 2**20:.1f} MiB"
+
+
+def _merge_and_plan_peaks(manifest, child, budget: int) -> tuple[int, int]:
+    """Peak private memory of `merge` and of `plan` (the baseline) on `manifest` under `budget`."""
+    cli = [sys.executable, "-m", "darwin_stream.cli"]
+    args = ["--memory-budget", str(budget)]
+    rc, baseline = peak_private_memory([*cli, "plan", str(manifest), *args])
+    assert rc == 0
+    rc, peak = peak_private_memory([*cli, "merge", str(manifest), str(child), "--quiet", *args])
+    assert rc == 0
+    return peak, baseline
 
 
 SELECTIONS = {
@@ -89,10 +95,5 @@ def test_selection_and_random_methods_stay_within_the_budget(big_pair, tmp_path,
                         + SELECTIONS[method].format(a=a, b=b) + "dtype: bfloat16\n")
     share = engine._share(budget, 2) // 2
     assert share >= engine.HEAP_BLOCK * (4 * n + 4 + methods.get(method).temp_bytes(n)), "blocks at full size"
-    cli = [sys.executable, "-m", "darwin_stream.cli"]
-    args = ["--memory-budget", str(budget)]
-    rc, baseline = peak_private_memory([*cli, "plan", str(manifest), *args])
-    assert rc == 0
-    rc, peak = peak_private_memory([*cli, "merge", str(manifest), str(tmp_path / "child"), "--quiet", *args])
-    assert rc == 0
+    peak, baseline = _merge_and_plan_peaks(manifest, tmp_path / "child", budget)
     assert peak - baseline <= budget, f"{method}: merge peak {peak / 2**20:.1f} MiB, plan {baseline / 2**20:.1f} MiB"
