@@ -124,3 +124,14 @@ def wait_for_history(run_dir: Path, n: int, proc: subprocess.Popen, limit: float
         assert proc.poll() is None, proc.stderr.read()
         time.sleep(0.05)
     raise AssertionError("the run did not get that far")
+
+
+def local_merge(root: Path, manifest: str, parents: tuple[Path, Path], **options) -> tuple[Path, Path]:
+    """`manifest` (a template with {a} and {b}) for the two parents, merged to `root`/child: the local
+    child a bucket or zarr child is compared with. Returns the manifest's path and the child's."""
+    from darwin_stream import merge
+
+    m = root / "m.yaml"
+    m.write_text(manifest.format(a=parents[0], b=parents[1]))
+    return m, Path(merge(m, root / "child", **options).out)
+

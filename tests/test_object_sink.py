@@ -20,6 +20,7 @@ from darwin_stream import merge, object_sink
 from darwin_stream.cli import main
 from darwin_stream.errors import DarwinError, OutputError
 from tests import s3_server as moto_s3
+from tests.helpers import local_merge
 from tests.s3_server import PART, Proxy, S3Server
 
 pytestmark = pytest.mark.s3
@@ -35,12 +36,8 @@ def small_parts(monkeypatch):
 @pytest.fixture(scope="module")
 def local_child(tiny_parents, tmp_path_factory):
     """The same merge written to a local directory: what every bucket child must equal."""
-    father, mother = tiny_parents
-    root = tmp_path_factory.mktemp("local")
-    m = root / "m.yaml"
-    m.write_text(MANIFEST.format(a=father, b=mother))
-    report = merge(m, root / "child", memory_budget=2**20, shard_size=2**20)
-    return m, Path(report.out)
+    return local_merge(tmp_path_factory.mktemp("local"), MANIFEST, tiny_parents, memory_budget=2**20,
+                       shard_size=2**20)
 
 
 def raw(t) -> bytes:

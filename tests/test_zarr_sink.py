@@ -23,6 +23,7 @@ from darwin_stream import child_writer, engine, merge, object_sink, zarr_sink
 from darwin_stream.cli import main
 from darwin_stream.errors import DarwinError, OutputError
 from tests import s3_server as moto_s3
+from tests.helpers import local_merge
 from tests.s3_server import S3Server
 
 pytestmark = pytest.mark.s3
@@ -49,12 +50,7 @@ def small_parts(s3_server):
 @pytest.fixture(scope="module")
 def local_child(tiny_parents, tmp_path_factory):
     """The same merge as a local safetensors child: what every exported bucket child must equal."""
-    father, mother = tiny_parents
-    root = tmp_path_factory.mktemp("local")
-    m = root / "m.yaml"
-    m.write_text(MANIFEST.format(a=father, b=mother))
-    report = merge(m, root / "child", memory_budget=BUDGET)
-    return m, Path(report.out)
+    return local_merge(tmp_path_factory.mktemp("local"), MANIFEST, tiny_parents, memory_budget=BUDGET)
 
 
 def exported(url: str, opts: dict, out: Path) -> dict[str, bytes]:

@@ -14,6 +14,7 @@ import pytest
 from darwin_stream import child_writer, engine, load_plan, merge, zarr_sink
 from darwin_stream.errors import OutputError, StorageError
 from darwin_stream.store import export_store, open_store
+from tests.helpers import local_merge
 
 MANIFEST = "merge_method: slerp\nbase_model: {a}\nmodels:\n  - model: {a}\n  - model: {b}\nparameters:\n  t: 0.3\ndtype: bfloat16\n"
 BUDGET = 280 * 1024
@@ -26,11 +27,7 @@ def two_workers(monkeypatch):
 
 @pytest.fixture(scope="module")
 def local_child(tiny_parents, tmp_path_factory):
-    father, mother = tiny_parents
-    root = tmp_path_factory.mktemp("local")
-    m = root / "m.yaml"
-    m.write_text(MANIFEST.format(a=father, b=mother))
-    return m, Path(merge(m, root / "child", memory_budget=BUDGET).out)
+    return local_merge(tmp_path_factory.mktemp("local"), MANIFEST, tiny_parents, memory_budget=BUDGET)
 
 
 def files(d: Path) -> dict[str, bytes]:
