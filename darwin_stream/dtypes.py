@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import ml_dtypes
+import functools
+
 import numpy as np
 import torch
 
 from darwin_stream.errors import ManifestError, SourceError
 
-# safetensors code -> (torch dtype, numpy dtype, itemsize)
-_TABLE: dict[str, tuple[torch.dtype, np.dtype, int]] = {
-    "BF16": (torch.bfloat16, np.dtype(ml_dtypes.bfloat16), 2),
+# safetensors code -> (torch dtype, numpy dtype, itemsize); BF16's numpy dtype is ml_dtypes', looked
+# up on first use (`to_numpy`): importing ml_dtypes costs 0.5-0.9 s here, a third of a model_stock
+# merge's start-up, and only zarr stores and their exports need it.
+_TABLE: dict[str, tuple[torch.dtype, np.dtype | None, int]] = {
+    "BF16": (torch.bfloat16, None, 2),
     "F16": (torch.float16, np.dtype(np.float16), 2),
     "F32": (torch.float32, np.dtype(np.float32), 4),
     "F64": (torch.float64, np.dtype(np.float64), 8),
@@ -46,7 +49,15 @@ def to_torch(code: str) -> torch.dtype:
 
 
 def to_numpy(code: str) -> np.dtype:
-    return _TABLE[code][1]
+    dtype = _TABLE[code][1]
+    return _bfloat16() if dtype is None else dtype
+
+
+@functools.cache
+def _bfloat16() -> np.dtype:
+    import ml_dtypes  # heavy (0.5-0.9 s): only stores need numpy's bfloat16
+
+    return np.dtype(ml_dtypes.bfloat16)
 
 
 def from_torch(dtype: torch.dtype) -> str:

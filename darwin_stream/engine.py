@@ -421,7 +421,8 @@ class Task:
             spill.put(key, rows.data, rows.shape)
         return rows
 
-    def blocks(self, inputs: Inputs, dtype: torch.dtype, with_out: bool) -> Iterator[tuple[int, int, methods.Chunk]]:
+    def blocks(self, inputs: Inputs, dtype: torch.dtype, with_out: bool,
+               checked: bool = False) -> Iterator[tuple[int, int, methods.Chunk]]:
         """(r0, r1, chunk) over the task's rows; the chunk's tensors are this thread's scratch.
 
         Each input block is checked for NaN/Inf as it lands in scratch, unless the plan allows
@@ -431,11 +432,13 @@ class Task:
         (linear, task_arithmetic, passthrough) is elementwise arithmetic, through which a NaN or
         Inf always reaches the same element of the output (0 * Inf is NaN): its inputs are looked
         at only when its output is not finite (`blend`), which halves the cost of the checks.
+        `checked`: a statistic's pass has already looked at every block of these rows.
         """
         tp, buf = self.tp, scratch()
         base, models = inputs
         method = methods.get(tp.method)
-        check = check_finite(self.plan) and (not method.inplace or method.statistic is not None)
+        check = (check_finite(self.plan) and not checked
+                 and (not method.inplace or method.statistic is not None))
         for r0 in range(self.start, self.stop, self.block):
             r1 = min(r0 + self.block, self.stop)
             shape = _block_shape(tp.shape, r0, r1)
@@ -482,12 +485,16 @@ class Task:
         """Blend block by block, handing each block of child rows (float32, scratch) to `sink`."""
         method = methods.get(self.tp.method)
         inputs = self.read(last=True)  # once: for URLs and stores a read is a download (or the spill's copy)
-        if state is None and methods.pass_count(method.statistic, self.tp.shape, self.tp.params):
+        passes = methods.pass_count(method.statistic, self.tp.shape, self.tp.params)
+        if state is None and passes:
             # The whole tensor is this one task: its statistic walks the same rows first.
             assert self.start == 0 and self.stop == _rows(self.tp.shape)
             state = self.statistic(inputs)
         try:
-            for r0, r1, chunk in self.blocks(inputs, torch.float32, with_out=method.inplace):
+            # A statistic's first pass checked every input block (here or in the partial tasks of
+            # these rows), so the blend does not check them again: 0.15 of model_stock's 3.5 ns of
+            # CPU per element (3 inputs). The child's blocks are still checked as they are written.
+            for r0, r1, chunk in self.blocks(inputs, torch.float32, with_out=method.inplace, checked=passes > 0):
                 sink(r0, r1, method.blend(chunk, state).reshape(_block_shape(self.tp.shape, r0, r1)))
         except NonFiniteBlock as e:
             raise self.why_not_finite(inputs, e.r0, e.r1) from None

@@ -269,8 +269,11 @@ def test_a_nan_in_one_chunk_of_a_slerp_is_blamed_on_its_parent(pair, tmp_path):
     save_file(tensors, str(poisoned / "model.safetensors"))
     plan = _plan([dirs[0], str(poisoned)], {"big.weight": shapes["big.weight"]}, "slerp", {"t": 0.5})
     assert engine.chunk_rows(plan, plan.tensors[0], 40_000, workers=2) < 500
-    with pytest.raises(engine.DarwinError, match=r"parent .*poisoned: tensor 'big.weight' holds NaN or Inf"):
-        _merge(plan, tmp_path / "c", budget=40_000)
+    # Split into tasks (the partial tasks see it), and whole in one task, whose blend does not
+    # look at the inputs again after its statistic's pass has.
+    for budget, out in ((40_000, "c"), (2**30, "whole")):
+        with pytest.raises(engine.DarwinError, match=r"parent .*poisoned: tensor 'big.weight' holds NaN or Inf"):
+            _merge(plan, tmp_path / out, budget=budget)
 
 
 def test_a_failed_merge_raises_only_once_its_running_tasks_are_done(pair, tmp_path, monkeypatch):

@@ -115,3 +115,27 @@ def test_an_opener_that_rewrites_the_options_does_not_open_the_parent_again(monk
         first = ps.get("s3://bucket/a", opts)
         assert ps.get("s3://bucket/a", opts) is first
     assert opened == ["s3://bucket/a"] and opts["config_kwargs"]["retries"] == {"max_attempts": 1}
+
+
+def test_a_merge_of_local_checkpoints_does_not_import_the_store_layer(tiny_parents, tmp_path):
+    """zarr and ml_dtypes (0.7-1.1 s of start-up) load only for stores: a merge of two local
+    checkpoint directories, through the pool, must not import them; a store parent still opens."""
+    import subprocess
+    import sys
+
+    from darwin_stream import store
+
+    a, b = tiny_parents
+    m = tmp_path / "m.yaml"
+    m.write_text(f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n"
+                 f"  - model: {b}\n    parameters: {{weight: 0.5}}\ndtype: bfloat16\n")
+    code = ("import sys; from darwin_stream import merge; merge(sys.argv[1], sys.argv[2]); "
+            "print(sorted(m for m in ('zarr', 'ml_dtypes', 'darwin_stream.store') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code, str(m), str(tmp_path / "child")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "child" / "config.json").exists()
+    store.ingest(a, tmp_path / "a.refs.json")
+    with pool.ParentPool() as p:
+        assert type(p.get(str(tmp_path / "a.refs.json"))).__name__ == "StoreParent"
