@@ -35,7 +35,7 @@ import dask.threaded
 import torch
 
 from darwin_stream import dtypes, methods, pool, reread, row_gather
-from darwin_stream.child_writer import PAGE, STAGE_BYTES, staging_buffer
+from darwin_stream.child_writer import PAGE, STAGE_BYTES, release_flushers, staging_buffer, staging_buffers
 from darwin_stream.errors import BudgetError, DarwinError, OptionError, PlanError, SourceError
 from darwin_stream.plan import Plan, SourceRef, TensorPlan, human_bytes
 from darwin_stream.sink import ChildSink
@@ -109,7 +109,7 @@ def _inputs_itemsize(plan: Plan, tp: TensorPlan) -> int:
 def block_bytes_per_elem(plan: Plan, tp: TensorPlan) -> int:
     """Scratch and temporaries one element of a block costs: float32 (or float64, for a statistic)
     copies of every input and the result, plus a method's own intermediates. The child-dtype copy
-    goes into the writer's staging buffer, counted once per worker by `stage_bytes`."""
+    goes into the writer's staging buffers, counted per worker by `_share`."""
     n = len(tp.sources())
     method = methods.get(tp.method)
     stat = method.statistic
@@ -124,8 +124,10 @@ def stage_bytes(budget: int, workers: int) -> int:
 
 
 def _share(budget: int, workers: int) -> int:
-    """A worker's share of the budget for rows and scratch, its staging buffer set aside."""
-    return max(0, budget // max(workers, 1) - stage_bytes(budget, workers))
+    """A worker's share of the budget for rows and scratch, its staging buffers set aside (two of
+    1 MiB or more: one filling while the other is written out, child_writer.Flusher)."""
+    stage = stage_bytes(budget, workers)
+    return max(0, budget // max(workers, 1) - staging_buffers(stage) * stage)
 
 
 def block_rows(plan: Plan, tp: TensorPlan, budget: int, workers: int) -> int:
@@ -153,10 +155,11 @@ def chunk_rows(plan: Plan, tp: TensorPlan, budget: int, workers: int) -> int:
 
 def bytes_in_flight(plan: Plan, tp: TensorPlan, budget: int, workers: int) -> int:
     """What one task of this tensor holds at its peak: its raw rows, one block of scratch and the
-    writer's staging buffer."""
+    writer's staging buffers."""
     raw = chunk_rows(plan, tp, budget, workers) * _row_elems(tp.shape) * _inputs_itemsize(plan, tp)
     block = block_rows(plan, tp, budget, workers) * _row_elems(tp.shape) * block_bytes_per_elem(plan, tp)
-    return raw + block + stage_bytes(budget, workers)
+    stage = stage_bytes(budget, workers)
+    return raw + block + staging_buffers(stage) * stage
 
 
 def predicted_peak(plan: Plan, budget: int, workers: int) -> int:
@@ -239,6 +242,7 @@ def scratch() -> Scratch:
 def release_scratch() -> None:
     """Drop every thread's buffers (dask keeps its pool threads alive between merges)."""
     _scratch.clear()
+    release_flushers()
     methods.masks.forget_masks()
 
 

@@ -36,6 +36,10 @@ class PerThread(Generic[T]):
                 got = self._by_thread[key] = self._make()
         return got
 
+    def values(self) -> list[T]:
+        with self._lock:
+            return list(self._by_thread.values())
+
     def clear(self) -> None:
         with self._lock:
             self._by_thread.clear()

@@ -13,8 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from darwin_stream import engine
-from darwin_stream.child_writer import PAGE, ChildWriter, Span, staging_buffer
+from darwin_stream import child_writer, engine
+from darwin_stream.child_writer import BACKGROUND_MIN, PAGE, ChildWriter, Span, staging_buffer
+from darwin_stream.errors import StorageError
 from darwin_stream.plan import Plan, SourceRef, TensorPlan
 
 SENTINEL = 0xA5
@@ -56,6 +57,68 @@ def test_a_span_writes_its_bytes_and_nothing_else(tmp_path, direct, lo, hi):
     got = path.read_bytes()
     assert got[lo:hi] == data
     assert set(got[:lo]) <= {SENTINEL} and set(got[hi:]) == {SENTINEL}
+
+
+@pytest.mark.parametrize(("lo", "flushes"), [(5, 3), (PAGE, 4), (0, 2)])
+def test_spans_written_in_the_background_keep_every_byte(tmp_path, lo, flushes):
+    """Buffers of 1 MiB or more go out on the thread's flusher while the next one fills; two spans in
+    a row reuse the caller's buffer, which must not still be the flusher's spare (an odd count of
+    flushes leaves the caller's buffer in the flusher's hands)."""
+    n = flushes * BACKGROUND_MIN + 12_345
+    path = _file(tmp_path, lo + 2 * n + PAGE)
+    rng = np.random.default_rng(lo)
+    data = rng.integers(0, 256, 2 * n, dtype=np.uint8).tobytes()
+    buf = staging_buffer(BACKGROUND_MIN)
+    direct = _direct_supported(path)
+    for k in range(2):
+        with Span(path, lo + k * n, lo + (k + 1) * n, direct=direct, buffer=buf) as span:
+            assert span.flusher is not None
+            span.write(data[k * n : (k + 1) * n])
+    got = path.read_bytes()
+    assert got[lo : lo + 2 * n] == data
+    assert set(got[:lo]) <= {SENTINEL} and set(got[lo + 2 * n :]) == {SENTINEL}
+    child_writer.release_flushers()
+
+
+def test_whole_pages_go_out_on_the_flusher_thread_and_the_span_waits_for_them(tmp_path, monkeypatch):
+    """The worker does not wait for the disk mid-span (it did: every write was a pwrite on its own
+    thread), and a span ends only once its bytes are written, so that its chunk is journalled done
+    only then."""
+    import time
+
+    path = _file(tmp_path, 4 * BACKGROUND_MIN)
+    writers: list[str] = []
+    real = os.pwrite
+
+    def slow(fd, data, offset):
+        writers.append(threading.current_thread().name)
+        time.sleep(0.2)
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(child_writer.os, "pwrite", slow)
+    data = bytes(range(256)) * (3 * BACKGROUND_MIN // 256)
+    with Span(path, 0, len(data), direct=False, buffer=staging_buffer(BACKGROUND_MIN)) as span:
+        t0 = time.perf_counter()
+        span.write(data[: 2 * BACKGROUND_MIN])  # one buffer handed on, the second filled
+        handed = time.perf_counter() - t0
+        span.write(data[2 * BACKGROUND_MIN :])
+    assert handed < 0.2  # the first buffer's write (0.2 s) was still running
+    assert writers[0].startswith("darwin-flush")
+    assert path.read_bytes()[: len(data)] == data  # everything written once the span is closed
+    child_writer.release_flushers()
+
+
+def test_a_failed_background_write_fails_the_span_naming_the_file(tmp_path, monkeypatch):
+    path = _file(tmp_path, 4 * BACKGROUND_MIN)
+
+    def full(fd, data, offset):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(child_writer.os, "pwrite", full)
+    with (pytest.raises(StorageError, match=r"cannot write .*shard: No space left"),
+          Span(path, 0, 3 * BACKGROUND_MIN, direct=False, buffer=staging_buffer(BACKGROUND_MIN)) as span):
+        span.write(b"x" * (3 * BACKGROUND_MIN))
+    child_writer.release_flushers()
 
 
 def test_neighbouring_spans_on_threads_share_their_edge_pages(tmp_path):
