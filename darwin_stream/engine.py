@@ -774,6 +774,7 @@ def run(plan: Plan, writer: ChildSink, *, budget: int = DEFAULT_BUDGET, client=N
             # Workers outlive the merge: a parent replaced before the next one must not be read
             # through this merge's maps of the old file; and each removes its spill directory.
             client.run(pool.release_default)
+            client.run(release_flushers)  # each worker thread's spare staging buffer and writer thread
             spills = list(client.run(reread.close_run, spill).values())
     else:
         graph, outputs = build_graph(plan, writer, budget=budget, workers=workers, device=device, progress=progress,
