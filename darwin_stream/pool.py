@@ -24,8 +24,9 @@ import json
 import os
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from darwin_stream import sources
 from darwin_stream.sources import Parent, SafetensorsParent
@@ -49,7 +50,7 @@ def _open_store(spec: str, storage_options: dict | None, *, probe_options: bool)
     return open_store_parent(spec, storage_options, probe_options=probe_options)
 
 
-def _zarr_view(parent: SafetensorsParent):
+def _zarr_view(parent: SafetensorsParent) -> Callable[[str], Any]:
     """A safetensors parent's zarr view (store/), built on its first `array()` call."""
     from darwin_stream.store.parent import reference_arrays  # heavy: zarr (see _open_store)
 

@@ -3,7 +3,8 @@ openers the parent pool hands to sources.py, so that sources.py never imports st
 
     open_store_parent(spec, options)   a `StoreParent`, or None when `spec` is not a store
     reference_arrays(parent)           name -> zarr array of a safetensors parent's reference view
-    open_source(spec, options)         any parent form, unpooled (pool.open_parent wraps it)
+    open_source(spec, options)         any parent form, unpooled (ingest's; pool.open_parent opens the same
+                                       forms with lazy imports of this module)
 """
 
 from __future__ import annotations
