@@ -123,11 +123,16 @@ def stage_bytes(budget: int, workers: int) -> int:
     return min(STAGE_BYTES, max(2 * PAGE, per_worker // 8 // PAGE * PAGE))
 
 
-def _share(budget: int, workers: int) -> int:
-    """A worker's share of the budget for rows and scratch, its staging buffers set aside (two of
-    1 MiB or more: one filling while the other is written out, child_writer.Flusher)."""
+def _staging(budget: int, workers: int) -> int:
+    """A worker's staging buffers: two of 1 MiB or more (one filling while the other is written
+    out, child_writer.Flusher), else one."""
     stage = stage_bytes(budget, workers)
-    return max(0, budget // max(workers, 1) - staging_buffers(stage) * stage)
+    return staging_buffers(stage) * stage
+
+
+def _share(budget: int, workers: int) -> int:
+    """A worker's share of the budget for rows and scratch, its staging buffers set aside."""
+    return max(0, budget // max(workers, 1) - _staging(budget, workers))
 
 
 def block_rows(plan: Plan, tp: TensorPlan, budget: int, workers: int) -> int:
@@ -158,8 +163,7 @@ def bytes_in_flight(plan: Plan, tp: TensorPlan, budget: int, workers: int) -> in
     writer's staging buffers."""
     raw = chunk_rows(plan, tp, budget, workers) * _row_elems(tp.shape) * _inputs_itemsize(plan, tp)
     block = block_rows(plan, tp, budget, workers) * _row_elems(tp.shape) * block_bytes_per_elem(plan, tp)
-    stage = stage_bytes(budget, workers)
-    return raw + block + staging_buffers(stage) * stage
+    return raw + block + _staging(budget, workers)
 
 
 def predicted_peak(plan: Plan, budget: int, workers: int) -> int:

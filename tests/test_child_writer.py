@@ -83,27 +83,26 @@ def test_spans_written_in_the_background_keep_every_byte(tmp_path, lo, flushes):
 def test_whole_pages_go_out_on_the_flusher_thread_and_the_span_waits_for_them(tmp_path, monkeypatch):
     """The worker does not wait for the disk mid-span (it did: every write was a pwrite on its own
     thread), and a span ends only once its bytes are written, so that its chunk is journalled done
-    only then."""
-    import time
-
+    only then. The first write is held until the worker has handed on a buffer and filled the next:
+    written on the worker's own thread, it would wait for that in vain."""
     path = _file(tmp_path, 4 * BACKGROUND_MIN)
-    writers: list[str] = []
+    carried_on = threading.Event()
+    first: list[tuple[str, bool]] = []
     real = os.pwrite
 
-    def slow(fd, data, offset):
-        writers.append(threading.current_thread().name)
-        time.sleep(0.2)
+    def held(fd, data, offset):
+        if not first:
+            first.append((threading.current_thread().name, carried_on.wait(timeout=10)))
         return real(fd, data, offset)
 
-    monkeypatch.setattr(child_writer.os, "pwrite", slow)
+    monkeypatch.setattr(child_writer.os, "pwrite", held)
     data = bytes(range(256)) * (3 * BACKGROUND_MIN // 256)
     with Span(path, 0, len(data), direct=False, buffer=staging_buffer(BACKGROUND_MIN)) as span:
-        t0 = time.perf_counter()
         span.write(data[: 2 * BACKGROUND_MIN])  # one buffer handed on, the second filled
-        handed = time.perf_counter() - t0
+        carried_on.set()
         span.write(data[2 * BACKGROUND_MIN :])
-    assert handed < 0.2  # the first buffer's write (0.2 s) was still running
-    assert writers[0].startswith("darwin-flush")
+    name, waited_for_the_worker = first[0]
+    assert name.startswith("darwin-flush") and waited_for_the_worker
     assert path.read_bytes()[: len(data)] == data  # everything written once the span is closed
     child_writer.release_flushers()
 
