@@ -163,10 +163,11 @@ def table(doc: dict) -> list[str]:
 
 def render(doc: dict) -> str:
     m = doc["machine"]
-    reps = doc["reps"]
+    reps = doc["reps"] if isinstance(doc["reps"], list) else [doc["reps"]]  # several files: each row's own
+    runs = f"{reps[0]}" if len(reps) == 1 else f"{min(reps)} to {max(reps)}"
     lines = [SECTION, "",
-             f"Measured {m['date']} at {m['git']} by `tools/bench_methods.py` ({reps} run{'s' if reps > 1 else ''} per "
-             f"method{', medians' if reps > 1 else ', n=1: single measurements, not medians'}), on {m['cores']} cores "
+             f"Measured {m['date']} at {m['git']} by `tools/bench_methods.py` ({runs} run{'s' if max(reps) > 1 else ''} "
+             f"per method{', medians' if min(reps) > 1 else ', medians where more than one' if max(reps) > 1 else ', n=1: single measurements, not medians'}), on {m['cores']} cores "
              f"({m['cpu']}, {m['ram_gib']} GiB) shared with other jobs: load average "
              f"{', '.join(f'{x:.1f}' for x in m['load_avg_at_start'])} at the start, "
              f"{', '.join(f'{x:.1f}' for x in m.get('load_avg_at_end', m['load_avg_at_start']))} at the end. "
@@ -194,6 +195,7 @@ def merged(files: list[Path]) -> dict:
         for r in d["runs"]:
             newest[r["method"]] = d
     out = dict(docs[-1])
+    out["reps"] = sorted({d["reps"] for d in newest.values()})
     out["runs"] = [r for m, d in newest.items() for r in d["runs"] if r["method"] == m]
     out["runs"].sort(key=lambda r: list(BODIES).index(r["method"]))
     for r in out["runs"]:
